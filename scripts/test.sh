@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Installs what is missing, then runs the whole test suite (unit, integration, parity, end to end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OMNICALL_WITH_BROWSER=1 scripts/setup.sh
+cargo test --all-targets --no-fail-fast "$@"

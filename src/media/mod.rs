@@ -1,0 +1,1 @@
+//! Signal work around the model: features, image and video preparation, resampling, codecs, VAD.

@@ -1,0 +1,425 @@
+//! The Qwen2.5 decoder stack shared by the Thinker and the Talker: RMSNorm, GQA attention with
+//! q/k/v bias and multimodal rotary embedding (M-RoPE), SwiGLU MLP, and a KV cache that grows
+//! block by block and can be truncated back to any length (barge-in rolls the context back).
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Linear, RmsNorm, VarBuilder, linear, linear_no_bias, rms_norm};
+
+use crate::model::config::{TalkerConfig, TextConfig};
+
+/// The shape of one decoder stack, read from the Thinker's text config or the Talker's config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderSpec {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// Split of `head_dim / 2` rotary frequencies over (temporal, height, width) positions.
+    pub mrope_section: Vec<usize>,
+}
+
+impl From<&TextConfig> for DecoderSpec {
+    fn from(c: &TextConfig) -> Self {
+        Self {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta(),
+            mrope_section: c.mrope_section(),
+        }
+    }
+}
+
+impl From<&TalkerConfig> for DecoderSpec {
+    fn from(c: &TalkerConfig) -> Self {
+        Self {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta(),
+            mrope_section: c.mrope_section(),
+        }
+    }
+}
+
+/// Multimodal rotary embedding: each rotary frequency takes its angle from one of the three
+/// position rows, chosen by `mrope_section`; with equal rows it is ordinary 1-D RoPE.
+#[derive(Debug, Clone)]
+pub struct MultimodalRotary {
+    inv_freq: Tensor,
+    mrope_section: Vec<usize>,
+}
+
+impl MultimodalRotary {
+    pub fn new(head_dim: usize, theta: f64, mrope_section: &[usize], device: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        if mrope_section.iter().sum::<usize>() != half {
+            candle_core::bail!(
+                "mrope_section {mrope_section:?} must sum to head_dim/2 = {half}"
+            );
+        }
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1f32 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
+            .collect();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(inv_freq, (1, half), device)?,
+            mrope_section: mrope_section.to_vec(),
+        })
+    }
+
+    /// `positions`: (3, seq_len) integer tensor of (temporal, height, width) ids.
+    /// Returns (cos, sin), each (seq_len, head_dim / 2), in `dtype`.
+    pub fn cos_sin(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let positions = positions.to_dtype(DType::F32)?;
+        let mut parts = Vec::with_capacity(self.mrope_section.len());
+        let mut start = 0;
+        for (row, &len) in self.mrope_section.iter().enumerate() {
+            if len == 0 {
+                continue;
+            }
+            let pos = positions.get(row % 3)?.unsqueeze(1)?; // (seq, 1)
+            let freqs = pos.broadcast_mul(&self.inv_freq.narrow(1, start, len)?)?;
+            parts.push(freqs);
+            start += len;
+        }
+        let freqs = Tensor::cat(&parts, 1)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+}
+
+/// A per-layer key/value cache, preallocated and grown by doubling so that appending a step does
+/// not copy the whole history, and truncatable to any earlier length.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps only the first `len` positions (no-op if the cache is shorter).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn clear(&mut self) {
+        self.k = None;
+        self.v = None;
+        self.len = 0;
+    }
+
+    /// Appends (b, kv_heads, t, d) keys and values; returns the whole cached (k, v).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let needed = self.len + t;
+        let capacity = self.k.as_ref().map(|k| k.dim(2)).transpose()?.unwrap_or(0);
+        if needed > capacity {
+            let new_capacity = needed.max(capacity * 2).max(64);
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = like.dims4()?;
+                let buf = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(buf)
+            };
+            self.k = Some(grow(&self.k, k)?);
+            self.v = Some(grow(&self.v, v)?);
+        }
+        let (kb, vb) = (self.k.as_ref().expect("allocated"), self.v.as_ref().expect("allocated"));
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    cache: KvCache,
+}
+
+impl Attention {
+    fn new(spec: &DecoderSpec, vb: VarBuilder) -> Result<Self> {
+        let (h, d) = (spec.hidden_size, spec.head_dim);
+        Ok(Self {
+            q_proj: linear(h, spec.num_attention_heads * d, vb.pp("q_proj"))?,
+            k_proj: linear(h, spec.num_key_value_heads * d, vb.pp("k_proj"))?,
+            v_proj: linear(h, spec.num_key_value_heads * d, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(spec.num_attention_heads * d, h, vb.pp("o_proj"))?,
+            num_heads: spec.num_attention_heads,
+            num_kv_heads: spec.num_key_value_heads,
+            head_dim: d,
+            cache: KvCache::default(),
+        })
+    }
+
+    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = split(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+
+        let past = self.cache.len();
+        let (k, v) = self.cache.append(&k, &v)?;
+        let groups = self.num_heads / self.num_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
+
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if t > 1 {
+            let mask = causal_mask(t, past, x.device())?;
+            scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        }
+        // Softmax in f32, as the reference's eager attention does.
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// (t, past + t) additive mask: query i (at absolute position past + i) sees keys 0..=past + i.
+fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, past + t), device)
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(spec: &DecoderSpec, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (spec.hidden_size, spec.intermediate_size);
+        Ok(Self {
+            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    pub fn new(spec: &DecoderSpec, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::new(spec, vb.pp("self_attn"))?,
+            mlp: Mlp::new(spec, vb.pp("mlp"))?,
+            input_layernorm: rms_norm(spec.hidden_size, spec.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: rms_norm(
+                spec.hidden_size,
+                spec.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    pub fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin)?)?;
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+    }
+}
+
+/// The layers and final norm of a Qwen2.5 decoder (`thinker.model.*` / `talker.model.*`),
+/// without the token embedding, which each owner handles itself.
+#[derive(Debug, Clone)]
+pub struct DecoderStack {
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    rotary: MultimodalRotary,
+    dtype: DType,
+}
+
+impl DecoderStack {
+    /// `vb` points at the model prefix (`thinker.model` or `talker.model`).
+    pub fn new(spec: &DecoderSpec, vb: VarBuilder) -> Result<Self> {
+        let layers = (0..spec.num_hidden_layers)
+            .map(|i| DecoderLayer::new(spec, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            norm: rms_norm(spec.hidden_size, spec.rms_norm_eps, vb.pp("norm"))?,
+            rotary: MultimodalRotary::new(
+                spec.head_dim,
+                spec.rope_theta,
+                &spec.mrope_section,
+                vb.device(),
+            )?,
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Runs `embeds` (b, t, hidden) at `positions` (3, t) after what the cache holds and
+    /// returns the final hidden states after the last norm, (b, t, hidden).
+    pub fn forward(&mut self, embeds: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        self.forward_with_layer_outputs(embeds, positions, None)
+    }
+
+    /// Like `forward`, also collecting each layer's output (before the final norm) when asked.
+    pub fn forward_with_layer_outputs(
+        &mut self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mut layer_outputs: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rotary.cos_sin(positions, self.dtype)?;
+        let mut x = embeds.clone();
+        for layer in self.layers.iter_mut() {
+            x = layer.forward(&x, &cos, &sin)?;
+            if let Some(outs) = layer_outputs.as_deref_mut() {
+                outs.push(x.clone());
+            }
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Number of positions held in the KV cache.
+    pub fn cache_len(&self) -> usize {
+        self.layers.first().map(|l| l.self_attn.cache.len()).unwrap_or(0)
+    }
+
+    /// Rolls the context back to its first `len` positions.
+    pub fn truncate_cache(&mut self, len: usize) {
+        for layer in self.layers.iter_mut() {
+            layer.self_attn.cache.truncate(len);
+        }
+    }
+
+    pub fn clear_cache(&mut self) {
+        for layer in self.layers.iter_mut() {
+            layer.self_attn.cache.clear();
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// Positions that continue a sequence after `start` by plain 1-D steps on all three rows
+/// (text tokens and decode steps: `past_len + rope_delta`).
+pub fn sequential_positions(start: i64, len: usize, device: &Device) -> Result<Tensor> {
+    let row: Vec<i64> = (0..len as i64).map(|i| start + i).collect();
+    Tensor::from_vec(row, (1, len), device)?.repeat((3, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_grows_and_truncates() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::default();
+        let a = Tensor::arange(0f32, 8., &dev)?.reshape((1, 1, 4, 2))?;
+        let (k, _) = cache.append(&a, &a)?;
+        assert_eq!(k.dims(), &[1, 1, 4, 2]);
+        for _ in 0..40 {
+            cache.append(&a, &a)?;
+        }
+        assert_eq!(cache.len(), 164);
+        cache.truncate(2);
+        let b = Tensor::full(9f32, (1, 1, 1, 2), &dev)?;
+        let (k, _) = cache.append(&b, &b)?;
+        assert_eq!(k.dims(), &[1, 1, 3, 2]);
+        assert_eq!(
+            k.flatten_all()?.to_vec1::<f32>()?,
+            vec![0., 1., 2., 3., 9., 9.]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn mrope_with_equal_rows_is_plain_rope() -> Result<()> {
+        let dev = Device::Cpu;
+        let rot = MultimodalRotary::new(16, 10000.0, &[2, 3, 3], &dev)?;
+        let plain = MultimodalRotary::new(16, 10000.0, &[8, 0, 0], &dev)?;
+        let pos = sequential_positions(3, 5, &dev)?;
+        let (c1, s1) = rot.cos_sin(&pos, DType::F32)?;
+        let (c2, s2) = plain.cos_sin(&pos, DType::F32)?;
+        let diff = (c1 - c2)?.abs()?.max_all()?.to_scalar::<f32>()?
+            + (s1 - s2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn mrope_takes_each_section_from_its_row() -> Result<()> {
+        let dev = Device::Cpu;
+        let rot = MultimodalRotary::new(8, 100.0, &[1, 1, 2], &dev)?;
+        let pos = Tensor::new(&[[1i64], [2], [3]], &dev)?;
+        let (cos, _) = rot.cos_sin(&pos, DType::F32)?;
+        let got = cos.flatten_all()?.to_vec1::<f32>()?;
+        let inv: Vec<f64> = (0..4).map(|i| 1.0 / 100f64.powf(2.0 * i as f64 / 8.0)).collect();
+        let want = [
+            (1.0 * inv[0]).cos(),
+            (2.0 * inv[1]).cos(),
+            (3.0 * inv[2]).cos(),
+            (3.0 * inv[3]).cos(),
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        Ok(())
+    }
+}

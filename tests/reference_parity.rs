@@ -1,0 +1,6 @@
+//! Parity with the reference implementation (Hugging Face transformers) on the golden fixtures
+//! of `$OMNICALL_REFERENCE_DIR` (default: tests/fixtures/reference/a). One test per stage, named
+//! after it, so that `cargo test --test reference_parity STAGE` selects it. Nothing here knows a
+//! value of the tiny config: everything comes from the fixture folder.
+
+mod common;
