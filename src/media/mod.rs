@@ -1,1 +1,10 @@
 //! Signal work around the model: features, image and video preparation, resampling, codecs, VAD.
+
+pub mod audio_file;
+pub mod image;
+pub mod mel;
+pub mod opus;
+pub mod resample;
+pub mod vad;
+pub mod video;
+pub mod video_decode;

@@ -1,5 +1,11 @@
 //! Pure candle math of Qwen2.5-Omni: configuration, weights, Thinker, Talker and token2wav.
 //! No I/O beyond reading a model folder, no threads.
 
+pub mod chat;
 pub mod config;
+pub mod loading;
+pub mod sampling;
+pub mod speakers;
+pub mod talker;
 pub mod thinker;
+pub mod token2wav;

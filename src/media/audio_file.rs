@@ -1,0 +1,1 @@
+//! Decoding audio files (WAV, FLAC, MP3, OGG) to mono samples.

@@ -1,0 +1,1 @@
+//! Image preparation as the published processor does it: smart resize, normalise, patchify.

@@ -1,0 +1,1 @@
+//! Opus encoding and decoding of 20 ms frames.

@@ -1,0 +1,1 @@
+//! Resampling between sample rates (rubato).

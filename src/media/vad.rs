@@ -1,0 +1,1 @@
+//! Voice activity detection on 16 kHz audio.

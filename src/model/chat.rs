@@ -1,0 +1,1 @@
+//! Tokenizer and chat template, exactly as the published processor formats a conversation.

@@ -1,0 +1,1 @@
+//! Model folders and hub ids: config, weights, tokenizer, voices; dtype and device.

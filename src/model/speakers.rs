@@ -1,0 +1,1 @@
+//! Voices: speaker conditioning (spk_dict.pt / speakers.safetensors).

@@ -1,0 +1,1 @@
+//! The Talker: dual-track autoregressive codec-token decoder fed by the Thinker.

@@ -1,0 +1,1 @@
+//! The Whisper-style audio tower with block-wise attention.

@@ -1,0 +1,1 @@
+//! BigVGAN: log-mel to 24 kHz waveform.

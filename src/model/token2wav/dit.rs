@@ -1,0 +1,1 @@
+//! The flow-matching DiT of token2wav and its ODE sampler.

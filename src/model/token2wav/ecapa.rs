@@ -1,0 +1,1 @@
+//! The ECAPA-TDNN speaker encoder inside the DiT.

@@ -1,0 +1,1 @@
+//! Streaming token2wav: chunked DiT + vocoder with bounded look-ahead.
