@@ -644,14 +644,16 @@ fn d_enc_se() -> usize {
     64
 }
 
-/// `Qwen2_5OmniDiTConfig`. The published file uses the original names (`dim`, `depth`, `heads`).
+/// `Qwen2_5OmniDiTConfig`. The published file uses the original names (`dim`, `depth`, `heads`,
+/// `enc_lin_neurons`), which the reference ignores: its class defaults are the real values, so
+/// unknown keys are ignored here too and the defaults apply.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiTConfig {
-    #[serde(default = "d_dit_hidden", alias = "dim")]
+    #[serde(default = "d_dit_hidden")]
     pub hidden_size: usize,
-    #[serde(default = "d_dit_layers", alias = "depth")]
+    #[serde(default = "d_dit_layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d_dit_heads", alias = "heads")]
+    #[serde(default = "d_dit_heads")]
     pub num_attention_heads: usize,
     #[serde(default = "d_dit_head_dim")]
     pub head_dim: usize,
@@ -675,7 +677,7 @@ pub struct DiTConfig {
     pub num_embeds: usize,
     #[serde(default = "d_mel_dim")]
     pub mel_dim: usize,
-    #[serde(default = "d_enc_emb_dim", alias = "enc_lin_neurons")]
+    #[serde(default = "d_enc_emb_dim")]
     pub enc_emb_dim: usize,
     #[serde(default = "d_enc_dim")]
     pub enc_dim: usize,

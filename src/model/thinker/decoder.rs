@@ -2,7 +2,7 @@
 //! q/k/v bias and multimodal rotary embedding (M-RoPE), SwiGLU MLP, and a KV cache that grows
 //! block by block and can be truncated back to any length (barge-in rolls the context back).
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, RmsNorm, VarBuilder, linear, linear_no_bias, rms_norm};
 
 use crate::model::config::{TalkerConfig, TextConfig};
