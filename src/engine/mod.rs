@@ -1,0 +1,6 @@
+//! The realtime session: block assembler, streaming Thinker, Talker and vocoder tasks,
+//! turn-taking and barge-in, output pacing, all on an injectable clock.
+
+pub mod clock;
+pub mod pacer;
+pub mod turn;
