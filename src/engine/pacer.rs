@@ -68,7 +68,10 @@ impl Pacer {
                 .spawn(move || run(&shared))
                 .expect("spawn pacer thread")
         };
-        Self { shared, thread: Some(thread) }
+        Self {
+            shared,
+            thread: Some(thread),
+        }
     }
 
     pub fn frame_samples(&self) -> usize {
@@ -78,7 +81,10 @@ impl Pacer {
     /// Starts a new answer; whatever was pending of an earlier one is dropped.
     pub fn begin(&self, answer: u64) {
         let mut s = self.shared.state.lock().expect("pacer lock");
-        *s = State { answer, ..State::default() };
+        *s = State {
+            answer,
+            ..State::default()
+        };
         self.shared.wake.notify_all();
     }
 
@@ -163,7 +169,12 @@ fn run(shared: &Shared) {
             guard.released += 1;
             guard.next_due = Some(due + FRAME);
             // Sent under the lock, so that `stop` cannot return between release and send.
-            let _ = shared.out.send(PacerOutput::Frame { answer, index, at: due, pcm });
+            let _ = shared.out.send(PacerOutput::Frame {
+                answer,
+                index,
+                at: due,
+                pcm,
+            });
             continue;
         }
         if guard.complete && guard.pending.is_empty() && guard.answer & (1 << 63) == 0 {
@@ -188,7 +199,8 @@ mod tests {
     }
 
     fn wait_for(rx: &crossbeam_channel::Receiver<PacerOutput>) -> PacerOutput {
-        rx.recv_timeout(std::time::Duration::from_secs(5)).expect("pacer output")
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("pacer output")
     }
 
     #[test]
@@ -215,7 +227,13 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(wait_for(&rx), PacerOutput::Finished { answer: 1, frames: 4 });
+        assert_eq!(
+            wait_for(&rx),
+            PacerOutput::Finished {
+                answer: 1,
+                frames: 4
+            }
+        );
     }
 
     #[test]

@@ -232,7 +232,9 @@ mod tests {
         let start = feed(&mut m, &mut t, true, 1000);
         assert_eq!(
             start[0],
-            TurnAction::StartUserTurn { from: Duration::from_millis(800) }
+            TurnAction::StartUserTurn {
+                from: Duration::from_millis(800)
+            }
         );
         assert_eq!(start[1], TurnAction::State(TurnState::UserSpeaking));
         let end = feed(&mut m, &mut t, false, 1000);
@@ -246,7 +248,10 @@ mod tests {
                 TurnAction::State(TurnState::Thinking)
             ]
         );
-        assert!(m.on(TurnInput::AnswerAudible).contains(&TurnAction::State(TurnState::Speaking)));
+        assert!(
+            m.on(TurnInput::AnswerAudible)
+                .contains(&TurnAction::State(TurnState::Speaking))
+        );
         assert_eq!(
             m.on(TurnInput::AnswerFinished),
             vec![TurnAction::State(TurnState::Listening)]
@@ -255,7 +260,10 @@ mod tests {
 
     #[test]
     fn a_blip_is_not_answered() {
-        let config = TurnConfig { min_turn_speech: Duration::from_millis(300), ..Default::default() };
+        let config = TurnConfig {
+            min_turn_speech: Duration::from_millis(300),
+            ..Default::default()
+        };
         let mut m = TurnTaking::new(config);
         let mut t = Duration::ZERO;
         feed(&mut m, &mut t, true, 120);
@@ -285,14 +293,20 @@ mod tests {
     #[test]
     fn stop_control_ends_the_answer_without_a_turn() {
         let mut m = TurnTaking::new(TurnConfig::default());
-        assert!(m.on(TurnInput::Stop).is_empty(), "nothing to stop while listening");
+        assert!(
+            m.on(TurnInput::Stop).is_empty(),
+            "nothing to stop while listening"
+        );
         assert_eq!(
             m.on(TurnInput::TypedMessage),
             vec![TurnAction::State(TurnState::Thinking)]
         );
         assert_eq!(
             m.on(TurnInput::Stop),
-            vec![TurnAction::StopAnswer, TurnAction::State(TurnState::Listening)]
+            vec![
+                TurnAction::StopAnswer,
+                TurnAction::State(TurnState::Listening)
+            ]
         );
     }
 }

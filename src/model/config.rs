@@ -62,7 +62,11 @@ impl RopeFields {
         self.rope_parameters
             .as_ref()
             .and_then(|p| p.mrope_section.clone())
-            .or_else(|| self.rope_scaling.as_ref().and_then(|p| p.mrope_section.clone()))
+            .or_else(|| {
+                self.rope_scaling
+                    .as_ref()
+                    .and_then(|p| p.mrope_section.clone())
+            })
     }
 }
 
@@ -89,7 +93,10 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         let t = &self.thinker_config;
         let text = &t.text_config;
-        anyhow::ensure!(text.num_key_value_heads > 0, "text_config.num_key_value_heads must be > 0");
+        anyhow::ensure!(
+            text.num_key_value_heads > 0,
+            "text_config.num_key_value_heads must be > 0"
+        );
         anyhow::ensure!(
             text.num_attention_heads % text.num_key_value_heads == 0,
             "text_config.num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
@@ -900,8 +907,9 @@ mod tests {
 
     #[test]
     fn both_rope_layouts_give_the_same_settings() {
-        let new = Config::from_json(&std::fs::read_to_string(tiny_dir().join("config.json")).unwrap())
-            .unwrap();
+        let new =
+            Config::from_json(&std::fs::read_to_string(tiny_dir().join("config.json")).unwrap())
+                .unwrap();
         let legacy = Config::from_json(
             &std::fs::read_to_string(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -913,10 +921,16 @@ mod tests {
         for cfg in [&new, &legacy] {
             cfg.validate().unwrap();
         }
-        let (a, b) = (&new.thinker_config.text_config, &legacy.thinker_config.text_config);
+        let (a, b) = (
+            &new.thinker_config.text_config,
+            &legacy.thinker_config.text_config,
+        );
         assert_eq!(a.mrope_section(), b.mrope_section());
         assert_eq!(a.rope_theta(), b.rope_theta());
-        assert_eq!(new.talker_config.mrope_section(), legacy.talker_config.mrope_section());
+        assert_eq!(
+            new.talker_config.mrope_section(),
+            legacy.talker_config.mrope_section()
+        );
         assert_eq!(
             new.token2wav_config.dit_config.rope_theta(),
             legacy.token2wav_config.dit_config.rope_theta()

@@ -46,7 +46,11 @@ impl Cases {
     }
 
     pub fn i64_vec(&self, key: &str) -> Vec<i64> {
-        self.get(key).flatten_all().unwrap().to_vec1::<i64>().unwrap()
+        self.get(key)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
     }
 
     /// The spec / notes of `cases.json`.
@@ -73,7 +77,13 @@ pub fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
 
 /// Asserts `got` is within `atol` of `want` everywhere, naming what was compared.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape {:?} vs reference {:?}", got.dims(), want.dims());
+    assert_eq!(
+        got.dims(),
+        want.dims(),
+        "{what}: shape {:?} vs reference {:?}",
+        got.dims(),
+        want.dims()
+    );
     let diff = max_abs_diff(got, want);
     assert!(diff <= atol, "{what}: max abs diff {diff:e} > {atol:e}");
     eprintln!("{what}: max abs diff {diff:e} (atol {atol:e})");

@@ -63,12 +63,15 @@ pub struct MultimodalRotary {
 }
 
 impl MultimodalRotary {
-    pub fn new(head_dim: usize, theta: f64, mrope_section: &[usize], device: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        mrope_section: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         if mrope_section.iter().sum::<usize>() != half {
-            candle_core::bail!(
-                "mrope_section {mrope_section:?} must sum to head_dim/2 = {half}"
-            );
+            candle_core::bail!("mrope_section {mrope_section:?} must sum to head_dim/2 = {half}");
         }
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1f32 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
@@ -148,7 +151,10 @@ impl KvCache {
             self.k = Some(grow(&self.k, k)?);
             self.v = Some(grow(&self.v, v)?);
         }
-        let (kb, vb) = (self.k.as_ref().expect("allocated"), self.v.as_ref().expect("allocated"));
+        let (kb, vb) = (
+            self.k.as_ref().expect("allocated"),
+            self.v.as_ref().expect("allocated"),
+        );
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = needed;
@@ -186,7 +192,9 @@ impl Attention {
     fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+            y.reshape((b, t, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.q_proj.forward(x)?, self.num_heads)?;
         let k = split(self.k_proj.forward(x)?, self.num_kv_heads)?;
@@ -207,8 +215,8 @@ impl Attention {
             scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         }
         // Softmax in f32, as the reference's eager attention does.
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(v.dtype())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?;
         let out = out
             .transpose(1, 2)?
@@ -265,7 +273,11 @@ impl DecoderLayer {
         Ok(Self {
             self_attn: Attention::new(spec, vb.pp("self_attn"))?,
             mlp: Mlp::new(spec, vb.pp("mlp"))?,
-            input_layernorm: rms_norm(spec.hidden_size, spec.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: rms_norm(
+                spec.hidden_size,
+                spec.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
             post_attention_layernorm: rms_norm(
                 spec.hidden_size,
                 spec.rms_norm_eps,
@@ -275,8 +287,12 @@ impl DecoderLayer {
     }
 
     pub fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin)?)?;
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, cos, sin)?)?;
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?
     }
 }
 
@@ -335,7 +351,10 @@ impl DecoderStack {
 
     /// Number of positions held in the KV cache.
     pub fn cache_len(&self) -> usize {
-        self.layers.first().map(|l| l.self_attn.cache.len()).unwrap_or(0)
+        self.layers
+            .first()
+            .map(|l| l.self_attn.cache.len())
+            .unwrap_or(0)
     }
 
     /// Rolls the context back to its first `len` positions.
@@ -410,7 +429,9 @@ mod tests {
         let pos = Tensor::new(&[[1i64], [2], [3]], &dev)?;
         let (cos, _) = rot.cos_sin(&pos, DType::F32)?;
         let got = cos.flatten_all()?.to_vec1::<f32>()?;
-        let inv: Vec<f64> = (0..4).map(|i| 1.0 / 100f64.powf(2.0 * i as f64 / 8.0)).collect();
+        let inv: Vec<f64> = (0..4)
+            .map(|i| 1.0 / 100f64.powf(2.0 * i as f64 / 8.0))
+            .collect();
         let want = [
             (1.0 * inv[0]).cos(),
             (2.0 * inv[1]).cos(),
