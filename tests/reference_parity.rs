@@ -4,3 +4,5 @@
 //! value of the tiny config: everything comes from the fixture folder.
 
 mod common;
+#[path = "parity/token2wav.rs"]
+mod token2wav;

@@ -1,0 +1,140 @@
+//! token2wav's flow-matching DiT: one evaluation (`dit_probe`) and the full ODE sampler
+//! (`dit_mel`) against the reference fixtures.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use omnicall::model::config::Config;
+use omnicall::model::token2wav::dit::{Dit, SamplerOptions, SpeakerCondition};
+
+use crate::common::{self, Cases};
+
+/// Tolerances of the fixture README: one DiT evaluation, and the mel after the whole ODE.
+const PROBE_ATOL: f32 = 1e-4;
+const MEL_ATOL: f32 = 5e-4;
+
+fn load_dit() -> Dit {
+    let dir = common::model_dir();
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let cfg = Config::from_json(&text).expect("config.json parses");
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .expect("model.safetensors");
+    Dit::new(
+        &cfg.token2wav_config.dit_config,
+        vb.pp("token2wav").pp("code2wav_dit_model"),
+    )
+    .expect("DiT builds")
+}
+
+/// Speaker `Chelsie`, read straight from the fixture's `speakers.safetensors`.
+fn chelsie() -> (Tensor, Tensor) {
+    let path = common::model_dir().join("speakers.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let cond = t
+        .remove("Chelsie.cond")
+        .expect("Chelsie.cond in speakers.safetensors");
+    let ref_mel = t
+        .remove("Chelsie.ref_mel")
+        .expect("Chelsie.ref_mel in speakers.safetensors");
+    (cond, ref_mel)
+}
+
+/// The sampler settings the fixtures were made with (steps from the fixture header).
+fn fixture_options() -> SamplerOptions {
+    let json = Cases::json();
+    let steps = json["spec"]["inputs"]["ode_steps"]
+        .as_u64()
+        .expect("spec.inputs.ode_steps in cases.json") as usize;
+    SamplerOptions {
+        steps,
+        guidance_scale: 0.5,
+        sway: -1.0,
+    }
+}
+
+#[test]
+fn dit_probe() {
+    let cases = Cases::load();
+    let dit = load_dit();
+    let (cond, ref_mel) = chelsie();
+    let speaker: SpeakerCondition = dit.speaker_condition(&cond, &ref_mel).unwrap();
+    common::assert_close(
+        "dit_probe.speaker_encoder_output",
+        &speaker.speaker_embedding().unwrap(),
+        &cases.f32("dit_probe.speaker_encoder_output"),
+        PROBE_ATOL,
+    );
+
+    let codes = cases.get("token2wav_fixed.code");
+    let x = cases.f32("token2wav_fixed.noise");
+    let t = cases
+        .f32("dit_probe.time_step")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    let out = dit.forward_cfg(&x, &speaker, &codes, t).unwrap();
+    common::assert_close(
+        "dit_probe.output",
+        &out,
+        &cases.f32("dit_probe.output"),
+        PROBE_ATOL,
+    );
+
+    let guided = dit.guided_velocity(&x, &speaker, &codes, t, 0.5).unwrap();
+    common::assert_close(
+        "dit_probe.guided",
+        &guided,
+        &cases.f32("dit_probe.guided"),
+        PROBE_ATOL,
+    );
+}
+
+#[test]
+fn dit_mel() {
+    let cases = Cases::load();
+    let dit = load_dit();
+    let options = fixture_options();
+    let schedule = dit.schedule(&options).unwrap();
+
+    // Random codes, speaker Chelsie from speakers.safetensors.
+    let (cond, ref_mel) = chelsie();
+    let speaker = dit.speaker_condition(&cond, &ref_mel).unwrap();
+    let mel = dit
+        .sample_scheduled(
+            &speaker,
+            &cases.get("token2wav_fixed.code"),
+            &cases.f32("token2wav_fixed.noise"),
+            &schedule,
+        )
+        .unwrap();
+    common::assert_close(
+        "token2wav_fixed.mel",
+        &mel,
+        &cases.f32("token2wav_fixed.mel"),
+        MEL_ATOL,
+    );
+
+    // The codes generate() handed to token2wav, with the conditioning it captured.
+    let speaker = dit
+        .speaker_condition(
+            &cases.f32("token2wav.conditioning"),
+            &cases.f32("token2wav.reference_mel"),
+        )
+        .unwrap();
+    let mel = dit
+        .sample(
+            &speaker,
+            &cases.get("token2wav.code"),
+            &cases.f32("token2wav.noise"),
+            &options,
+        )
+        .unwrap();
+    common::assert_close("token2wav.mel", &mel, &cases.f32("token2wav.mel"), MEL_ATOL);
+}
