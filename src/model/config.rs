@@ -98,7 +98,8 @@ impl Config {
             "text_config.num_key_value_heads must be > 0"
         );
         anyhow::ensure!(
-            text.num_attention_heads % text.num_key_value_heads == 0,
+            text.num_attention_heads
+                .is_multiple_of(text.num_key_value_heads),
             "text_config.num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
             text.num_attention_heads,
             text.num_key_value_heads
@@ -124,13 +125,17 @@ impl Config {
             text.hidden_size
         );
         anyhow::ensure!(
-            t.audio_config.d_model % t.audio_config.encoder_attention_heads == 0,
+            t.audio_config
+                .d_model
+                .is_multiple_of(t.audio_config.encoder_attention_heads),
             "audio_config.d_model ({}) is not a multiple of encoder_attention_heads ({})",
             t.audio_config.d_model,
             t.audio_config.encoder_attention_heads
         );
         anyhow::ensure!(
-            t.vision_config.hidden_size % t.vision_config.num_heads == 0,
+            t.vision_config
+                .hidden_size
+                .is_multiple_of(t.vision_config.num_heads),
             "vision_config.hidden_size ({}) is not a multiple of num_heads ({})",
             t.vision_config.hidden_size,
             t.vision_config.num_heads
@@ -138,7 +143,9 @@ impl Config {
         let talker = &self.talker_config;
         anyhow::ensure!(
             talker.num_key_value_heads > 0
-                && talker.num_attention_heads % talker.num_key_value_heads == 0,
+                && talker
+                    .num_attention_heads
+                    .is_multiple_of(talker.num_key_value_heads),
             "talker_config.num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
             talker.num_attention_heads,
             talker.num_key_value_heads

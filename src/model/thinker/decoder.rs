@@ -141,10 +141,8 @@ impl KvCache {
             let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
                 let (b, h, _, d) = like.dims4()?;
                 let buf = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;
-                if let Some(old) = old {
-                    if self.len > 0 {
-                        buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    }
+                if let Some(old) = old.as_ref().filter(|_| self.len > 0) {
+                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
                 }
                 Ok(buf)
             };
