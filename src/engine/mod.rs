@@ -4,4 +4,5 @@
 pub mod blocks;
 pub mod clock;
 pub mod pacer;
+pub mod session;
 pub mod turn;

@@ -1,0 +1,180 @@
+//! The session API every transport drives: timestamped audio and video in, a stream of events
+//! out (the model's voice in 20 ms frames, text of both sides, state changes, timing marks).
+//!
+//! A transport talks to a running session only through a [`SessionHandle`]: a sender of
+//! [`SessionInput`] and a receiver of [`SessionEvent`]. The session runs its compute on its own
+//! threads; the handle is cheap to clone and safe to use from async code (sends never block).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::Serialize;
+
+use super::turn::{TurnConfig, TurnState};
+
+/// Whether the model answers with voice (and text) or with text only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyMode {
+    Voice,
+    Text,
+}
+
+/// A piece of microphone audio: mono samples at any rate, starting at media time `at`.
+#[derive(Debug, Clone)]
+pub struct AudioInput {
+    pub at: Duration,
+    pub sample_rate: u32,
+    pub samples: Vec<f32>,
+}
+
+/// A camera frame: packed RGB (3 bytes a pixel, row-major), captured at media time `at`.
+#[derive(Debug, Clone)]
+pub struct VideoInput {
+    pub at: Duration,
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Arc<Vec<u8>>,
+}
+
+/// A client's control.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// Stop the model's answer now (as a barge-in does, without starting a user turn).
+    Interrupt,
+    /// A typed user message: a whole user turn on its own.
+    Text(String),
+    /// Use this voice from the next answer on.
+    Voice(String),
+    /// Answer with voice or with text only.
+    ReplyMode(ReplyMode),
+}
+
+#[derive(Debug, Clone)]
+pub enum SessionInput {
+    Audio(AudioInput),
+    Video(VideoInput),
+    Control(Control),
+    /// End the session: its threads stop and its memory is freed.
+    Close,
+}
+
+/// Media-time marks of one turn, from the end of the user's speech to the first sound out.
+/// Every mark is on the session clock; `None` where the stage did not happen (text-only
+/// answers have no codec marks).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TurnTimings {
+    pub turn: u64,
+    /// The user's speech stopped (first silent VAD frame of the end-of-turn run).
+    pub speech_end: Option<Duration>,
+    /// The end-of-turn rule decided the turn was over.
+    pub end_of_turn: Option<Duration>,
+    /// The last partial block and the assistant header were prefilled.
+    pub prefill_done: Option<Duration>,
+    pub first_text_token: Option<Duration>,
+    pub first_codec_token: Option<Duration>,
+    pub first_waveform_chunk: Option<Duration>,
+    /// The first 20 ms frame of the answer was released to the transport.
+    pub first_audio_frame: Option<Duration>,
+}
+
+/// What a session tells its transport.
+#[derive(Debug, Clone)]
+pub enum SessionEvent {
+    State(TurnState),
+    /// A user turn was taken: `audio` of speech, `video_frames` camera frames, or a typed text.
+    UserTurn {
+        turn: u64,
+        audio: Duration,
+        video_frames: usize,
+        text: Option<String>,
+    },
+    /// New text of the model's answer.
+    AssistantText {
+        turn: u64,
+        delta: String,
+    },
+    /// One 20 ms frame of the model's voice at `sample_rate`, the `index`-th of the answer.
+    Audio {
+        turn: u64,
+        index: u64,
+        sample_rate: u32,
+        pcm: Vec<f32>,
+    },
+    /// The answer of `turn` was cut: the user heard `heard` of it and the context keeps
+    /// `kept_text`.
+    Interrupted {
+        turn: u64,
+        heard: Duration,
+        kept_text: String,
+    },
+    /// The answer of `turn` is complete.
+    AnswerDone {
+        turn: u64,
+    },
+    Timings(TurnTimings),
+    /// Something went wrong with this session's input or compute; the session goes on.
+    Error(String),
+}
+
+/// Settings of one session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub voice: String,
+    pub system_prompt: String,
+    pub reply_mode: ReplyMode,
+    pub turn: TurnConfig,
+    /// Speech probability above which a 10-30 ms audio frame counts as speech.
+    pub vad_threshold: f32,
+    /// Most tokens the Thinker context may hold; beyond it the oldest video is dropped first.
+    pub max_context: usize,
+    /// Frames per second sampled from the camera (the model was trained at 2).
+    pub video_fps: f64,
+    pub max_answer_tokens: usize,
+    pub seed: u64,
+}
+
+/// The system prompt the model needs for spoken output.
+pub const SPEECH_SYSTEM_PROMPT: &str = "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and visual inputs, as well as generating text and speech.";
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            voice: "Chelsie".into(),
+            system_prompt: SPEECH_SYSTEM_PROMPT.into(),
+            reply_mode: ReplyMode::Voice,
+            turn: TurnConfig::default(),
+            vad_threshold: 0.5,
+            max_context: 32768,
+            video_fps: 2.0,
+            max_answer_tokens: 512,
+            seed: 0,
+        }
+    }
+}
+
+/// A transport's end of a running session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub input: Sender<SessionInput>,
+    pub events: Receiver<SessionEvent>,
+}
+
+impl SessionHandle {
+    pub fn push_audio(&self, input: AudioInput) -> bool {
+        self.input.send(SessionInput::Audio(input)).is_ok()
+    }
+
+    pub fn push_video(&self, input: VideoInput) -> bool {
+        self.input.send(SessionInput::Video(input)).is_ok()
+    }
+
+    pub fn control(&self, control: Control) -> bool {
+        self.input.send(SessionInput::Control(control)).is_ok()
+    }
+
+    pub fn close(&self) {
+        let _ = self.input.send(SessionInput::Close);
+    }
+}
