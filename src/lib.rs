@@ -3,6 +3,7 @@
 //! Four layers, data flowing one way: `model` (pure candle math), `media` (signal work around
 //! the model), `engine` (the realtime session) and the transports that drive a session.
 
+pub mod bench;
 pub mod engine;
 pub mod media;
 pub mod model;
