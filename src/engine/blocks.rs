@@ -228,8 +228,8 @@ impl<F: Clone> BlockAssembler<F> {
         }
     }
 
-    /// Records a camera frame captured at media time `at`. Returns false if it was dropped
-    /// because its block is already closed.
+    /// Records a camera frame captured at media time `at`. Returns false if it can never be
+    /// shown: its block is closed, or a newer frame already stands for its sample instant.
     pub fn push_video(&mut self, at: Duration, frame: F) -> bool {
         self.stats.video_frames_seen += 1;
         let key = at.as_nanos();
@@ -251,7 +251,7 @@ impl<F: Clone> BlockAssembler<F> {
         };
         let high = self.instant(k).as_nanos();
         if self.frames.range(low..=high).any(|(t, _)| *t > key) {
-            return true;
+            return false;
         }
         let older: Vec<u128> = self.frames.range(low..=high).map(|(t, _)| *t).collect();
         for t in older {
@@ -566,7 +566,10 @@ mod tests {
         assert!(!a.push_video(ms(50), 4));
         assert_eq!(a.stats().late_video_frames, 2);
         assert_eq!(a.stats().video_frames_seen, 4);
+        // out of order within the open block: an older frame for the same instant is useless
+        assert!(a.push_video(ms(2400), 5));
+        assert!(!a.push_video(ms(2300), 6));
         let rest = a.finish(ms(3000));
-        assert_eq!(rest[0].frames, vec![2, 2]);
+        assert_eq!(rest[0].frames, vec![2, 5]);
     }
 }
