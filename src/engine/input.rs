@@ -45,7 +45,10 @@ pub struct InputConfig {
     /// already covers the decay of the last sound; this keeps a little more).
     pub post_roll: Duration,
     /// How long missing audio is waited for (out-of-order pieces, transport jitter) before the
-    /// gap counts as silence, in media time behind the session clock.
+    /// gap counts as silence, in media time behind the session clock. Audio that comes later
+    /// is dropped, so this must exceed the transport's jitter; it is also how late blocks close
+    /// and turns end when the microphone sends nothing (a dead device, Opus DTX in silence).
+    /// Flowing audio is never held back by it.
     pub max_audio_delay: Duration,
     /// Timestamps closer than this to where the previous piece ended count as contiguous
     /// (capture clocks jitter); further apart is a gap or an overlap.
@@ -63,7 +66,7 @@ impl InputConfig {
             turn: session.turn.clone(),
             vad: session.vad.clone(),
             post_roll: Duration::from_millis(100),
-            max_audio_delay: Duration::from_millis(120),
+            max_audio_delay: Duration::from_millis(150),
             timestamp_tolerance: Duration::from_millis(2),
             max_lead: Duration::from_secs(2),
         }
@@ -418,6 +421,7 @@ impl InputStage {
         let mut events = Vec::new();
         if self.answering == Some(turn) {
             let at = self.clock.now();
+            // (only a state change can follow: the reason is never used)
             for action in self.turns.on(TurnInput::AnswerAudible) {
                 self.act(action, at, StopReason::Interrupt, &mut events);
             }
