@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+pub mod engine;
+
 /// One measured figure of one stage.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Measurement {

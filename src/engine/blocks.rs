@@ -8,10 +8,21 @@
 //!   (it arrived too late) and counted; overlapping audio overwrites;
 //! - each video sample instant takes the newest frame at or before it; a camera that froze
 //!   keeps showing its last picture; frames from before the turn or out of order are fine;
+//!   of the frames between two instants only the newest is kept (the only one an instant can
+//!   take), so a 30 fps camera costs the memory of the 2 fps the model sees; frames older than
+//!   the open block are dropped and counted;
 //! - a turn with no camera frame at all is an audio-only turn.
+//!
+//! The sample instants are `turn_start + k / fps` for k = 0, 1, ... over the whole turn, which
+//! is why a block must hold a whole number of temporal patches of frames
+//! ([`BlockConfig::validate`]): each block then starts a new temporal grid of the vision
+//! encoder, one grid every `temporal_patch_size / fps` seconds, as the reference's 2-s
+//! interleaving of video and audio tokens assumes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use crate::model::config::{ProcessorConfig, ThinkerConfig};
 
 /// One closed block of a user turn.
 #[derive(Debug, Clone)]
@@ -31,12 +42,103 @@ pub struct Block<F> {
     pub last: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockConfig {
+    /// Rate of the blocks' audio: the model's feature extractor rate.
     pub sample_rate: u32,
+    /// Length of a full block: the Thinker's `seconds_per_chunk`.
     pub block_len: Duration,
+    /// Camera frames sampled per second of the turn.
     pub video_fps: f64,
+    /// Frames per temporal patch of the vision encoder.
     pub temporal_patch_size: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BlockConfigError {
+    #[error("block sample rate must be > 0")]
+    SampleRate,
+    #[error("block length must be > 0 (thinker_config.seconds_per_chunk)")]
+    BlockLen,
+    #[error("video fps {0} must be finite and > 0")]
+    Fps(f64),
+    #[error("temporal_patch_size must be > 0")]
+    TemporalPatch,
+    #[error(
+        "a {block_len:?} block at {fps} fps holds {frames} frames, not a whole multiple of \
+         temporal_patch_size {temporal_patch_size}: blocks would not start on a temporal grid"
+    )]
+    Grid {
+        block_len: Duration,
+        fps: f64,
+        frames: f64,
+        temporal_patch_size: usize,
+    },
+}
+
+impl BlockConfig {
+    /// The blocks the model expects: `seconds_per_chunk` of the Thinker, audio at the feature
+    /// extractor's rate, frames at `video_fps` grouped by the vision encoder's temporal patch.
+    pub fn for_model(
+        thinker: &ThinkerConfig,
+        processor: &ProcessorConfig,
+        video_fps: f64,
+    ) -> Result<Self, BlockConfigError> {
+        let config = Self {
+            sample_rate: u32::try_from(processor.feature_extractor.sampling_rate)
+                .map_err(|_| BlockConfigError::SampleRate)?,
+            block_len: Duration::from_secs(thinker.seconds_per_chunk as u64),
+            video_fps,
+            temporal_patch_size: thinker.vision_config.temporal_patch_size,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), BlockConfigError> {
+        if self.sample_rate == 0 {
+            return Err(BlockConfigError::SampleRate);
+        }
+        if self.block_len.is_zero() {
+            return Err(BlockConfigError::BlockLen);
+        }
+        if !(self.video_fps.is_finite() && self.video_fps > 0.0) {
+            return Err(BlockConfigError::Fps(self.video_fps));
+        }
+        if self.temporal_patch_size == 0 {
+            return Err(BlockConfigError::TemporalPatch);
+        }
+        let frames = self.block_len.as_secs_f64() * self.video_fps;
+        let whole = frames.round();
+        if (frames - whole).abs() > 1e-6
+            || whole < 1.0
+            || !(whole as usize).is_multiple_of(self.temporal_patch_size)
+        {
+            return Err(BlockConfigError::Grid {
+                block_len: self.block_len,
+                fps: self.video_fps,
+                frames,
+                temporal_patch_size: self.temporal_patch_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Frames sampled in a full block.
+    pub fn frames_per_block(&self) -> usize {
+        (self.block_len.as_secs_f64() * self.video_fps).round() as usize
+    }
+
+    /// Audio samples in a full block.
+    pub fn samples_per_block(&self) -> usize {
+        block_samples(self, self.block_len)
+    }
+
+    /// Seconds of turn one temporal grid of the vision encoder covers
+    /// (`temporal_patch_size / fps`: the reference's `second_per_grid`).
+    pub fn seconds_per_grid(&self) -> f64 {
+        self.temporal_patch_size as f64 / self.video_fps
+    }
 }
 
 /// Counters of input that could not be placed, for logs and tests.
@@ -44,6 +146,8 @@ pub struct BlockConfig {
 pub struct AssemblerStats {
     pub late_audio_samples: u64,
     pub video_frames_seen: u64,
+    /// Frames older than the open block, dropped.
+    pub late_video_frames: u64,
 }
 
 pub struct BlockAssembler<F> {
@@ -54,16 +158,18 @@ pub struct BlockAssembler<F> {
     audio: Vec<f32>,
     /// Video frames by media time (ns); old ones are pruned as blocks close.
     frames: BTreeMap<u128, F>,
-    /// The last frame before the open block (what a frozen camera still shows).
-    carried: Option<F>,
+    /// The last frame before the open block (what a frozen camera still shows), with its time
+    /// (ns).
+    carried: Option<(u128, F)>,
     stats: AssemblerStats,
 }
 
 impl<F: Clone> BlockAssembler<F> {
     /// Starts a turn whose first block begins at `turn_start` (media time).
-    pub fn new(config: BlockConfig, turn_start: Duration) -> Self {
+    pub fn new(config: BlockConfig, turn_start: Duration) -> Result<Self, BlockConfigError> {
+        config.validate()?;
         let samples = block_samples(&config, config.block_len);
-        Self {
+        Ok(Self {
             config,
             turn_start,
             next_index: 0,
@@ -71,7 +177,22 @@ impl<F: Clone> BlockAssembler<F> {
             frames: BTreeMap::new(),
             carried: None,
             stats: AssemblerStats::default(),
-        }
+        })
+    }
+
+    /// Media time of the turn's first block.
+    pub fn turn_start(&self) -> Duration {
+        self.turn_start
+    }
+
+    /// Media time where the open block starts (everything before it is closed).
+    pub fn open_block_start(&self) -> Duration {
+        self.block_start(self.next_index)
+    }
+
+    /// Index of the open block.
+    pub fn open_block_index(&self) -> usize {
+        self.next_index
     }
 
     pub fn stats(&self) -> AssemblerStats {
@@ -107,10 +228,55 @@ impl<F: Clone> BlockAssembler<F> {
         }
     }
 
-    /// Records a camera frame captured at media time `at`.
-    pub fn push_video(&mut self, at: Duration, frame: F) {
+    /// Records a camera frame captured at media time `at`. Returns false if it can never be
+    /// shown: its block is closed, or a newer frame already stands for its sample instant.
+    pub fn push_video(&mut self, at: Duration, frame: F) -> bool {
         self.stats.video_frames_seen += 1;
-        self.frames.insert(at.as_nanos(), frame);
+        let key = at.as_nanos();
+        if self.next_index > 0 && at < self.block_start(self.next_index) {
+            // Still useful if newer than what the open block's first instant would show.
+            if self.carried.as_ref().is_none_or(|(t, _)| key > *t) {
+                self.carried = Some((key, frame));
+                return true;
+            }
+            self.stats.late_video_frames += 1;
+            return false;
+        }
+        // Only the newest frame between two sample instants can ever be taken.
+        let k = self.instant_at_or_after(at);
+        let low = if k == 0 {
+            0
+        } else {
+            self.instant(k - 1).as_nanos() + 1
+        };
+        let high = self.instant(k).as_nanos();
+        if self.frames.range(low..=high).any(|(t, _)| *t > key) {
+            return false;
+        }
+        let older: Vec<u128> = self.frames.range(low..=high).map(|(t, _)| *t).collect();
+        for t in older {
+            self.frames.remove(&t);
+        }
+        self.frames.insert(key, frame);
+        true
+    }
+
+    /// The `k`-th sample instant of the turn.
+    fn instant(&self, k: u64) -> Duration {
+        self.turn_start + Duration::from_secs_f64(k as f64 / self.config.video_fps)
+    }
+
+    /// The index of the first sample instant at or after `at`.
+    fn instant_at_or_after(&self, at: Duration) -> u64 {
+        let offset = at.saturating_sub(self.turn_start).as_secs_f64();
+        let mut k = (offset * self.config.video_fps).ceil().max(0.0) as u64;
+        while self.instant(k) < at {
+            k += 1;
+        }
+        while k > 0 && self.instant(k - 1) >= at {
+            k -= 1;
+        }
+        k
     }
 
     /// Closes every block that ends at or before media time `now`.
@@ -122,11 +288,13 @@ impl<F: Clone> BlockAssembler<F> {
         closed
     }
 
-    /// Ends the turn at media time `end`: closes the blocks before it and the partial last one.
+    /// Ends the turn at media time `end`: closes the blocks before it and the partial last one,
+    /// the last returned being flagged `last`. Empty if the blocks already closed reach `end`
+    /// (the turn ended on a block boundary, or before the open block).
     pub fn finish(mut self, end: Duration) -> Vec<Block<F>> {
         let mut closed = self.advance_to(end);
         let rest = end.saturating_sub(self.block_start(self.next_index));
-        if rest > Duration::ZERO || closed.is_empty() {
+        if block_samples(&self.config, rest) > 0 {
             closed.push(self.close(rest, true));
         } else if let Some(last) = closed.last_mut() {
             last.last = true;
@@ -148,7 +316,7 @@ impl<F: Clone> BlockAssembler<F> {
                 self.audio.resize(full, 0.0);
             }
         }
-        let frames = self.sample_frames(start, duration);
+        let frames = self.sample_frames(self.next_index, start, duration);
         self.next_index += 1;
         Block {
             index: self.next_index - 1,
@@ -160,19 +328,19 @@ impl<F: Clone> BlockAssembler<F> {
         }
     }
 
-    fn sample_frames(&mut self, start: Duration, duration: Duration) -> Vec<F> {
+    fn sample_frames(&mut self, index: usize, start: Duration, duration: Duration) -> Vec<F> {
         let fps = self.config.video_fps;
         let count = (duration.as_secs_f64() * fps).round() as usize;
+        let first = (index * self.config.frames_per_block()) as u64;
         let mut out = Vec::with_capacity(count + self.config.temporal_patch_size);
         for j in 0..count.max(1) {
-            let instant = start.as_secs_f64() + j as f64 / fps;
-            let key = Duration::from_secs_f64(instant).as_nanos();
+            let key = self.instant(first + j as u64).as_nanos();
             let frame = self
                 .frames
                 .range(..=key)
                 .next_back()
                 .map(|(_, f)| f.clone())
-                .or_else(|| self.carried.clone())
+                .or_else(|| self.carried.as_ref().map(|(_, f)| f.clone()))
                 // A camera that starts a little after the turn: its first frame stands in.
                 .or_else(|| self.frames.values().next().cloned());
             if let Some(frame) = frame {
@@ -189,8 +357,8 @@ impl<F: Clone> BlockAssembler<F> {
         // Prune frames before the next block, keeping the newest as what a frozen camera shows.
         let end_key = (start + duration).as_nanos();
         let keep = self.frames.split_off(&end_key);
-        if let Some((_, f)) = self.frames.iter().next_back() {
-            self.carried = Some(f.clone());
+        if let Some((t, f)) = self.frames.iter().next_back() {
+            self.carried = Some((*t, f.clone()));
         }
         self.frames = keep;
         out
@@ -220,7 +388,7 @@ mod tests {
 
     #[test]
     fn blocks_close_on_two_second_boundaries() {
-        let mut a = BlockAssembler::<u32>::new(config(), ms(500));
+        let mut a = BlockAssembler::<u32>::new(config(), ms(500)).unwrap();
         // 5 s of audio in 20 ms frames whose value is the frame index
         let mut closed = Vec::new();
         for k in 0..250u64 {
@@ -247,7 +415,7 @@ mod tests {
 
     #[test]
     fn a_frozen_camera_does_not_stall_audio_and_repeats_its_last_picture() {
-        let mut a = BlockAssembler::<u32>::new(config(), ms(0));
+        let mut a = BlockAssembler::<u32>::new(config(), ms(0)).unwrap();
         a.push_video(ms(100), 7);
         let mut closed = Vec::new();
         for k in 0..300u64 {
@@ -260,7 +428,7 @@ mod tests {
 
     #[test]
     fn gaps_are_silence_and_late_audio_is_dropped() {
-        let mut a = BlockAssembler::<u32>::new(config(), ms(0));
+        let mut a = BlockAssembler::<u32>::new(config(), ms(0)).unwrap();
         a.push_audio(ms(0), &[1.0; 1600]);
         // nothing between 100 ms and 1900 ms
         a.push_audio(ms(1900), &[1.0; 1600]);
@@ -277,5 +445,131 @@ mod tests {
         let rest = a.finish(ms(3000));
         assert_eq!(rest[0].audio[1600], 3.0);
         assert_eq!(rest[0].audio[8000], 2.0);
+    }
+
+    #[test]
+    fn the_config_comes_from_the_model_and_must_tile_temporal_grids() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let mut model = crate::model::config::Config::from_json(&text).unwrap();
+        let processor = crate::model::config::ProcessorConfig::from_json(
+            &std::fs::read_to_string(dir.join("processor_config.json")).unwrap(),
+        )
+        .unwrap();
+        let thinker = &mut model.thinker_config;
+        let c = BlockConfig::for_model(thinker, &processor, 2.0).unwrap();
+        assert_eq!(
+            c.block_len,
+            Duration::from_secs(thinker.seconds_per_chunk as u64)
+        );
+        assert_eq!(
+            c.sample_rate as usize,
+            processor.feature_extractor.sampling_rate
+        );
+        assert_eq!(
+            c.temporal_patch_size,
+            thinker.vision_config.temporal_patch_size
+        );
+        assert_eq!(c.frames_per_block(), thinker.seconds_per_chunk * 2, "2 fps");
+        assert_eq!(
+            c.seconds_per_grid(),
+            thinker.vision_config.temporal_patch_size as f64 / 2.0
+        );
+        thinker.seconds_per_chunk = 3;
+        thinker.vision_config.temporal_patch_size = 2;
+        assert_eq!(
+            BlockConfig::for_model(thinker, &processor, 2.0)
+                .unwrap()
+                .frames_per_block(),
+            6
+        );
+        // 3 s at 1.5 fps: 4.5 frames
+        let err = BlockConfig::for_model(thinker, &processor, 1.5).unwrap_err();
+        assert!(matches!(err, BlockConfigError::Grid { .. }), "{err}");
+        assert!(err.to_string().contains("temporal_patch_size 2"), "{err}");
+        thinker.seconds_per_chunk = 1;
+        // 1 s at 1 fps: one frame, half a temporal patch
+        assert!(BlockConfig::for_model(thinker, &processor, 1.0).is_err());
+        thinker.seconds_per_chunk = 0;
+        assert_eq!(
+            BlockConfig::for_model(thinker, &processor, 2.0),
+            Err(BlockConfigError::BlockLen)
+        );
+        assert!(
+            BlockAssembler::<u32>::new(
+                BlockConfig {
+                    video_fps: f64::NAN,
+                    ..config()
+                },
+                ms(0)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_fast_camera_keeps_one_frame_per_sample_instant() {
+        // 30 fps for 5 s, frames numbered by their capture time in ms, pushed out of order in
+        // pairs; the turn starts between two frames.
+        let start = ms(510);
+        let mut a = BlockAssembler::<u64>::new(config(), start).unwrap();
+        let times: Vec<u64> = (0..150).map(|k| 400 + k * 1000 / 30).collect();
+        let mut closed = Vec::new();
+        for pair in times.chunks(2) {
+            for &t in pair.iter().rev() {
+                a.push_video(ms(t), t);
+            }
+            assert!(a.frames.len() <= 6, "{} frames held", a.frames.len());
+            closed.extend(a.advance_to(ms(pair[0])));
+        }
+        closed.extend(a.finish(ms(5400)));
+        let picked: Vec<u64> = closed.iter().flat_map(|b| b.frames.clone()).collect();
+        // what the newest-at-or-before rule picks from all frames
+        let want: Vec<u64> = (0..10)
+            .map(|k| {
+                let instant = 510 + k * 500;
+                *times.iter().filter(|t| **t <= instant).max().unwrap()
+            })
+            .collect();
+        assert_eq!(picked, want);
+        assert_eq!(closed.len(), 3);
+    }
+
+    #[test]
+    fn a_turn_that_ends_on_a_boundary_has_no_empty_last_block() {
+        let mut a = BlockAssembler::<u32>::new(config(), ms(0)).unwrap();
+        a.push_audio(ms(0), &[0.1; 64000]);
+        assert_eq!(a.advance_to(ms(4000)).len(), 2);
+        assert!(a.finish(ms(4000)).is_empty());
+        let mut a = BlockAssembler::<u32>::new(config(), ms(0)).unwrap();
+        assert_eq!(a.advance_to(ms(2100)).len(), 1);
+        // the end of speech was inside the closed block
+        assert!(a.finish(ms(1900)).is_empty());
+        let a = BlockAssembler::<u32>::new(config(), ms(0)).unwrap();
+        let rest = a.finish(ms(4500));
+        assert_eq!(rest.len(), 3);
+        assert_eq!(
+            rest.iter().map(|b| b.last).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+    }
+
+    #[test]
+    fn late_frames_are_dropped_unless_they_are_the_newest_picture() {
+        let mut a = BlockAssembler::<u32>::new(config(), ms(0)).unwrap();
+        a.push_video(ms(100), 1);
+        assert_eq!(a.advance_to(ms(2000))[0].frames, vec![1, 1, 1, 1]);
+        // arrives after its block closed, but newer than frame 1: the picture at 2.0 s
+        assert!(a.push_video(ms(1990), 2));
+        // older than what is shown already: useless
+        assert!(!a.push_video(ms(1500), 3));
+        assert!(!a.push_video(ms(50), 4));
+        assert_eq!(a.stats().late_video_frames, 2);
+        assert_eq!(a.stats().video_frames_seen, 4);
+        // out of order within the open block: an older frame for the same instant is useless
+        assert!(a.push_video(ms(2400), 5));
+        assert!(!a.push_video(ms(2300), 6));
+        let rest = a.finish(ms(3000));
+        assert_eq!(rest[0].frames, vec![2, 5]);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod clock;
+pub mod input;
 pub mod pacer;
 pub mod session;
 pub mod turn;

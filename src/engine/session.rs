@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 use super::turn::{TurnConfig, TurnState};
+use crate::media::vad::VadConfig;
 
 /// Whether the model answers with voice (and text) or with text only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -125,8 +126,9 @@ pub struct SessionConfig {
     pub system_prompt: String,
     pub reply_mode: ReplyMode,
     pub turn: TurnConfig,
-    /// Speech probability above which a 10-30 ms audio frame counts as speech.
-    pub vad_threshold: f32,
+    /// Voice activity detection on the user's audio (WebRTC's VAD: aggressiveness, frame
+    /// length, majority smoothing).
+    pub vad: VadConfig,
     /// Most tokens the Thinker context may hold; beyond it the oldest video is dropped first.
     pub max_context: usize,
     /// Frames per second sampled from the camera (the model was trained at 2).
@@ -145,7 +147,7 @@ impl Default for SessionConfig {
             system_prompt: SPEECH_SYSTEM_PROMPT.into(),
             reply_mode: ReplyMode::Voice,
             turn: TurnConfig::default(),
-            vad_threshold: 0.5,
+            vad: VadConfig::default(),
             max_context: 32768,
             video_fps: 2.0,
             max_answer_tokens: 512,

@@ -41,7 +41,9 @@ impl Default for TurnConfig {
             onset: Duration::from_millis(100),
             pre_roll: Duration::from_millis(200),
             end_of_turn_silence: Duration::from_millis(600),
-            min_turn_speech: Duration::from_millis(200),
+            // WebRTC's VAD holds speech 60-140 ms after every burst: a 100 ms cough reads as
+            // about 160 ms of speech, a short spoken "yes" as about 380 ms.
+            min_turn_speech: Duration::from_millis(250),
             barge_in_onset: Duration::from_millis(200),
         }
     }
