@@ -318,15 +318,24 @@ impl AxisWeights {
         }
     }
 
+    /// First input index and weights of output sample `i`.
     #[inline]
-    fn apply(&self, i: usize, sample: impl Fn(usize) -> i32) -> u8 {
-        let row = &self.weights[i * self.taps..i * self.taps + self.lens[i]];
-        let start = self.starts[i];
-        // Weights reach at least 13 fractional bits (the largest is about 1).
-        let mut acc: i32 = 1 << (self.precision - 1);
-        for (j, &w) in row.iter().enumerate() {
-            acc += sample(start + j) * w;
-        }
+    fn taps(&self, i: usize) -> (usize, &[i32]) {
+        (
+            self.starts[i],
+            &self.weights[i * self.taps..i * self.taps + self.lens[i]],
+        )
+    }
+
+    /// The accumulator's start: one half in fixed point, so that the shift rounds (weights
+    /// reach at least 13 fractional bits, the largest being about 1).
+    #[inline]
+    fn rounding(&self) -> i32 {
+        1 << (self.precision - 1)
+    }
+
+    #[inline]
+    fn finish(&self, acc: i32) -> u8 {
         (acc >> self.precision).clamp(0, 255) as u8
     }
 }
@@ -335,16 +344,33 @@ impl AxisWeights {
 /// antialias=True)` on a uint8 tensor): exact to the bit.
 pub fn resize_bicubic(image: RgbView<'_>, height: usize, width: usize) -> RgbImage {
     let (in_w, in_h) = (image.width, image.height);
+    if in_w == 0 || in_h == 0 || width == 0 || height == 0 {
+        // Nothing to sample from or into: only the size is meaningful.
+        return RgbImage {
+            width,
+            height,
+            data: vec![0; width * height * 3],
+        };
+    }
     let mut data = image.data.to_vec();
     if width != in_w {
         let axis = AxisWeights::new(in_w, width);
         let mut out = vec![0u8; in_h * width * 3];
-        for y in 0..in_h {
-            let src = &data[y * in_w * 3..(y + 1) * in_w * 3];
-            let dst = &mut out[y * width * 3..(y + 1) * width * 3];
-            for x in 0..width {
+        for (src, dst) in data
+            .chunks_exact(in_w * 3)
+            .zip(out.chunks_exact_mut(width * 3))
+        {
+            for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                let (start, weights) = axis.taps(x);
+                let mut acc = [axis.rounding(); 3];
+                let taps = &src[start * 3..(start + weights.len()) * 3];
+                for (s, &w) in taps.chunks_exact(3).zip(weights) {
+                    acc[0] += s[0] as i32 * w;
+                    acc[1] += s[1] as i32 * w;
+                    acc[2] += s[2] as i32 * w;
+                }
                 for c in 0..3 {
-                    dst[x * 3 + c] = axis.apply(x, |k| src[k * 3 + c] as i32);
+                    px[c] = axis.finish(acc[c]);
                 }
             }
         }
@@ -354,10 +380,18 @@ pub fn resize_bicubic(image: RgbView<'_>, height: usize, width: usize) -> RgbIma
         let axis = AxisWeights::new(in_h, height);
         let row_len = width * 3;
         let mut out = vec![0u8; height * row_len];
-        for y in 0..height {
-            let dst = &mut out[y * row_len..(y + 1) * row_len];
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = axis.apply(y, |k| data[k * row_len + i] as i32);
+        let mut acc = vec![0i32; row_len];
+        for (y, dst) in out.chunks_exact_mut(row_len).enumerate() {
+            let (start, weights) = axis.taps(y);
+            acc.fill(axis.rounding());
+            for (k, &w) in weights.iter().enumerate() {
+                let src = &data[(start + k) * row_len..(start + k + 1) * row_len];
+                for (a, &s) in acc.iter_mut().zip(src) {
+                    *a += s as i32 * w;
+                }
+            }
+            for (d, &a) in dst.iter_mut().zip(&acc) {
+                *d = axis.finish(a);
             }
         }
         data = out;
