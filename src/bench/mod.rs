@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+pub mod vision;
+
 /// One measured figure of one stage.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Measurement {
