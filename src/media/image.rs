@@ -72,11 +72,8 @@ impl<'a> RgbView<'a> {
         let needed = width
             .checked_mul(height)
             .and_then(|n| n.checked_mul(3))
-            .ok_or(ImageError::Buffer {
-                width,
-                height,
-                len: data.len(),
-                needed: usize::MAX,
+            .ok_or_else(|| {
+                ImageError::Settings(format!("image size {width}x{height} overflows"))
             })?;
         if data.len() != needed {
             return Err(ImageError::Buffer {
