@@ -18,6 +18,11 @@ pub const DEFAULT_FPS: f64 = 2.0;
 pub const MIN_FRAMES: usize = 4;
 pub const MAX_FRAMES: usize = 768;
 pub const FRAME_FACTOR: usize = 2;
+/// Per-frame pixel bounds qwen-omni-utils applies to videos before the processor
+/// (`VIDEO_MIN_PIXELS` / `VIDEO_MAX_PIXELS`), tighter than the published processor config's;
+/// pass them to [`VideoPreprocessor::with_pixel_bounds`] to resize as the official pipeline.
+pub const OFFICIAL_VIDEO_MIN_PIXELS: usize = 128 * 28 * 28;
+pub const OFFICIAL_VIDEO_MAX_PIXELS: usize = 768 * 28 * 28;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VideoError {
