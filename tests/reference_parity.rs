@@ -6,3 +6,5 @@
 mod common;
 #[path = "parity/token2wav.rs"]
 mod token2wav;
+#[path = "parity/vision.rs"]
+mod vision;

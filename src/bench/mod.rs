@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 pub mod engine;
+pub mod vision;
 
 /// One measured figure of one stage.
 #[derive(Debug, Clone, serde::Serialize)]
