@@ -326,6 +326,9 @@ impl AudioEncoder {
         audios: &[Tensor],
         trace: bool,
     ) -> Result<(Vec<Tensor>, Option<(Tensor, Tensor)>)> {
+        if audios.is_empty() {
+            return Ok((Vec::new(), None));
+        }
         let mut chunks = Vec::new();
         let mut tokens_per_audio = Vec::with_capacity(audios.len());
         for features in audios {
@@ -666,6 +669,7 @@ mod tests {
     fn several_audios_in_one_batch() {
         let encoder = small_encoder(5);
         let audios = [features(23), features(4), features(10)];
+        assert!(encoder.forward_many(&[]).unwrap().is_empty());
         let together = encoder.forward_many(&audios).unwrap();
         for (audio, out) in audios.iter().zip(&together) {
             let alone = encoder.forward(audio).unwrap();
