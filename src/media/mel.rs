@@ -229,9 +229,10 @@ impl LogMel {
         n_samples.min(self.max_samples).div_ceil(self.hop)
     }
 
-    /// Frames of the reference's padded output (`chunk_length` seconds).
+    /// Frames of the reference's padded output (`chunk_length` seconds): those of a centred
+    /// STFT, less the last.
     pub fn padded_frames(&self) -> usize {
-        self.max_samples / self.hop
+        (self.max_samples + 2 * (self.n_fft / 2) - self.n_fft) / self.hop
     }
 
     /// The valid log-mel frames of a whole clip, as the reference processor computes them.
@@ -414,8 +415,8 @@ impl MelStream {
         loop {
             let t = self.next_frame;
             let centre = t * self.mel.hop;
-            // The window's right half, and for the first frames the reflected left half.
-            let needed = (centre + half).max(half.saturating_sub(centre) + 1);
+            // The window's right part, and for the first frames the reflected left part.
+            let needed = (centre + self.mel.n_fft - half).max(half.saturating_sub(centre) + 1);
             if self.received < needed {
                 break;
             }
@@ -704,6 +705,27 @@ mod tests {
                 let streamed = stream_all(&mel, FloorPolicy::Utterance, &x, piece);
                 assert!(streamed == whole, "{n} samples in pieces of {piece}");
             }
+        }
+    }
+
+    #[test]
+    fn other_sizes_stream_like_the_whole_clip() {
+        // An odd FFT size and another hop and bank: readiness and padding follow the config.
+        let cfg = FeatureExtractorConfig {
+            n_fft: 401,
+            hop_length: 100,
+            feature_size: 40,
+            chunk_length: 30,
+            ..FeatureExtractorConfig::default()
+        };
+        let mel = LogMel::new(&cfg).unwrap();
+        // torch.stft gives 1 + (480000 + 400 - 401) / 100 = 4800 frames, the last dropped.
+        assert_eq!(mel.padded_frames(), 4_799);
+        let x = signal(12_345, 6_000);
+        let whole = mel.features(&x).unwrap();
+        assert_eq!((whole.len(), whole.n_mels()), (124, 40));
+        for piece in [1, 99, 1_000] {
+            assert!(stream_all(&mel, FloorPolicy::Utterance, &x, piece) == whole);
         }
     }
 
