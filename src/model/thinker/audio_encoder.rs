@@ -9,7 +9,10 @@
 //!
 //! Chunks are independent up to the pooling, so they run as one batch padded to a full chunk
 //! with a key mask, and a stream can encode each chunk as soon as its last frame arrives
-//! ([`AudioEncoderStream`]) with the same result as the whole clip.
+//! ([`AudioEncoderStream`]) with the same result as the whole clip (up to float rounding from
+//! differently shaped matmuls). Fed by `media::mel::MelStream` with
+//! `FloorPolicy::Groups(chunk_frames())`, a chunk's embeddings come out once the samples under
+//! its last mel frame's window have arrived (`n_fft / 2` = 12.5 ms after the chunk's end).
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Activation, Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
