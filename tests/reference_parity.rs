@@ -3,6 +3,8 @@
 //! after it, so that `cargo test --test reference_parity STAGE` selects it. Nothing here knows a
 //! value of the tiny config: everything comes from the fixture folder.
 
+#[path = "parity/audio.rs"]
+mod audio;
 mod common;
 #[path = "parity/token2wav.rs"]
 mod token2wav;

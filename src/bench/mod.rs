@@ -3,6 +3,8 @@
 //!
 //! Every stage reports [`Measurement`] rows; `omnicall bench model` prints them as one table.
 
+pub mod audio;
+
 use std::time::{Duration, Instant};
 
 pub mod engine;
