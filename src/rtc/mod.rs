@@ -1,0 +1,10 @@
+//! The browser video call over WebRTC: an axum server (static page, WHIP-style signaling), one
+//! peer connection and one engine session per call, the data channel protocol, and a headless
+//! Rust client for tests and benchmarks.
+//!
+//! Data flows one way: RTP in ([`media_in`]) -> [`SessionHandle`](crate::engine::session::SessionHandle)
+//! inputs; session events -> Opus RTP ([`media_out`]) and data channel JSON ([`protocol`]).
+
+pub mod media_in;
+pub mod protocol;
+pub mod signaling;
