@@ -5,6 +5,13 @@
 //! Data flows one way: RTP in ([`media_in`]) -> [`SessionHandle`](crate::engine::session::SessionHandle)
 //! inputs; session events -> Opus RTP ([`media_out`]) and data channel JSON ([`protocol`]).
 
+pub mod client;
 pub mod media_in;
+pub mod media_out;
+pub mod peer;
 pub mod protocol;
+pub mod server;
 pub mod signaling;
+
+pub use peer::{EndReason, IceServer, RtcConfig};
+pub use server::{CallInfo, RunningServer, ServeConfig, Server, ServerInfo, SessionFactory, serve};
