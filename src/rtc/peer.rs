@@ -549,7 +549,7 @@ impl Call {
             CallEvent::MediaProblem(message) => {
                 if let Some(suppressed) = self.throttle.admit() {
                     let more = if suppressed > 0 {
-                        format!(" ({suppressed} more problems in the last second)")
+                        format!(" ({suppressed} more problems since the last report)")
                     } else {
                         String::new()
                     };
