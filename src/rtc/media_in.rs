@@ -9,7 +9,8 @@
 //!   FU-A into Annex-B access units); a frame with a hole is dropped and a key frame is asked
 //!   for, and nothing is decoded again until one arrives.
 //! - Media time: the session clock starts when the call is created; a stream's first packet is
-//!   placed at its arrival time, every later one at that plus its RTP timestamp distance.
+//!   placed at its arrival time, every later one at that plus its RTP timestamp distance (a
+//!   timestamp that strays more than [`MAX_CLOCK_SKEW`] from the arrival re-anchors the stream).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -151,18 +152,52 @@ impl<T> ReorderBuffer<T> {
     }
 }
 
-/// Places a stream's RTP timestamps on the session clock.
+/// How far a packet's timestamp may place it from its arrival before the stream is
+/// re-anchored on the arrival (a sender that changed its timestamp base, or garbage).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// Places a stream's RTP timestamps on the session clock: the anchor packet at its arrival,
+/// every other one at the anchor plus its timestamp distance.
 #[derive(Debug, Clone, Copy)]
 struct MediaClock {
-    first_arrival: Duration,
-    first_ts: u64,
+    anchor_arrival: Duration,
+    anchor_ts: u64,
     rate: u32,
 }
 
 impl MediaClock {
-    fn at(&self, ts: u64) -> Duration {
-        let ticks = ts.saturating_sub(self.first_ts);
-        self.first_arrival + Duration::from_nanos(ticks * 1_000_000_000 / self.rate as u64)
+    fn new(rate: u32) -> Self {
+        Self {
+            anchor_arrival: Duration::ZERO,
+            anchor_ts: 0,
+            rate,
+        }
+    }
+
+    /// Media time of a packet with (unwrapped) timestamp `ts` that arrived at `arrival`.
+    fn place(&mut self, first: bool, ts: u64, arrival: Duration) -> Duration {
+        if !first {
+            let ticks = ts as i128 - self.anchor_ts as i128;
+            let at =
+                self.anchor_arrival.as_nanos() as i128 + ticks * 1_000_000_000 / self.rate as i128;
+            let skew = (at - arrival.as_nanos() as i128).unsigned_abs();
+            if at >= 0 && skew <= MAX_CLOCK_SKEW.as_nanos() {
+                return Duration::from_nanos(at as u64);
+            }
+        }
+        self.anchor_arrival = arrival;
+        self.anchor_ts = ts;
+        arrival
+    }
+}
+
+/// `at` moved by the distance from RTP time `from` to `to` at 48 kHz.
+fn shifted(at: Duration, from: u64, to: u64) -> Duration {
+    let offset = |n: u64| Duration::from_nanos(n * 1_000_000_000 / OPUS_RATE as u64);
+    if to >= from {
+        at + offset(to - from)
+    } else {
+        at.saturating_sub(offset(from - to))
     }
 }
 
@@ -181,9 +216,9 @@ pub struct AudioStats {
 pub struct AudioReceiver {
     seq: SeqUnwrapper,
     ts: TimestampUnwrapper,
-    reorder: ReorderBuffer<(u64, Bytes)>,
+    reorder: ReorderBuffer<(u64, Duration, Bytes)>,
     decoder: OpusDecoder,
-    clock: Option<MediaClock>,
+    clock: MediaClock,
     /// RTP time right after the last audio produced.
     expected_ts: Option<u64>,
     loss_pending: bool,
@@ -197,7 +232,7 @@ impl AudioReceiver {
             ts: TimestampUnwrapper::default(),
             reorder: ReorderBuffer::new(AUDIO_REORDER_DEPTH),
             decoder: OpusDecoder::new()?,
-            clock: None,
+            clock: MediaClock::new(OPUS_RATE),
             expected_ts: None,
             loss_pending: false,
             stats: AudioStats::default(),
@@ -223,24 +258,20 @@ impl AudioReceiver {
         self.stats.packets += 1;
         let ts = self.ts.unwrap(ts);
         let seq = self.seq.unwrap(seq);
-        self.clock.get_or_insert(MediaClock {
-            first_arrival: arrival,
-            first_ts: ts,
-            rate: OPUS_RATE,
-        });
+        let at = self.clock.place(self.stats.packets == 1, ts, arrival);
         let mut inputs = vec![];
         let mut errors = vec![];
-        for release in self.reorder.push(seq, (ts, payload)) {
+        for release in self.reorder.push(seq, (ts, at, payload)) {
             match release {
                 Release::Lost { count, .. } => {
                     self.stats.lost_packets += count;
                     self.loss_pending = true;
                 }
-                Release::Packet(_, (ts, payload)) => {
+                Release::Packet(_, (ts, at, payload)) => {
                     if payload.is_empty() {
                         continue; // padding only
                     }
-                    match self.decode(ts, &payload, &mut inputs) {
+                    match self.decode(ts, at, &payload, &mut inputs) {
                         Ok(()) => {}
                         Err(e) => {
                             self.stats.bad_packets += 1;
@@ -253,18 +284,18 @@ impl AudioReceiver {
         (inputs, errors)
     }
 
-    fn input(&self, ts: u64, samples: Vec<f32>) -> Option<AudioInput> {
-        let clock = self.clock?;
-        Some(AudioInput {
-            at: clock.at(ts),
+    fn input(at: Duration, samples: Vec<f32>) -> AudioInput {
+        AudioInput {
+            at,
             sample_rate: OPUS_RATE,
             samples,
-        })
+        }
     }
 
     fn decode(
         &mut self,
         ts: u64,
+        at: Duration,
         payload: &[u8],
         out: &mut Vec<AudioInput>,
     ) -> Result<(), OpusError> {
@@ -279,16 +310,17 @@ impl AudioReceiver {
             if gap > from_fec {
                 let concealed = self.decoder.conceal(gap - from_fec)?;
                 self.stats.concealed_samples += concealed.len() as u64;
-                out.extend(self.input(expected, concealed));
+                out.push(Self::input(shifted(at, ts, expected), concealed));
             }
             let recovered = self.decoder.recover(payload, from_fec)?;
             self.stats.recovered_samples += recovered.len() as u64;
-            out.extend(self.input(ts - recovered.len() as u64, recovered));
+            let from = ts - recovered.len() as u64;
+            out.push(Self::input(shifted(at, ts, from), recovered));
         }
         let samples = self.decoder.decode(payload)?;
         self.stats.decoded_samples += samples.len() as u64;
         self.expected_ts = Some(ts + samples.len() as u64);
-        out.extend(self.input(ts, samples));
+        out.push(Self::input(at, samples));
         Ok(())
     }
 }
@@ -326,6 +358,7 @@ enum Depacketizers {
 
 struct Assembly {
     ts: u64,
+    at: Duration,
     data: Vec<u8>,
     broken: bool,
 }
@@ -335,11 +368,11 @@ pub struct VideoReceiver {
     codec: VideoCodec,
     seq: SeqUnwrapper,
     ts: TimestampUnwrapper,
-    reorder: ReorderBuffer<(u64, bool, Bytes)>,
+    reorder: ReorderBuffer<(u64, Duration, bool, Bytes)>,
     depacketizer: Depacketizers,
     assembly: Option<Assembly>,
     waiting_keyframe: bool,
-    clock: Option<MediaClock>,
+    clock: MediaClock,
     stats: VideoStats,
 }
 
@@ -353,7 +386,7 @@ impl VideoReceiver {
             depacketizer: Self::depacketizer(codec),
             assembly: None,
             waiting_keyframe: true,
-            clock: None,
+            clock: MediaClock::new(VIDEO_CLOCK),
             stats: VideoStats::default(),
         }
     }
@@ -367,6 +400,12 @@ impl VideoReceiver {
 
     pub fn codec(&self) -> VideoCodec {
         self.codec
+    }
+
+    /// Holds frames back until the next key frame (a frame after the last one handed out was
+    /// lost downstream).
+    pub fn wait_for_keyframe(&mut self) {
+        self.waiting_keyframe = true;
     }
 
     pub fn stats(&self) -> VideoStats {
@@ -387,13 +426,9 @@ impl VideoReceiver {
         self.stats.packets += 1;
         let ts = self.ts.unwrap(ts);
         let seq = self.seq.unwrap(seq);
-        self.clock.get_or_insert(MediaClock {
-            first_arrival: arrival,
-            first_ts: ts,
-            rate: VIDEO_CLOCK,
-        });
+        let at = self.clock.place(self.stats.packets == 1, ts, arrival);
         let mut out = VideoPush::default();
-        for release in self.reorder.push(seq, (ts, marker, payload)) {
+        for release in self.reorder.push(seq, (ts, at, marker, payload)) {
             match release {
                 Release::Lost { count, .. } => {
                     self.stats.lost_packets += count;
@@ -402,8 +437,8 @@ impl VideoReceiver {
                         None => self.stream_broken(&mut out),
                     }
                 }
-                Release::Packet(_, (ts, marker, payload)) => {
-                    self.packet(ts, marker, payload, &mut out)
+                Release::Packet(_, (ts, at, marker, payload)) => {
+                    self.packet(ts, at, marker, payload, &mut out)
                 }
             }
         }
@@ -423,7 +458,7 @@ impl VideoReceiver {
         self.stream_broken(out);
     }
 
-    fn packet(&mut self, ts: u64, marker: bool, payload: Bytes, out: &mut VideoPush) {
+    fn packet(&mut self, ts: u64, at: Duration, marker: bool, payload: Bytes, out: &mut VideoPush) {
         if payload.is_empty() {
             return; // padding only
         }
@@ -438,6 +473,7 @@ impl VideoReceiver {
         };
         let assembly = self.assembly.get_or_insert(Assembly {
             ts,
+            at,
             data: vec![],
             broken: starting && !head,
         });
@@ -486,9 +522,8 @@ impl VideoReceiver {
         }
         self.waiting_keyframe = false;
         self.stats.frames += 1;
-        let at = self.clock.map(|c| c.at(frame.ts)).unwrap_or_default();
         out.frames.push(EncodedFrame {
-            at,
+            at: frame.at,
             data: frame.data,
             keyframe,
         });
@@ -544,8 +579,10 @@ pub struct VideoDecodeWorker {
 }
 
 impl VideoDecodeWorker {
-    /// `problems` receives every frame that failed to decode.
+    /// `problems` receives every frame that failed to decode; the thread is named
+    /// `oc-vd-{call}` (`call`: the first 8 characters of the call id).
     pub fn spawn(
+        call: &str,
         codec: VideoCodec,
         max_pixels: usize,
         max_fps: f64,
@@ -557,12 +594,18 @@ impl VideoDecodeWorker {
         let (tx, rx) = crossbeam_channel::bounded::<EncodedFrame>(8);
         let min_interval = Duration::from_secs_f64(1.0 / max_fps.max(0.1));
         std::thread::Builder::new()
-            .name(format!("omnicall-{}-decode", codec.name()))
+            .name(format!("oc-vd-{call}"))
             .spawn(move || {
                 let mut last_sent: Option<Duration> = None;
+                // after a failed frame, inter frames would decode against a broken reference
+                let mut broken = false;
                 while let Ok(frame) = rx.recv() {
+                    if broken && !frame.keyframe {
+                        continue;
+                    }
                     match decoder.decode_yuv(&frame.data) {
                         Ok(Some(picture)) => {
+                            broken = false;
                             let due =
                                 last_sent.is_none_or(|t| frame.at >= t + min_interval.mul_f64(0.9));
                             if due {
@@ -581,6 +624,7 @@ impl VideoDecodeWorker {
                         }
                         Ok(None) => {}
                         Err(e) => {
+                            broken = true;
                             let need_keyframe = !matches!(e, VideoDecodeError::Decoder { .. });
                             let problem = DecodeProblem {
                                 message: format!("video: {e}"),
@@ -600,8 +644,8 @@ impl VideoDecodeWorker {
         Ok(Self { frames: tx })
     }
 
-    /// Queues a frame; false when the queue is full (the frame is dropped and the stream needs
-    /// a key frame) or the worker is gone.
+    /// Queues a frame; false when the queue is full (the frame is dropped: the stream needs a
+    /// key frame, see [`VideoReceiver::wait_for_keyframe`]) or the worker is gone.
     pub fn decode(&self, frame: EncodedFrame) -> bool {
         self.frames.try_send(frame).is_ok()
     }
@@ -734,6 +778,31 @@ mod tests {
         assert_eq!(stats.lost_packets, 1);
         assert_eq!(stats.recovered_samples, 960);
         assert_eq!(stats.decoded_samples, 9 * 960);
+    }
+
+    #[test]
+    fn a_timestamp_jump_re_anchors_the_stream_on_arrival() {
+        let packets = opus_packets(4);
+        let mut rx = AudioReceiver::new().unwrap();
+        let mut at = vec![];
+        for (i, (arrival_ms, ts)) in [
+            (100u64, 1_000u32),
+            (120, 1_960),
+            (140, 3_000_000_000),
+            (160, 3_000_000_960),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (got, _) = rx.push(
+                Duration::from_millis(arrival_ms),
+                i as u16,
+                ts,
+                packets[i].clone(),
+            );
+            at.extend(got.into_iter().map(|a| a.at.as_millis() as u64));
+        }
+        assert_eq!(at, vec![100, 120, 140, 160]);
     }
 
     #[test]

@@ -375,7 +375,7 @@ fn bridge_session_events(
     tx: UnboundedSender<CallEvent>,
 ) -> anyhow::Result<()> {
     std::thread::Builder::new()
-        .name(format!("omnicall-events-{}", &id[..8]))
+        .name(format!("oc-ev-{}", &id[..8]))
         .spawn(move || {
             loop {
                 match session.events.recv_timeout(Duration::from_millis(200)) {
@@ -674,7 +674,7 @@ impl Call {
                 let started = self.started;
                 let settings = Arc::clone(&self.settings);
                 tokio::spawn(async move {
-                    receive_video(track, session, events, started, settings).await
+                    receive_video(id, track, session, events, started, settings).await
                 });
             }
             _ => {}
@@ -772,6 +772,7 @@ impl KeyframeRequester {
 }
 
 async fn receive_video(
+    call: String,
     track: Arc<dyn TrackRemote>,
     session: SessionHandle,
     events: UnboundedSender<CallEvent>,
@@ -802,6 +803,7 @@ async fn receive_video(
             };
             let (problems_tx, mut problems_rx) = unbounded_channel::<DecodeProblem>();
             let worker = match VideoDecodeWorker::spawn(
+                &call,
                 codec,
                 settings.max_video_pixels,
                 settings.max_video_fps,
@@ -852,6 +854,7 @@ async fn receive_video(
         let mut need_keyframe = pushed.need_keyframe;
         for frame in pushed.frames {
             if !worker.decode(frame) {
+                receiver.wait_for_keyframe();
                 need_keyframe = true;
             }
         }
