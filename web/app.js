@@ -66,11 +66,18 @@ function authHeaders(extra = {}) {
   return t ? { ...extra, Authorization: "Bearer " + t } : extra;
 }
 
+let iceServers = [];
+
+async function fetchInfo() {
+  return await (await fetch("v1/info", { headers: authHeaders() })).json();
+}
+
 async function loadInfo() {
   const hashToken = new URLSearchParams(location.hash.slice(1)).get("token");
   if (hashToken) $("token").value = hashToken;
   try {
-    const info = await (await fetch("v1/info")).json();
+    const info = await fetchInfo();
+    iceServers = info.ice_servers || [];
     const select = $("voice");
     select.innerHTML = "";
     for (const v of info.voices) {
@@ -256,7 +263,15 @@ async function start() {
   const micLevel = levelMeter(localStream);
   let modelLevel = () => 0;
 
-  pc = new RTCPeerConnection({ iceServers: [] });
+  if (token()) {
+    // TURN credentials come only with the token
+    try {
+      iceServers = (await fetchInfo()).ice_servers || iceServers;
+    } catch {
+      // keep what the page loaded with
+    }
+  }
+  pc = new RTCPeerConnection({ iceServers });
   for (const track of localStream.getTracks()) pc.addTrack(track, localStream);
   dc = pc.createDataChannel("omnicall");
   dc.onopen = () => {
@@ -385,7 +400,11 @@ $("say").addEventListener("submit", (e) => {
   $("message").value = "";
 });
 window.addEventListener("pagehide", () => {
-  if (callUrl) navigator.sendBeacon && hangUp();
+  // leaving the page: tell the server now rather than when the connection times out
+  if (!callUrl) return;
+  send({ type: "hangup" });
+  fetch(callUrl, { method: "DELETE", headers: authHeaders(), keepalive: true }).catch(() => {});
+  callUrl = null;
 });
 window.omnicall = { start, hangUp };
 loadInfo();

@@ -14,4 +14,6 @@ pub mod server;
 pub mod signaling;
 
 pub use peer::{EndReason, IceServer, RtcConfig};
-pub use server::{CallInfo, RunningServer, ServeConfig, Server, ServerInfo, SessionFactory, serve};
+pub use server::{
+    CallInfo, IceServerInfo, RunningServer, ServeConfig, Server, ServerInfo, SessionFactory, serve,
+};

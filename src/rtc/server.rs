@@ -316,6 +316,7 @@ fn unauthorized(message: &str) -> Response {
     r
 }
 
+/// `GET /v1/info`: what the page needs before a call.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ServerInfo {
     pub voices: Vec<String>,
@@ -323,15 +324,41 @@ pub struct ServerInfo {
     pub reply_mode: ReplyMode,
     pub token_required: bool,
     pub max_calls: usize,
+    /// STUN/TURN servers for the browser's peer connection (TURN credentials only to a
+    /// request with the token, when one is configured).
+    pub ice_servers: Vec<IceServerInfo>,
 }
 
-async fn info(State(state): State<Arc<ServerState>>) -> Response {
+/// A browser's `RTCIceServer`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IceServerInfo {
+    pub urls: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+async fn info(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Response {
+    let trusted = refuse_unauthorized(&state, &headers).is_none();
+    let secret = |s: &String| (trusted && !s.is_empty()).then(|| s.clone());
     let info = ServerInfo {
         voices: state.config.voices.clone(),
         voice: default_voice(&state.config),
         reply_mode: state.config.session.reply_mode,
         token_required: state.config.token.is_some(),
         max_calls: state.config.max_calls,
+        ice_servers: state
+            .config
+            .rtc
+            .ice_servers
+            .iter()
+            .map(|s| IceServerInfo {
+                urls: s.urls.clone(),
+                username: secret(&s.username),
+                credential: secret(&s.credential),
+            })
+            .collect(),
     };
     axum::Json(info).into_response()
 }
