@@ -12,7 +12,7 @@ use omnicall::rtc::client::{
     CallClient, ClientConfig, ReceivedAudio, read_ivf, read_wav_mono, read_y4m,
 };
 use omnicall::rtc::protocol::{CallState, ClientMessage, ServerMessage};
-use omnicall::rtc::{RtcConfig, ServeConfig, Server};
+use omnicall::rtc::{IceServer, RtcConfig, ServeConfig, Server};
 use rtc_support::*;
 
 const T: Duration = Duration::from_secs(20);
@@ -336,7 +336,9 @@ async fn calls_run_side_by_side_up_to_the_limit() {
     .await
     .unwrap();
     let mut a = CallClient::connect(client(&server.url())).await.unwrap();
-    let mut b = CallClient::connect(client(&server.url())).await.unwrap();
+    let mut b = CallClient::connect(client(&server.url()).with_video(VideoCodec::H264))
+        .await
+        .unwrap();
     assert_ne!(a.call_id(), b.call_id());
     assert_eq!(server.calls().len(), 2);
 
@@ -359,12 +361,21 @@ async fn calls_run_side_by_side_up_to_the_limit() {
         ma.send_pcm(&sa, rate).await.unwrap();
         ma.send_silence(Duration::from_millis(400)).await.unwrap();
     });
+    let (frames, fps) = read_y4m(media("testsrc_96x64.y4m"), 100).unwrap();
     let tb = tokio::spawn(async move {
-        // call b only stays quiet
-        mb.send_silence(Duration::from_millis(1_500)).await.unwrap();
+        // call b stays quiet, camera on
+        let camera = mb.send_i420_frames(&frames, fps, Duration::from_millis(1_500));
+        let quiet = mb.send_silence(Duration::from_millis(1_500));
+        let (camera, quiet) = tokio::join!(camera, quiet);
+        camera.unwrap();
+        quiet.unwrap();
     });
     ta.await.unwrap();
     tb.await.unwrap();
+    // each call has its event bridge, the video call its decoder
+    let threads = call_threads(&[a.call_id(), b.call_id()]);
+    assert_eq!(threads.len(), 3, "{threads:?}");
+    assert!(threads.contains(&format!("oc-vd-{}", &b.call_id()[..8])));
     let voice = collect_answer(&mut a).await;
     check_tone(&voice);
     assert!(
@@ -382,8 +393,14 @@ async fn calls_run_side_by_side_up_to_the_limit() {
     }
 
     // a hang-up frees the slot
+    let mut ids = (
+        a.call_id().to_string(),
+        b.call_id().to_string(),
+        String::new(),
+    );
     a.hang_up().await.unwrap();
     let c = CallClient::connect(client(&server.url())).await.unwrap();
+    ids.2 = c.call_id().to_string();
     assert_eq!(server.calls().len(), 2);
     // a client that vanishes without hanging up is noticed and its session freed
     b.drop_connection().await;
@@ -404,21 +421,37 @@ async fn calls_run_side_by_side_up_to_the_limit() {
             .iter()
             .all(|l| l.lock().unwrap().closed)
     );
+    // every thread of these calls (event bridges, decoders) is gone
+    eventually(T, "the call threads to end", || {
+        call_threads(&[&ids.0, &ids.1, &ids.2]).is_empty()
+    })
+    .await;
+}
+
+/// Threads the transport started for these calls (named `oc-..-{first 8 of the id}`).
+fn call_threads(ids: &[&str]) -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name.starts_with("oc-") && ids.iter().any(|id| name.ends_with(&id[..8])))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_guards_the_call_endpoints() {
     init_tracing();
     let (factory, _logs) = harness_factory();
-    let server = Server::start(
-        ServeConfig {
-            token: Some("s3cret".into()),
-            ..serve_config()
-        },
-        factory,
-    )
-    .await
-    .unwrap();
+    let mut config = ServeConfig {
+        token: Some("s3cret".into()),
+        ..serve_config()
+    };
+    config.rtc.ice_servers = vec![IceServer {
+        urls: vec!["turn:turn.example.org:3478".into()],
+        username: "user".into(),
+        credential: "pass".into(),
+    }];
+    let server = Server::start(config, factory).await.unwrap();
     let err = CallClient::connect(client(&server.url()))
         .await
         .err()
@@ -439,6 +472,18 @@ async fn token_guards_the_call_endpoints() {
         .into_json()
         .unwrap();
     assert_eq!(info["token_required"], true);
+    // TURN credentials only to whoever has the token
+    assert_eq!(
+        info["ice_servers"],
+        serde_json::json!([{"urls": ["turn:turn.example.org:3478"]}])
+    );
+    let info: serde_json::Value = ureq::get(&format!("{}/v1/info", server.url()))
+        .set("Authorization", "Bearer s3cret")
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(info["ice_servers"][0]["credential"], "pass");
     let page = ureq::get(&server.url())
         .call()
         .unwrap()
@@ -449,6 +494,77 @@ async fn token_guards_the_call_endpoints() {
         Err(ureq::Error::Status(401, _)) => {}
         other => panic!("calls list without a token: {other:?}"),
     }
+    call.hang_up().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+struct Quiet;
+impl webrtc::peer_connection::PeerConnectionEventHandler for Quiet {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_never_followed_by_a_connection_is_dropped() {
+    use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
+    use webrtc::peer_connection::{MediaEngine, PeerConnection, PeerConnectionBuilder};
+    init_tracing();
+    let (factory, logs) = harness_factory();
+    let server = Server::start(
+        ServeConfig {
+            max_calls: 1,
+            connect_timeout: Duration::from_secs(2),
+            ..serve_config()
+        },
+        factory,
+    )
+    .await
+    .unwrap();
+    // a valid offer whose sender goes away before connecting
+    let mut engine = MediaEngine::default();
+    let opus = RTCRtpCodecParameters {
+        rtp_codec: RTCRtpCodec {
+            mime_type: "audio/opus".into(),
+            clock_rate: 48_000,
+            channels: 2,
+            ..Default::default()
+        },
+        payload_type: 111,
+    };
+    engine.register_codec(opus, RtpCodecKind::Audio).unwrap();
+    let pc = PeerConnectionBuilder::new()
+        .with_media_engine(engine)
+        .with_handler(std::sync::Arc::new(Quiet))
+        .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+        .build()
+        .await
+        .unwrap();
+    pc.add_transceiver_from_kind(RtpCodecKind::Audio, None)
+        .await
+        .unwrap();
+    let offer = pc.create_offer(None).await.unwrap().sdp;
+    pc.close().await.unwrap();
+    let url = format!("{}/v1/offer", server.url());
+    let status = tokio::task::spawn_blocking(move || {
+        ureq::post(&url)
+            .set("Content-Type", "application/sdp")
+            .send_string(&offer)
+            .unwrap()
+            .status()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 201);
+    assert_eq!(server.calls().len(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "the unconnected call to be dropped",
+        || server.calls().is_empty(),
+    )
+    .await;
+    eventually(T, "its session to close", || {
+        logs.lock().unwrap()[0].lock().unwrap().closed
+    })
+    .await;
+    // its slot is free again
+    let call = CallClient::connect(client(&server.url())).await.unwrap();
     call.hang_up().await.unwrap();
     server.shutdown().await.unwrap();
 }
