@@ -16,7 +16,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -50,10 +49,12 @@ use webrtc::peer_connection::{
 use crate::engine::session::ReplyMode;
 use crate::media::opus::{OPUS_RATE, OpusDecoder, OpusEncoder};
 use crate::media::resample::resample;
-use crate::media::video_decode::{RgbFrame, VideoCodec, Y4mReader};
+use crate::media::video_decode::VideoCodec;
 use crate::rtc::media_in::{SeqUnwrapper, VIDEO_CLOCK};
 use crate::rtc::peer::{RtcConfig, build_peer, opus_track, sender_payload_type, wait_gathered};
 use crate::rtc::protocol::{ClientMessage, DATA_CHANNEL_LABEL, Envelope, ServerMessage};
+use crate::rtc::sources::FrameEncoder;
+pub use crate::rtc::sources::{I420Frame, read_ivf, read_wav_mono, read_y4m, rgb_to_i420};
 
 /// One Opus frame.
 const FRAME: Duration = Duration::from_millis(20);
@@ -258,8 +259,8 @@ impl MediaSender {
         Ok(())
     }
 
-    /// Encodes and sends I420 frames (from a Y4M clip, say) at `fps` for `duration`, looping
-    /// over them; H.264 calls only (VP8 frames must come encoded: [`Self::send_video_frame`]).
+    /// Encodes (in the call's codec) and sends I420 frames (from a Y4M clip, say) at `fps`
+    /// for `duration`, looping over them, paced in real time.
     pub async fn send_i420_frames(
         &self,
         frames: &[I420Frame],
@@ -267,13 +268,10 @@ impl MediaSender {
         duration: Duration,
     ) -> anyhow::Result<()> {
         let video = self.video()?;
-        if video.codec != VideoCodec::H264 {
-            bail!("only H.264 calls encode raw frames; send VP8 frames already encoded");
-        }
         let Some(first) = frames.first() else {
             bail!("no frames to send");
         };
-        let mut encoder = H264Encoder::new(first.width, first.height, fps)?;
+        let mut encoder = FrameEncoder::new(video.codec, first.width, first.height, fps)?;
         let interval = Duration::from_secs_f64(1.0 / fps.max(1.0));
         let mut ticker = tokio::time::interval(interval);
         let end = Instant::now() + duration;
@@ -289,162 +287,6 @@ impl MediaSender {
         }
         Ok(())
     }
-}
-
-/// A raw 4:2:0 picture: Y, then U, then V planes, packed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct I420Frame {
-    pub width: usize,
-    pub height: usize,
-    pub data: Vec<u8>,
-}
-
-/// OpenH264 encoder of I420 frames to Annex-B access units (Constrained Baseline, a key frame
-/// every second so that a receiver that lost one recovers quickly).
-pub struct H264Encoder {
-    encoder: openh264::encoder::Encoder,
-    width: usize,
-    height: usize,
-}
-
-impl H264Encoder {
-    pub fn new(width: usize, height: usize, fps: f64) -> anyhow::Result<Self> {
-        if width == 0 || height == 0 || !width.is_multiple_of(2) || !height.is_multiple_of(2) {
-            bail!("H.264 frames need even, non-zero dimensions, got {width}x{height}");
-        }
-        use openh264::encoder::{BitRate, EncoderConfig, FrameRate, IntraFramePeriod};
-        let config = EncoderConfig::new()
-            .bitrate(BitRate::from_bps(600_000))
-            .max_frame_rate(FrameRate::from_hz(fps as f32))
-            .intra_frame_period(IntraFramePeriod::from_num_frames(
-                fps.round().max(1.0) as u32
-            ));
-        let encoder = openh264::encoder::Encoder::with_api_config(
-            openh264::OpenH264API::from_source(),
-            config,
-        )
-        .map_err(|e| anyhow::anyhow!("H.264 encoder: {e}"))?;
-        Ok(Self {
-            encoder,
-            width,
-            height,
-        })
-    }
-
-    /// One access unit; empty when the encoder skipped the frame.
-    pub fn encode(&mut self, frame: &I420Frame) -> anyhow::Result<Vec<u8>> {
-        if (frame.width, frame.height) != (self.width, self.height) {
-            bail!(
-                "frame of {}x{} for an encoder of {}x{}",
-                frame.width,
-                frame.height,
-                self.width,
-                self.height
-            );
-        }
-        let want = self.width * self.height * 3 / 2;
-        if frame.data.len() != want {
-            bail!("I420 frame of {} bytes, expected {want}", frame.data.len());
-        }
-        let yuv =
-            openh264::formats::YUVBuffer::from_vec(frame.data.clone(), self.width, self.height);
-        let stream = self
-            .encoder
-            .encode(&yuv)
-            .map_err(|e| anyhow::anyhow!("H.264 encode: {e}"))?;
-        Ok(stream.to_vec())
-    }
-}
-
-/// Reads a WAV file as mono samples (channels averaged) and its rate.
-pub fn read_wav_mono(path: impl AsRef<Path>) -> anyhow::Result<(Vec<f32>, u32)> {
-    let path = path.as_ref();
-    let mut reader =
-        hound::WavReader::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let spec = reader.spec();
-    let channels = spec.channels.max(1) as usize;
-    let samples: Vec<f32> = match spec.sample_format {
-        hound::SampleFormat::Float => reader.samples::<f32>().collect::<Result<_, _>>()?,
-        hound::SampleFormat::Int => {
-            let scale = 1.0 / (1u64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32;
-            reader
-                .samples::<i32>()
-                .map(|s| s.map(|v| v as f32 * scale))
-                .collect::<Result<_, _>>()?
-        }
-    };
-    let mono = samples
-        .chunks(channels)
-        .map(|c| c.iter().sum::<f32>() / channels as f32)
-        .collect();
-    Ok((mono, spec.sample_rate))
-}
-
-/// Reads every frame of a Y4M clip (at most `max_frames`) and its frame rate.
-pub fn read_y4m(
-    path: impl AsRef<Path>,
-    max_frames: usize,
-) -> anyhow::Result<(Vec<I420Frame>, f64)> {
-    let path = path.as_ref();
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = Y4mReader::new(std::io::BufReader::new(file))?;
-    let fps = reader.frame_rate.0 as f64 / reader.frame_rate.1 as f64;
-    let mut frames = vec![];
-    while frames.len() < max_frames {
-        let Some(data) = reader.next_i420()? else {
-            break;
-        };
-        frames.push(I420Frame {
-            width: reader.width,
-            height: reader.height,
-            data,
-        });
-    }
-    Ok((frames, fps))
-}
-
-/// Reads the frames of an IVF file (VP8 from ffmpeg, say).
-pub fn read_ivf(path: impl AsRef<Path>) -> anyhow::Result<Vec<Vec<u8>>> {
-    let path = path.as_ref();
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if bytes.len() < 32 || &bytes[..4] != b"DKIF" {
-        bail!("{} is not an IVF file", path.display());
-    }
-    let mut at = u16::from_le_bytes([bytes[6], bytes[7]]) as usize;
-    let mut frames = vec![];
-    while at + 12 <= bytes.len() {
-        let len =
-            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
-        let body = bytes
-            .get(at + 12..at + 12 + len)
-            .with_context(|| format!("{}: frame cut short", path.display()))?;
-        frames.push(body.to_vec());
-        at += 12 + len;
-    }
-    Ok(frames)
-}
-
-/// Converts an RGB frame to I420 (for encoding).
-pub fn rgb_to_i420(frame: &RgbFrame) -> anyhow::Result<I420Frame> {
-    if !frame.width.is_multiple_of(2) || !frame.height.is_multiple_of(2) {
-        bail!(
-            "I420 needs even dimensions, got {}x{}",
-            frame.width,
-            frame.height
-        );
-    }
-    let rgb = openh264::formats::RgbSliceU8::new(&frame.data, (frame.width, frame.height));
-    let yuv = openh264::formats::YUVBuffer::from_rgb8_source(rgb);
-    use openh264::formats::YUVSource;
-    let mut data = Vec::with_capacity(frame.width * frame.height * 3 / 2);
-    data.extend_from_slice(yuv.y());
-    data.extend_from_slice(yuv.u());
-    data.extend_from_slice(yuv.v());
-    Ok(I420Frame {
-        width: frame.width,
-        height: frame.height,
-        data,
-    })
 }
 
 struct ClientHandler {
@@ -926,70 +768,6 @@ async fn receive_voice(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::media::video_decode::H264Decoder;
-
-    fn media(name: &str) -> std::path::PathBuf {
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/media")
-            .join(name)
-    }
-
-    #[test]
-    fn test_media_reads() {
-        let (pcm, rate) = read_wav_mono(media("hello16k.wav")).unwrap();
-        assert_eq!(rate, 16_000);
-        assert!(pcm.len() > 16_000 * 2);
-        assert!(pcm.iter().any(|s| s.abs() > 0.1));
-        let (frames, fps) = read_y4m(media("testsrc_96x64.y4m"), 100).unwrap();
-        assert_eq!((frames.len(), fps), (6, 10.0));
-        assert_eq!(frames[0].data.len(), 96 * 64 * 3 / 2);
-        let ivf = read_ivf(media("testsrc_96x64.ivf")).unwrap();
-        assert_eq!(ivf.len(), 6);
-        assert!(read_ivf(media("hello16k.wav")).is_err());
-    }
-
-    #[test]
-    fn h264_encoder_output_decodes() {
-        let (frames, fps) = read_y4m(media("testsrc_96x64.y4m"), 100).unwrap();
-        let mut enc = H264Encoder::new(96, 64, fps).unwrap();
-        let mut dec = H264Decoder::new(96 * 64).unwrap();
-        let mut decoded = 0;
-        for f in &frames {
-            let au = enc.encode(f).unwrap();
-            if au.is_empty() {
-                continue;
-            }
-            if dec.decode(&au).unwrap().is_some() {
-                decoded += 1;
-            }
-        }
-        assert_eq!(decoded, frames.len());
-        assert!(H264Encoder::new(95, 64, 10.0).is_err());
-        let bad = I420Frame {
-            width: 96,
-            height: 64,
-            data: vec![0; 10],
-        };
-        assert!(enc.encode(&bad).is_err());
-    }
-
-    #[test]
-    fn rgb_frames_convert_to_i420() {
-        let frame = RgbFrame {
-            width: 4,
-            height: 2,
-            data: vec![255; 24],
-        };
-        let i420 = rgb_to_i420(&frame).unwrap();
-        assert_eq!(i420.data.len(), 12);
-        assert!(i420.data[0] > 200);
-        let odd = RgbFrame {
-            width: 3,
-            height: 2,
-            data: vec![0; 18],
-        };
-        assert!(rgb_to_i420(&odd).is_err());
-    }
 
     #[test]
     fn query_values_are_escaped() {

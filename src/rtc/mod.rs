@@ -12,6 +12,7 @@ pub mod peer;
 pub mod protocol;
 pub mod server;
 pub mod signaling;
+pub mod sources;
 
 pub use peer::{EndReason, IceServer, RtcConfig};
 pub use server::{
