@@ -336,7 +336,7 @@ async fn calls_run_side_by_side_up_to_the_limit() {
     .await
     .unwrap();
     let mut a = CallClient::connect(client(&server.url())).await.unwrap();
-    let mut b = CallClient::connect(client(&server.url()).with_video(VideoCodec::H264))
+    let mut b = CallClient::connect(client(&server.url()).with_video(VideoCodec::Vp8))
         .await
         .unwrap();
     assert_ne!(a.call_id(), b.call_id());
@@ -363,7 +363,7 @@ async fn calls_run_side_by_side_up_to_the_limit() {
     });
     let (frames, fps) = read_y4m(media("testsrc_96x64.y4m"), 100).unwrap();
     let tb = tokio::spawn(async move {
-        // call b stays quiet, camera on
+        // call b stays quiet, camera on (encoded live with libvpx)
         let camera = mb.send_i420_frames(&frames, fps, Duration::from_millis(1_500));
         let quiet = mb.send_silence(Duration::from_millis(1_500));
         let (camera, quiet) = tokio::join!(camera, quiet);
@@ -376,6 +376,12 @@ async fn calls_run_side_by_side_up_to_the_limit() {
     let threads = call_threads(&[a.call_id(), b.call_id()]);
     assert_eq!(threads.len(), 3, "{threads:?}");
     assert!(threads.contains(&format!("oc-vd-{}", &b.call_id()[..8])));
+    {
+        let logs = logs.lock().unwrap();
+        let frames = &logs[1].lock().unwrap().frames;
+        assert!(frames.len() >= 8, "{} VP8 frames", frames.len());
+        assert!(frames.iter().all(|f| (f.width, f.height) == (96, 64)));
+    }
     let voice = collect_answer(&mut a).await;
     check_tone(&voice);
     assert!(
