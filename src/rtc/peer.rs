@@ -242,7 +242,37 @@ impl CallEntry {
     }
 }
 
-pub(crate) type CallRegistry = Arc<std::sync::Mutex<HashMap<String, CallEntry>>>;
+/// The calls a server runs, by id.
+#[derive(Clone, Default)]
+pub(crate) struct CallRegistry(Arc<std::sync::Mutex<HashMap<String, CallEntry>>>);
+
+impl CallRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CallEntry>> {
+        // the map stays consistent whatever a panicking holder was doing
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn insert(&self, id: String, entry: CallEntry) {
+        self.lock().insert(id, entry);
+    }
+
+    fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<CallEntry> {
+        self.lock().get(id).cloned()
+    }
+
+    pub(crate) fn entries(&self) -> Vec<(String, CallEntry)> {
+        self.lock()
+            .iter()
+            .map(|(id, e)| (id.clone(), e.clone()))
+            .collect()
+    }
+}
 
 /// Settings every call of a server shares.
 #[derive(Debug, Clone)]
@@ -264,20 +294,36 @@ pub enum CallSetupError {
     Internal(#[from] anyhow::Error),
 }
 
-/// Answers `offer` for a new call driving `session`; returns the call id and the answer SDP.
-/// The call runs on its own task until it ends; `permit` is its slot, freed then.
-#[allow(clippy::too_many_arguments)]
+/// A call to set up: the offer and what the server prepared for it.
+pub(crate) struct NewCall<'a> {
+    pub offer: &'a str,
+    pub summary: &'a OfferSummary,
+    /// The call's session, already started.
+    pub session: SessionHandle,
+    pub voice: String,
+    pub reply_mode: ReplyMode,
+    /// When the call was created: media time 0 of the session.
+    pub started: Instant,
+    /// The call's slot, freed when it ends.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Answers the offer of a new call; returns the call id and the answer SDP. The call runs on
+/// its own task until it ends.
 pub(crate) async fn start_call(
-    offer: &str,
-    summary: &OfferSummary,
+    new: NewCall<'_>,
     settings: Arc<CallSettings>,
-    session: SessionHandle,
-    session_voice: String,
-    reply_mode: ReplyMode,
-    started: Instant,
     registry: CallRegistry,
-    permit: OwnedSemaphorePermit,
 ) -> Result<(String, String), CallSetupError> {
+    let NewCall {
+        offer,
+        summary,
+        session,
+        voice,
+        reply_mode,
+        started,
+        permit,
+    } = new;
     let id = format!("{:032x}", rand::random::<u128>());
     let (events_tx, events_rx) = unbounded_channel();
     let (gathered_tx, mut gathered_rx) = watch::channel(false);
@@ -309,7 +355,7 @@ pub(crate) async fn start_call(
             .sdp;
         let payload_type = sender_payload_type(&pc, MIME_TYPE_OPUS)
             .await
-            .unwrap_or(111);
+            .ok_or_else(|| anyhow::anyhow!("the answer sends no Opus"))?;
         Ok::<_, CallSetupError>((
             sdp,
             AudioTrackOut {
@@ -320,6 +366,12 @@ pub(crate) async fn start_call(
         ))
     }
     .await;
+    let answer = match answer {
+        Ok(a) => bridge_session_events(&id, session.clone(), events_tx.clone())
+            .map(|()| a)
+            .map_err(CallSetupError::from),
+        Err(e) => Err(e),
+    };
     let (sdp, audio_out) = match answer {
         Ok(a) => a,
         Err(e) => {
@@ -328,24 +380,20 @@ pub(crate) async fn start_call(
         }
     };
     let (done_tx, done_rx) = watch::channel(false);
-    registry
-        .lock()
-        .map_err(|_| anyhow::anyhow!("call registry poisoned"))?
-        .insert(
-            id.clone(),
-            CallEntry {
-                started,
-                events: events_tx.clone(),
-                done: done_rx,
-            },
-        );
-    bridge_session_events(&id, session.clone(), events_tx.clone())?;
+    registry.insert(
+        id.clone(),
+        CallEntry {
+            started,
+            events: events_tx.clone(),
+            done: done_rx,
+        },
+    );
     let call = Call {
         id: id.clone(),
         started,
         settings,
         session,
-        voice: session_voice,
+        voice,
         reply_mode,
         pc,
         events_tx,
@@ -361,7 +409,7 @@ pub(crate) async fn start_call(
     };
     tokio::spawn(async move {
         let reason = call.run(events_rx).await;
-        registry.lock().map(|mut r| r.remove(&reason.0)).ok();
+        registry.remove(&reason.0);
         drop(permit);
         let _ = done_tx.send(true);
     });

@@ -132,13 +132,12 @@ impl RunningServer {
 }
 
 fn list_calls(state: &ServerState) -> Vec<CallInfo> {
-    let Ok(calls) = state.calls.lock() else {
-        return vec![];
-    };
-    let mut list: Vec<CallInfo> = calls
-        .iter()
+    let mut list: Vec<CallInfo> = state
+        .calls
+        .entries()
+        .into_iter()
         .map(|(id, c)| CallInfo {
-            id: id.clone(),
+            id,
             seconds: c.started.elapsed().as_secs_f64(),
         })
         .collect();
@@ -147,11 +146,7 @@ fn list_calls(state: &ServerState) -> Vec<CallInfo> {
 }
 
 async fn end_all_calls(state: &ServerState) {
-    let calls: Vec<_> = match state.calls.lock() {
-        Ok(calls) => calls.values().cloned().collect(),
-        Err(_) => vec![],
-    };
-    for call in calls {
+    for (_, call) in state.calls.entries() {
         call.end(EndReason::ServerShutdown, Duration::from_secs(5))
             .await;
     }
@@ -472,18 +467,16 @@ async fn offer(
             );
         }
     };
-    let answer = peer::start_call(
-        sdp,
-        &summary,
-        Arc::clone(&state.settings),
-        session.clone(),
+    let new_call = peer::NewCall {
+        offer: sdp,
+        summary: &summary,
+        session: session.clone(),
         voice,
         reply_mode,
         started,
-        Arc::clone(&state.calls),
         permit,
-    )
-    .await;
+    };
+    let answer = peer::start_call(new_call, Arc::clone(&state.settings), state.calls.clone()).await;
     match answer {
         Ok((id, answer)) => {
             tracing::info!(
@@ -530,8 +523,7 @@ async fn hang_up(
     if let Some(refusal) = refuse_unauthorized(&state, &headers) {
         return refusal;
     }
-    let entry = state.calls.lock().ok().and_then(|c| c.get(&id).cloned());
-    let Some(call) = entry else {
+    let Some(call) = state.calls.get(&id) else {
         return problem(StatusCode::NOT_FOUND, format!("no call {id}"));
     };
     call.end(EndReason::Deleted, Duration::from_secs(5)).await;
