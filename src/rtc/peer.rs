@@ -227,7 +227,7 @@ impl PeerConnectionEventHandler for CallHandler {
 
 /// What the server keeps about a running call.
 #[derive(Clone)]
-pub struct CallEntry {
+pub(crate) struct CallEntry {
     pub started: Instant,
     pub(crate) events: UnboundedSender<CallEvent>,
     pub(crate) done: watch::Receiver<bool>,
@@ -276,7 +276,7 @@ impl CallRegistry {
 
 /// Settings every call of a server shares.
 #[derive(Debug, Clone)]
-pub struct CallSettings {
+pub(crate) struct CallSettings {
     pub rtc: RtcConfig,
     pub voices: Vec<String>,
     pub max_video_pixels: usize,
@@ -286,7 +286,7 @@ pub struct CallSettings {
 
 /// Why an offer could not be answered.
 #[derive(Debug, thiserror::Error)]
-pub enum CallSetupError {
+pub(crate) enum CallSetupError {
     /// The WebRTC stack refused the offer (a client error).
     #[error("the offer was refused: {0}")]
     Refused(String),
