@@ -367,7 +367,7 @@ pub(crate) async fn start_call(
     }
     .await;
     let answer = match answer {
-        Ok(a) => bridge_session_events(&id, session.clone(), events_tx.clone())
+        Ok(a) => bridge_session_events(&id, session.events.clone(), events_tx.clone())
             .map(|()| a)
             .map_err(CallSetupError::from),
         Err(e) => Err(e),
@@ -419,14 +419,14 @@ pub(crate) async fn start_call(
 /// Moves the session's events (a blocking channel) into the call task.
 fn bridge_session_events(
     id: &str,
-    session: SessionHandle,
+    events: crossbeam_channel::Receiver<SessionEvent>,
     tx: UnboundedSender<CallEvent>,
 ) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name(format!("oc-ev-{}", &id[..8]))
         .spawn(move || {
             loop {
-                match session.events.recv_timeout(Duration::from_millis(200)) {
+                match events.recv_timeout(Duration::from_millis(200)) {
                     Ok(event) => {
                         if tx.send(CallEvent::Session(event)).is_err() {
                             break;
