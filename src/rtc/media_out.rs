@@ -2,9 +2,10 @@
 //!
 //! Frames go out the moment they arrive (the engine already paces them in real time), so this
 //! adds no buffering delay. Between answers the stream carries Opus silence, one frame per
-//! 20 ms, so that RTP timestamps stay continuous and in step with the wall clock: silence is
-//! filled in only once the stream has fallen [`SILENCE_AFTER`] behind real time, which a paced
-//! answer never does.
+//! 20 ms, so that RTP timestamps stay continuous and in step with the wall clock: a silence
+//! frame goes out whenever the stream has fallen [`SILENCE_AFTER`] behind real time. During an
+//! answer the allowance is [`VOICE_SLACK`], so that a voice frame arriving a little late (the
+//! engine's thread was not scheduled at once) is not cut by silence; only a real stall is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +20,10 @@ use crate::media::opus::{OpusError, VoiceEncoder};
 
 /// One Opus frame.
 pub const FRAME: Duration = Duration::from_millis(20);
-/// How far behind real time the stream may fall before silence is sent.
+/// How far behind real time the stream may fall between answers before silence is sent.
 pub const SILENCE_AFTER: Duration = Duration::from_millis(60);
+/// How far behind real time the stream may fall during an answer before silence is sent.
+pub const VOICE_SLACK: Duration = Duration::from_millis(250);
 
 /// What the call hands the audio sender.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,20 +83,31 @@ pub async fn run_audio_out(
     let mut encoder = VoiceEncoder::new(default_rate)?;
     let start = tokio::time::Instant::now();
     let mut sent: u32 = 0;
+    let mut answering = false;
     loop {
-        let behind = start + FRAME * sent + SILENCE_AFTER;
+        let slack = if answering {
+            VOICE_SLACK
+        } else {
+            SILENCE_AFTER
+        };
+        let behind = start + FRAME * sent + slack;
         tokio::select! {
             msg = rx.recv() => {
                 let packets = match msg {
                     None => break,
                     Some(OutAudio::Voice { sample_rate, pcm }) => {
+                        answering = true;
                         if sample_rate != encoder.input_rate() {
                             encoder = VoiceEncoder::new(sample_rate)?;
                         }
                         encoder.push(&pcm)?
                     }
-                    Some(OutAudio::AnswerEnd) => encoder.finish()?,
+                    Some(OutAudio::AnswerEnd) => {
+                        answering = false;
+                        encoder.finish()?
+                    }
                     Some(OutAudio::Cut) => {
+                        answering = false;
                         encoder.discard();
                         vec![]
                     }
@@ -105,10 +119,10 @@ pub async fn run_audio_out(
                 }
             }
             _ = tokio::time::sleep_until(behind) => {
-                // nothing to say: keep the clock going with silence, one frame per frame time,
-                // staying SILENCE_AFTER behind real time
+                // nothing to say (or the answer stalled): keep the clock going with silence, one
+                // frame per frame time, staying `slack` behind real time
                 let now = tokio::time::Instant::now();
-                while start + FRAME * sent + SILENCE_AFTER <= now {
+                while start + FRAME * sent + slack <= now {
                     let packet = encoder.silence()?;
                     out.send(packet, &stats).await;
                     stats.silence_packets.fetch_add(1, Ordering::Relaxed);
