@@ -426,6 +426,12 @@ impl CallClient {
         });
         let video_codecs: Vec<VideoCodec> = config.video.into_iter().collect();
         let pc = build_peer(&config.rtc, &video_codecs, handler).await?;
+        let mut guard = SetupGuard {
+            pc: Arc::clone(&pc),
+            call_url: None,
+            token: config.token.clone(),
+            armed: true,
+        };
 
         let (audio, audio_ssrc) = opus_track("client")?;
         pc.add_track(Arc::clone(&audio) as Arc<dyn TrackLocal>)
@@ -476,13 +482,8 @@ impl CallClient {
             .await
             .context("no local description after the offer")?
             .sdp;
-        let (call_url, answer) = match post_offer(&config, offer).await {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = pc.close().await;
-                return Err(e);
-            }
-        };
+        let (call_url, answer) = post_offer(&config, offer).await?;
+        guard.call_url = Some(call_url.clone());
         pc.set_remote_description(RTCSessionDescription::answer(answer)?)
             .await
             .context("applying the server's answer")?;
@@ -589,7 +590,6 @@ impl CallClient {
             .map(|s| *s)
             .ok();
         if connected != Some(RTCPeerConnectionState::Connected) {
-            let _ = pc.close().await;
             bail!("the connection did not come up ({connected:?})");
         }
         if open_rx.wait_for(|o| *o).await.is_err() {
@@ -603,6 +603,7 @@ impl CallClient {
             video,
             stats: Arc::clone(&stats),
         };
+        guard.armed = false;
         Ok(Self {
             pc,
             call_url,
@@ -698,23 +699,9 @@ impl CallClient {
 
     /// Hangs up: `DELETE` on the call URL, then closes the connection.
     pub async fn hang_up(self) -> anyhow::Result<()> {
-        let url = self.call_url.clone();
-        let token = self.token.clone();
-        let deleted = tokio::task::spawn_blocking(move || {
-            let mut request = http_agent().delete(&url);
-            if let Some(t) = &token {
-                request = request.set("Authorization", &format!("Bearer {t}"));
-            }
-            match request.call() {
-                Ok(_) => Ok(()),
-                Err(ureq::Error::Status(code, r)) => Err(anyhow::anyhow!(
-                    "hang-up answered {code}: {}",
-                    r.into_string().unwrap_or_default().trim()
-                )),
-                Err(e) => Err(anyhow::anyhow!("hang-up: {e}")),
-            }
-        })
-        .await?;
+        let (url, token) = (self.call_url.clone(), self.token.clone());
+        let deleted =
+            tokio::task::spawn_blocking(move || delete_call(&url, token.as_deref())).await?;
         let _ = self.pc.close().await;
         deleted
     }
@@ -722,6 +709,54 @@ impl CallClient {
     /// Closes the connection without telling the server (as a crashed client would).
     pub async fn drop_connection(self) {
         let _ = self.pc.close().await;
+    }
+}
+
+/// `DELETE` on a call URL.
+fn delete_call(url: &str, token: Option<&str>) -> anyhow::Result<()> {
+    let mut request = http_agent().delete(url);
+    if let Some(t) = token {
+        request = request.set("Authorization", &format!("Bearer {t}"));
+    }
+    match request.call() {
+        Ok(_) => Ok(()),
+        Err(ureq::Error::Status(code, r)) => bail!(
+            "hang-up answered {code}: {}",
+            r.into_string().unwrap_or_default().trim()
+        ),
+        Err(e) => bail!("hang-up: {e}"),
+    }
+}
+
+/// Undoes a half-made call when connecting fails or is abandoned (an error, or the connect
+/// timeout dropping the future): closes the connection and hangs up on the server.
+struct SetupGuard {
+    pc: Arc<dyn PeerConnection>,
+    call_url: Option<String>,
+    token: Option<String>,
+    armed: bool,
+}
+
+impl Drop for SetupGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (pc, url, token) = (
+            Arc::clone(&self.pc),
+            self.call_url.take(),
+            self.token.take(),
+        );
+        runtime.spawn(async move {
+            let _ = pc.close().await;
+            if let Some(url) = url {
+                let _ =
+                    tokio::task::spawn_blocking(move || delete_call(&url, token.as_deref())).await;
+            }
+        });
     }
 }
 
