@@ -302,10 +302,10 @@ fn answer(
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
             }
         }
+        log.lock().unwrap().turns_answered += 1;
         let _ = events.send(SessionEvent::AnswerDone { turn });
         let _ = events.send(SessionEvent::Timings(timings));
         let _ = events.send(SessionEvent::State(TurnState::Listening));
-        log.lock().unwrap().turns_answered += 1;
     });
     Answering { stop, thread }
 }
