@@ -7,3 +7,4 @@ pub mod bench;
 pub mod engine;
 pub mod media;
 pub mod model;
+pub mod rtc;

@@ -1,0 +1,330 @@
+//! Test harness of the transport (never shipped): a stand-in session behind the real
+//! `SessionHandle` API. It records every input the transport hands it and answers each user
+//! turn (speech then silence, or a typed message) with state changes, text, timing marks and a
+//! 440 Hz tone as 20 ms voice frames at 24 kHz, paced in real time. Once the engine lands, the
+//! same end-to-end tests run against it through the same factory seam.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use omnicall::engine::session::{
+    Control, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings,
+};
+use omnicall::engine::turn::TurnState;
+use omnicall::rtc::SessionFactory;
+
+pub const TONE_HZ: f32 = 440.0;
+pub const VOICE_RATE: u32 = 24_000;
+/// Length of each answer's voice.
+pub const ANSWER: Duration = Duration::from_millis(1_200);
+
+pub fn media(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/media")
+        .join(name)
+}
+
+/// Logs to the test output (RUST_LOG picks the level; warnings by default).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error,omnicall=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A camera frame as the session saw it.
+#[derive(Debug, Clone)]
+pub struct SeenFrame {
+    pub at: Duration,
+    pub width: usize,
+    pub height: usize,
+    /// Mean of each colour channel.
+    pub mean_rgb: [f32; 3],
+}
+
+/// Everything one session received.
+#[derive(Debug, Default)]
+pub struct SessionLog {
+    pub config: Option<SessionConfig>,
+    pub audio_samples: usize,
+    pub audio_rates: Vec<u32>,
+    /// Media times of the audio pieces, in arrival order.
+    pub audio_times: Vec<Duration>,
+    pub audio_energy: f64,
+    pub peak: f32,
+    pub frames: Vec<SeenFrame>,
+    pub controls: Vec<Control>,
+    pub turns_answered: u64,
+    pub closed: bool,
+}
+
+impl SessionLog {
+    pub fn audio_seconds(&self) -> f64 {
+        self.audio_samples as f64 / 48_000.0
+    }
+
+    pub fn rms(&self) -> f64 {
+        (self.audio_energy / self.audio_samples.max(1) as f64).sqrt()
+    }
+}
+
+pub type Log = Arc<Mutex<SessionLog>>;
+
+/// A factory of harness sessions and the logs of every session it made.
+pub fn harness_factory() -> (SessionFactory, Arc<Mutex<Vec<Log>>>) {
+    let logs: Arc<Mutex<Vec<Log>>> = Arc::default();
+    let made = Arc::clone(&logs);
+    let factory: SessionFactory = Arc::new(move |config: SessionConfig| {
+        let log: Log = Arc::default();
+        log.lock().unwrap().config = Some(config.clone());
+        made.lock().unwrap().push(Arc::clone(&log));
+        Ok(spawn_session(config, log))
+    });
+    (factory, logs)
+}
+
+fn spawn_session(config: SessionConfig, log: Log) -> SessionHandle {
+    let (input_tx, input_rx) = unbounded::<SessionInput>();
+    let (event_tx, event_rx) = unbounded::<SessionEvent>();
+    std::thread::spawn(move || run_session(config, log, input_rx, event_tx));
+    SessionHandle {
+        input: input_tx,
+        events: event_rx,
+    }
+}
+
+struct Answering {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn run_session(
+    config: SessionConfig,
+    log: Log,
+    inputs: Receiver<SessionInput>,
+    events: Sender<SessionEvent>,
+) {
+    let start = Instant::now();
+    let mut reply_mode = config.reply_mode;
+    let mut turn = 0u64;
+    // energy-based turn taking on media time
+    let mut speech_from: Option<Duration> = None;
+    let mut last_speech: Option<Duration> = None;
+    let mut answering: Option<Answering> = None;
+    let _ = events.send(SessionEvent::State(TurnState::Listening));
+    while let Ok(input) = inputs.recv() {
+        match input {
+            SessionInput::Audio(a) => {
+                let mut l = log.lock().unwrap();
+                l.audio_samples += a.samples.len();
+                l.audio_times.push(a.at);
+                if !l.audio_rates.contains(&a.sample_rate) {
+                    l.audio_rates.push(a.sample_rate);
+                }
+                let energy: f64 = a.samples.iter().map(|s| (*s as f64).powi(2)).sum();
+                l.audio_energy += energy;
+                l.peak = a.samples.iter().fold(l.peak, |m, s| m.max(s.abs()));
+                drop(l);
+                let rms = (energy / a.samples.len().max(1) as f64).sqrt();
+                let end =
+                    a.at + Duration::from_secs_f64(a.samples.len() as f64 / a.sample_rate as f64);
+                if rms > 0.02 {
+                    if speech_from.is_none() {
+                        speech_from = Some(a.at);
+                        let _ = events.send(SessionEvent::State(TurnState::UserSpeaking));
+                    }
+                    last_speech = Some(end);
+                } else if let (Some(from), Some(last)) = (speech_from, last_speech)
+                    && end.saturating_sub(last) >= Duration::from_millis(500)
+                {
+                    speech_from = None;
+                    if last - from >= Duration::from_millis(300) && answering_done(&answering) {
+                        turn += 1;
+                        let frames = log.lock().unwrap().frames.len();
+                        let _ = events.send(SessionEvent::UserTurn {
+                            turn,
+                            audio: last - from,
+                            video_frames: frames,
+                            text: None,
+                        });
+                        answering = Some(answer(
+                            turn,
+                            reply_mode,
+                            format!("I heard {:.1} s of speech", (last - from).as_secs_f32()),
+                            Some((last, end)),
+                            start,
+                            events.clone(),
+                            Arc::clone(&log),
+                        ));
+                    }
+                }
+            }
+            SessionInput::Video(v) => {
+                let n = (v.width * v.height).max(1) as f32;
+                let mut mean = [0f32; 3];
+                for px in v.rgb.chunks_exact(3) {
+                    for c in 0..3 {
+                        mean[c] += px[c] as f32;
+                    }
+                }
+                log.lock().unwrap().frames.push(SeenFrame {
+                    at: v.at,
+                    width: v.width,
+                    height: v.height,
+                    mean_rgb: mean.map(|m| m / n),
+                });
+            }
+            SessionInput::Control(c) => {
+                log.lock().unwrap().controls.push(c.clone());
+                match c {
+                    Control::Text(text) => {
+                        if let Some(a) = answering.take() {
+                            stop(a, turn, &events);
+                        }
+                        turn += 1;
+                        let _ = events.send(SessionEvent::UserTurn {
+                            turn,
+                            audio: Duration::ZERO,
+                            video_frames: 0,
+                            text: Some(text.clone()),
+                        });
+                        answering = Some(answer(
+                            turn,
+                            reply_mode,
+                            format!("You wrote: {text}"),
+                            None,
+                            start,
+                            events.clone(),
+                            Arc::clone(&log),
+                        ));
+                    }
+                    Control::Interrupt => {
+                        if let Some(a) = answering.take() {
+                            stop(a, turn, &events);
+                        }
+                    }
+                    Control::ReplyMode(m) => reply_mode = m,
+                    Control::Voice(_) => {}
+                }
+            }
+            SessionInput::Close => break,
+        }
+    }
+    if let Some(a) = answering.take() {
+        a.stop.store(true, Ordering::SeqCst);
+        let _ = a.thread.join();
+    }
+    log.lock().unwrap().closed = true;
+    // dropping `events` tells the transport the session is gone
+}
+
+fn answering_done(a: &Option<Answering>) -> bool {
+    a.as_ref().is_none_or(|a| a.thread.is_finished())
+}
+
+fn stop(a: Answering, turn: u64, events: &Sender<SessionEvent>) {
+    let was_running = !a.thread.is_finished();
+    a.stop.store(true, Ordering::SeqCst);
+    let _ = a.thread.join();
+    if was_running {
+        let _ = events.send(SessionEvent::Interrupted {
+            turn,
+            heard: Duration::from_millis(200),
+            kept_text: "I heard".into(),
+        });
+        let _ = events.send(SessionEvent::State(TurnState::Listening));
+    }
+}
+
+/// Answers a turn on its own thread: text, then (voice mode) the tone paced at 20 ms a frame.
+fn answer(
+    turn: u64,
+    mode: ReplyMode,
+    text: String,
+    speech: Option<(Duration, Duration)>,
+    start: Instant,
+    events: Sender<SessionEvent>,
+    log: Log,
+) -> Answering {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let thread = std::thread::spawn(move || {
+        let now = || start.elapsed();
+        let _ = events.send(SessionEvent::State(TurnState::Thinking));
+        let mut timings = TurnTimings {
+            turn,
+            speech_end: speech.map(|s| s.0),
+            end_of_turn: speech.map(|s| s.1),
+            prefill_done: Some(now()),
+            ..Default::default()
+        };
+        for (i, word) in text.split_inclusive(' ').enumerate() {
+            if i == 0 {
+                timings.first_text_token = Some(now());
+            }
+            let _ = events.send(SessionEvent::AssistantText {
+                turn,
+                delta: word.to_string(),
+            });
+        }
+        if mode == ReplyMode::Voice {
+            let _ = events.send(SessionEvent::State(TurnState::Speaking));
+            let frame = VOICE_RATE as usize / 50;
+            let frames = (ANSWER.as_millis() / 20) as u64;
+            let begin = Instant::now();
+            for index in 0..frames {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                let pcm: Vec<f32> = (0..frame)
+                    .map(|j| {
+                        let t = (index as usize * frame + j) as f32 / VOICE_RATE as f32;
+                        (2.0 * std::f32::consts::PI * TONE_HZ * t).sin() * 0.5
+                    })
+                    .collect();
+                if index == 0 {
+                    timings.first_audio_frame = Some(now());
+                }
+                let _ = events.send(SessionEvent::Audio {
+                    turn,
+                    index,
+                    sample_rate: VOICE_RATE,
+                    pcm,
+                });
+                let due = begin + Duration::from_millis(20 * (index + 1));
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        }
+        log.lock().unwrap().turns_answered += 1;
+        let _ = events.send(SessionEvent::AnswerDone { turn });
+        let _ = events.send(SessionEvent::Timings(timings));
+        let _ = events.send(SessionEvent::State(TurnState::Listening));
+    });
+    Answering { stop, thread }
+}
+
+/// Waits (polling) until `cond` holds, up to `timeout`.
+pub async fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Frequency from upward zero crossings.
+pub fn frequency(x: &[f32], rate: u32) -> f32 {
+    let ups = x.windows(2).filter(|w| w[0] < 0.0 && w[1] >= 0.0).count();
+    ups as f32 * rate as f32 / x.len().max(1) as f32
+}
+
+pub fn rms(x: &[f32]) -> f32 {
+    (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt()
+}
