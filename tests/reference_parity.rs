@@ -4,5 +4,9 @@
 //! value of the tiny config: everything comes from the fixture folder.
 
 mod common;
+#[path = "parity/rope.rs"]
+mod rope;
+#[path = "parity/thinker.rs"]
+mod thinker;
 #[path = "parity/token2wav.rs"]
 mod token2wav;
