@@ -1,6 +1,7 @@
 //! TMRoPE position ids (`get_rope_index`) against the reference for text, audio, image, video and
 //! video with its sound track, plus the live block-by-block layout of the last one.
 
+use omnicall::model::chat::{ChatTokenizer, Content, Conversation, DEFAULT_SYSTEM_PROMPT};
 use omnicall::model::config::Config;
 use omnicall::model::loading::ModelFiles;
 use omnicall::model::thinker::audio_encoder::output_len;
@@ -152,4 +153,76 @@ fn rope_index_video_audio() {
     live.extend(&text_positions(next, ids.len() - live.len()));
     let delta = live.max().unwrap() + 1 - ids.len() as i64;
     assert_positions("rope.video_audio", &cases, &live, delta);
+}
+
+/// The user turns of the fixture prompts (gen_reference.py), media first as the generator
+/// writes them; sizes come from the fixtures.
+fn fixture_conversation(cases: &Cases, case: &str) -> Conversation {
+    let media = media(cases, case);
+    let video = |with_audio: bool| Content::Video {
+        video: media.videos[0],
+        audio_tokens: with_audio.then(|| media.audio_tokens[0]),
+    };
+    let user = match case {
+        "text" => vec![Content::Text("Hello, who are you?".into())],
+        "audio" => vec![
+            Content::Audio {
+                tokens: media.audio_tokens[0],
+            },
+            Content::Text("What is this sound?".into()),
+        ],
+        "image" => vec![
+            Content::Image {
+                grid: media.images[0],
+            },
+            Content::Text("Describe the picture.".into()),
+        ],
+        "video" => vec![
+            video(false),
+            Content::Text("What happens in the video?".into()),
+        ],
+        "video_audio" => vec![
+            video(true),
+            Content::Text("What happens and what is said?".into()),
+        ],
+        "thinker" => vec![
+            Content::Audio {
+                tokens: media.audio_tokens[0],
+            },
+            Content::Image {
+                grid: media.images[0],
+            },
+            Content::Text("What do you hear and see?".into()),
+        ],
+        other => panic!("no conversation for {other}"),
+    };
+    Conversation::new(DEFAULT_SYSTEM_PROMPT, user)
+}
+
+#[test]
+fn chat_template_ids() {
+    let cases = Cases::load();
+    let files = ModelFiles::from_dir(&common::model_dir()).expect("fixture model folder");
+    let cfg = files.load_config().expect("fixture config");
+    let tokenizer = ChatTokenizer::load(&files, &cfg.thinker_config).expect("fixture tokenizer");
+    for (case, key) in [
+        ("text", "rope.text.input_ids"),
+        ("audio", "rope.audio.input_ids"),
+        ("image", "rope.image.input_ids"),
+        ("video", "rope.video.input_ids"),
+        ("video_audio", "rope.video_audio.input_ids"),
+        ("thinker", "thinker.input_ids"),
+    ] {
+        let conversation = fixture_conversation(&cases, case);
+        let prompt = tokenizer
+            .encode_conversation(&conversation, true)
+            .unwrap_or_else(|e| panic!("{case}: {e:#}"));
+        assert_eq!(prompt.ids, ids(&cases, key), "{key}");
+        let prefix = if case == "thinker" {
+            "thinker".to_string()
+        } else {
+            format!("rope.{case}")
+        };
+        assert_positions(&prefix, &cases, &prompt.positions, prompt.rope_delta);
+    }
 }
