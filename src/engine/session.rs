@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 use super::turn::{TurnConfig, TurnState};
+use crate::model::chat::SPEECH_SYSTEM_PROMPT;
 
 /// Whether the model answers with voice (and text) or with text only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -134,9 +135,6 @@ pub struct SessionConfig {
     pub max_answer_tokens: usize,
     pub seed: u64,
 }
-
-/// The system prompt the model needs for spoken output.
-pub const SPEECH_SYSTEM_PROMPT: &str = "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and visual inputs, as well as generating text and speech.";
 
 impl Default for SessionConfig {
     fn default() -> Self {
