@@ -100,6 +100,7 @@ impl ModelFiles {
         }
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
         Self::from_hub(model, &hub_cache_dir()?, !offline)
+            .with_context(|| format!("there is no model folder {model:?}"))
     }
 
     /// The files of a model folder; config, weights and a tokenizer are required.
@@ -184,19 +185,7 @@ impl ModelFiles {
     pub fn load_config(&self) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(&self.config)
             .with_context(|| format!("cannot read {}", self.config.display()))?;
-        let config = Config::from_json(&text).with_context(|| {
-            format!(
-                "{} is not a valid Qwen2.5-Omni config",
-                self.config.display()
-            )
-        })?;
-        config.validate().with_context(|| {
-            format!(
-                "{} does not describe a consistent model",
-                self.config.display()
-            )
-        })?;
-        Ok(config)
+        parse_config(&text, &self.config.display().to_string())
     }
 
     /// The processor settings, or the published defaults when the folder has none.
@@ -372,6 +361,42 @@ pub struct GenerationConfig {
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
     pub max_new_tokens: Option<usize>,
+}
+
+/// The published configurations this repository carries (models/3b, models/7b), built in so
+/// that benchmarks run from anywhere.
+pub fn published_config(size: &str) -> Option<anyhow::Result<Config>> {
+    let text = match size.to_ascii_lowercase().as_str() {
+        "3b" => include_str!("../../models/3b/config.json"),
+        "7b" => include_str!("../../models/7b/config.json"),
+        _ => return None,
+    };
+    Some(parse_config(text, size))
+}
+
+/// A config named `3b` / `7b`, or read from a config.json (or a model folder holding one).
+pub fn config_from_spec(spec: &str) -> anyhow::Result<Config> {
+    if let Some(config) = published_config(spec) {
+        return config;
+    }
+    let path = Path::new(spec);
+    let path = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("config {spec:?} is neither 3b, 7b nor a readable config.json"))?;
+    parse_config(&text, &path.display().to_string())
+}
+
+fn parse_config(text: &str, origin: &str) -> anyhow::Result<Config> {
+    let config = Config::from_json(text)
+        .with_context(|| format!("{origin} is not a valid Qwen2.5-Omni config"))?;
+    config
+        .validate()
+        .with_context(|| format!("{origin} does not describe a consistent model"))?;
+    Ok(config)
 }
 
 /// Parses `f32`, `bf16` or `f16`.
@@ -711,6 +736,16 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(cache).unwrap();
+    }
+
+    #[test]
+    fn published_configs_by_name_or_path() {
+        let c3 = config_from_spec("3b").unwrap();
+        assert_eq!(c3.thinker_config.text_config.num_hidden_layers, 36);
+        assert!(config_from_spec("7B").is_ok());
+        assert!(config_from_spec(tiny_dir().to_str().unwrap()).is_ok());
+        let err = format!("{:#}", config_from_spec("13b").unwrap_err());
+        assert!(err.contains("neither 3b, 7b"), "{err}");
     }
 
     #[test]
