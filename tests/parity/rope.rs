@@ -226,3 +226,29 @@ fn chat_template_ids() {
         assert_positions(&prefix, &cases, &prompt.positions, prompt.rope_delta);
     }
 }
+
+/// The Talker's prefill positions: the same rules with the talker config, on the text track
+/// (prompt, speaker bos, first reply token).
+#[test]
+fn rope_index_talker() {
+    let cases = Cases::load();
+    let cfg = RopeIndexConfig::from(&config().talker_config);
+    let ids = ids(&cases, "talker.input_text_ids");
+    let media = MediaLayout {
+        images: vec![grid(&cases, "talker.image_grid_thw")],
+        audio_tokens: vec![audio_tokens(&cases, "talker.audio_feature_lengths")],
+        ..Default::default()
+    };
+    let (positions, delta) = get_rope_index(&cfg, &ids, &media).unwrap();
+    let len = positions.len();
+    let want = cases.i64_vec("talker.prefill_position_ids");
+    assert_eq!(want.len(), 3 * len, "talker position count");
+    assert_eq!(positions.t, want[..len], "temporal row");
+    assert_eq!(positions.h, want[len..2 * len], "height row");
+    assert_eq!(positions.w, want[2 * len..], "width row");
+    assert_eq!(
+        delta,
+        cases.i64_vec("talker.prefill_rope_deltas")[0],
+        "rope delta"
+    );
+}
