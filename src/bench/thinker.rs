@@ -23,7 +23,8 @@ pub struct ThinkerBenchOptions {
     pub block_tokens: usize,
     /// Decode steps timed after the prompt.
     pub decode_tokens: usize,
-    /// Timed repetitions of the prefill figures (the median is reported).
+    /// Timed repetitions of the prefill figures after one untimed run (the median is
+    /// reported).
     pub iterations: usize,
 }
 
@@ -33,7 +34,7 @@ impl Default for ThinkerBenchOptions {
             prompt_tokens: 500,
             block_tokens: 50 + 2 * 64,
             decode_tokens: 16,
-            iterations: 2,
+            iterations: 1,
         }
     }
 }
