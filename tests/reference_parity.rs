@@ -6,6 +6,10 @@
 #[path = "parity/audio.rs"]
 mod audio;
 mod common;
+#[path = "parity/rope.rs"]
+mod rope;
+#[path = "parity/thinker.rs"]
+mod thinker;
 #[path = "parity/token2wav.rs"]
 mod token2wav;
 #[path = "parity/vision.rs"]

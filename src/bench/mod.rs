@@ -4,11 +4,11 @@
 //! Every stage reports [`Measurement`] rows; `omnicall bench model` prints them as one table.
 
 pub mod audio;
+pub mod engine;
+pub mod thinker;
+pub mod vision;
 
 use std::time::{Duration, Instant};
-
-pub mod engine;
-pub mod vision;
 
 /// One measured figure of one stage.
 #[derive(Debug, Clone, serde::Serialize)]

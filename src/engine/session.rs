@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::turn::{TurnConfig, TurnState};
 use crate::media::vad::VadConfig;
+use crate::model::chat::SPEECH_SYSTEM_PROMPT;
 
 /// Whether the model answers with voice (and text) or with text only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -136,9 +137,6 @@ pub struct SessionConfig {
     pub max_answer_tokens: usize,
     pub seed: u64,
 }
-
-/// The system prompt the model needs for spoken output.
-pub const SPEECH_SYSTEM_PROMPT: &str = "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and visual inputs, as well as generating text and speech.";
 
 impl Default for SessionConfig {
     fn default() -> Self {

@@ -104,11 +104,16 @@ impl MultimodalRotary {
 
 /// A per-layer key/value cache, preallocated and grown by doubling so that appending a step does
 /// not copy the whole history, and truncatable to any earlier length.
+///
+/// Appends write into the buffer in place, so a cloned cache must not keep sharing it: clones
+/// share the buffer only until one of them writes, which first moves that one to a private copy.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
+    /// Counts the caches sharing `k`/`v`; only a sole owner may write in place.
+    owner: std::sync::Arc<()>,
 }
 
 impl KvCache {
@@ -136,8 +141,13 @@ impl KvCache {
         let t = k.dim(2)?;
         let needed = self.len + t;
         let capacity = self.k.as_ref().map(|k| k.dim(2)).transpose()?.unwrap_or(0);
-        if needed > capacity {
-            let new_capacity = needed.max(capacity * 2).max(64);
+        let shared = std::sync::Arc::strong_count(&self.owner) > 1;
+        if needed > capacity || shared {
+            let new_capacity = if needed > capacity {
+                needed.max(capacity * 2).max(64)
+            } else {
+                capacity
+            };
             let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
                 let (b, h, _, d) = like.dims4()?;
                 let buf = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;
@@ -148,11 +158,12 @@ impl KvCache {
             };
             self.k = Some(grow(&self.k, k)?);
             self.v = Some(grow(&self.v, v)?);
+            self.owner = std::sync::Arc::new(());
         }
-        let (kb, vb) = (
-            self.k.as_ref().expect("allocated"),
-            self.v.as_ref().expect("allocated"),
-        );
+        let (kb, vb) = match (self.k.as_ref(), self.v.as_ref()) {
+            (Some(k), Some(v)) => (k, v),
+            _ => candle_core::bail!("kv cache buffers missing after allocation"),
+        };
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = needed;
@@ -202,20 +213,27 @@ impl Attention {
 
         let past = self.cache.len();
         let (k, v) = self.cache.append(&k, &v)?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        // Grouped-query attention without repeating K/V: the `groups` query heads that share a
+        // KV head are stacked along the query axis, (b, kv, groups * t, d).
         let groups = self.num_heads / self.num_kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
-
+        let q = q.reshape((b, self.num_kv_heads, groups * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if t > 1 {
-            let mask = causal_mask(t, past, x.device())?;
-            scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+            let keys = past + t;
+            let mask = causal_mask(t, past, x.device())?.to_dtype(scores.dtype())?;
+            scores = scores
+                .reshape((b, self.num_kv_heads, groups, t, keys))?
+                .broadcast_add(&mask)?
+                .reshape((b, self.num_kv_heads, groups * t, keys))?;
         }
         // Softmax in f32, as the reference's eager attention does.
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, self.num_heads, t, self.head_dim))?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
@@ -403,6 +421,28 @@ mod tests {
             k.flatten_all()?.to_vec1::<f32>()?,
             vec![0., 1., 2., 3., 9., 9.]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn cloned_caches_never_share_writes() -> Result<()> {
+        let dev = Device::Cpu;
+        let step = |v: f32| Tensor::full(v, (1, 1, 1, 2), &dev);
+        let mut a = KvCache::default();
+        a.append(&step(1.)?, &step(1.)?)?;
+        a.append(&step(2.)?, &step(2.)?)?;
+        let mut b = a.clone();
+        // Both roll back and write different values at the same position.
+        a.truncate(1);
+        b.truncate(1);
+        let (ka, _) = a.append(&step(7.)?, &step(7.)?)?;
+        let (kb, _) = b.append(&step(8.)?, &step(8.)?)?;
+        assert_eq!(ka.flatten_all()?.to_vec1::<f32>()?, vec![1., 1., 7., 7.]);
+        assert_eq!(kb.flatten_all()?.to_vec1::<f32>()?, vec![1., 1., 8., 8.]);
+        // The original keeps writing in place once it is the sole owner again.
+        drop(b);
+        let (ka, _) = a.append(&step(9.)?, &step(9.)?)?;
+        assert_eq!(ka.dims(), &[1, 1, 3, 2]);
         Ok(())
     }
 
