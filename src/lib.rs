@@ -5,5 +5,6 @@
 
 pub mod bench;
 pub mod engine;
+pub mod local;
 pub mod media;
 pub mod model;

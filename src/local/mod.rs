@@ -1,0 +1,4 @@
+//! `omnicall local`: a call with the model from this machine's microphone, speaker and camera,
+//! or from WAV files for tests and headless machines.
+
+pub mod echo;
