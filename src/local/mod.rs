@@ -2,3 +2,5 @@
 //! or from WAV files for tests and headless machines.
 
 pub mod echo;
+pub mod sink;
+pub mod source;
