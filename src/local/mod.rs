@@ -6,3 +6,4 @@ pub mod device;
 pub mod echo;
 pub mod sink;
 pub mod source;
+pub mod transcript;
