@@ -1,15 +1,20 @@
 //! WAV files in place of the microphone and the speaker: the file source's pieces and their
-//! times on the session clock, WAV reading, and the file sink's placement of the model's voice.
+//! times on the session clock, WAV reading, the file sink's placement of the model's voice, and
+//! a whole call whose output lines up sample for sample with its input.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::unbounded;
 use omnicall::engine::clock::{Clock, SimulatedClock};
+use omnicall::engine::session::{SessionEvent, SessionHandle, SessionInput};
 use omnicall::local::echo::SpeakerActivity;
 use omnicall::local::sink::{AudioSink, VoiceFrame, WavSink};
 use omnicall::local::source::{AudioSource, FileSource, MonoClip, SourceEvent, read_wav_mono};
+use omnicall::local::{
+    AnswerOutcome, AudioIn, AudioOut, LocalOptions, SessionFactory, StopCause, run_with_clock,
+};
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -244,4 +249,108 @@ fn voice_at_another_rate_is_resampled_into_place() {
         );
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// A session that sends every piece of audio straight back as the model's voice (one long
+/// answer), so that the output file must be the input, shifted by when each piece arrived.
+fn loopback(received: Arc<Mutex<u64>>) -> SessionHandle {
+    let (input, input_rx) = unbounded::<SessionInput>();
+    let (events_tx, events) = unbounded::<SessionEvent>();
+    std::thread::spawn(move || {
+        let mut index = 0;
+        while let Ok(message) = input_rx.recv() {
+            match message {
+                SessionInput::Audio(a) => {
+                    *received.lock().unwrap() += 1;
+                    let _ = events_tx.send(SessionEvent::Audio {
+                        turn: 1,
+                        index,
+                        sample_rate: a.sample_rate,
+                        pcm: a.samples,
+                    });
+                    index += 1;
+                }
+                SessionInput::Close => return,
+                _ => {}
+            }
+        }
+    });
+    SessionHandle { input, events }
+}
+
+#[test]
+fn a_call_from_file_to_file_lines_up_with_its_input() {
+    let input_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/media/utterance_short.wav");
+    let output_path = temp_path("loopback-out.wav");
+    let input = read_wav_mono(&input_path).unwrap();
+    let clock = Arc::new(SimulatedClock::new());
+    let received = Arc::new(Mutex::new(0u64));
+    let handle_slot: Arc<Mutex<Option<SessionHandle>>> = Arc::default();
+    let factory: SessionFactory = {
+        let (received, slot) = (received.clone(), handle_slot.clone());
+        Arc::new(move |_, _| {
+            let handle = loopback(received.clone());
+            *slot.lock().unwrap() = Some(handle.clone());
+            Ok(handle)
+        })
+    };
+    let options = LocalOptions {
+        input: AudioIn::File(input_path.clone()),
+        output: AudioOut::File {
+            path: output_path.clone(),
+            sample_rate: input.sample_rate,
+        },
+        transcript: None,
+        ..Default::default()
+    };
+    let worker = {
+        let clock: Arc<dyn Clock> = clock.clone();
+        std::thread::spawn(move || run_with_clock(options, clock, factory))
+    };
+    // time moves in 20 ms steps, each once the previous piece went round
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let mut step = 0u64;
+    while !worker.is_finished() {
+        assert!(Instant::now() < deadline, "the call did not end");
+        let handle = handle_slot.lock().unwrap().clone();
+        if let Some(handle) = handle {
+            let wait = Instant::now() + std::time::Duration::from_millis(300);
+            while (*received.lock().unwrap() < step || !handle.events.is_empty())
+                && Instant::now() < wait
+            {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+            step += 1;
+            clock.advance(ms(20));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+    let summary = worker.join().unwrap().unwrap();
+    assert_eq!(summary.stopped, StopCause::InputEnded);
+    assert_eq!(summary.answers.len(), 1);
+    assert_eq!(summary.answers[0].outcome, AnswerOutcome::Unfinished);
+
+    let (rate, out) = read_i16(&output_path);
+    assert_eq!(rate, input.sample_rate);
+    // as long as the call, or as the last frame released before its end
+    let length = (summary.ended_at - summary.origin).as_secs_f64();
+    let written = out.len() as f64 / rate as f64;
+    assert!(
+        written >= length - 1e-3 && written <= length + 0.021,
+        "{written} s for {length} s"
+    );
+    // the first piece of the input came back once it had been captured: 20 ms after the origin
+    // at the earliest, as placed by the call
+    let first = summary.answers[0].first_frame_at.unwrap() - summary.origin;
+    let lag = (first.as_secs_f64() * rate as f64).round() as usize;
+    assert!((320..=3 * 320).contains(&lag), "lag {lag}");
+    for (i, &x) in input.samples.iter().enumerate() {
+        assert!(
+            (out[lag + i] - x).abs() <= 2.0 / 32767.0,
+            "input sample {i} is not at output sample {}",
+            lag + i
+        );
+    }
+    assert!(out[..lag].iter().all(|&x| x == 0.0));
+    let _ = std::fs::remove_file(&output_path);
 }
