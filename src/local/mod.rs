@@ -15,6 +15,7 @@
 //! over and the session is idle again (every turn answered or cut, nothing left to play).
 
 pub mod camera;
+pub mod cli;
 pub mod device;
 pub mod echo;
 pub mod runner;
