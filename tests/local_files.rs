@@ -342,7 +342,7 @@ fn a_call_from_file_to_file_lines_up_with_its_input() {
     // the first piece of the input came back once it had been captured: 20 ms after the origin
     // at the earliest, as placed by the call
     let first = summary.answers[0].first_frame_at.unwrap() - summary.origin;
-    let lag = (first.as_secs_f64() * rate as f64).round() as usize;
+    let lag = (first.as_nanos() * rate as u128 / 1_000_000_000) as usize;
     assert!((320..=3 * 320).contains(&lag), "lag {lag}");
     for (i, &x) in input.samples.iter().enumerate() {
         assert!(
@@ -352,5 +352,57 @@ fn a_call_from_file_to_file_lines_up_with_its_input() {
         );
     }
     assert!(out[..lag].iter().all(|&x| x == 0.0));
+    let _ = std::fs::remove_file(&output_path);
+}
+
+#[test]
+fn a_call_on_the_wall_clock_plays_the_file_in_real_time_and_lines_up() {
+    let input_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/media/utterance_short.wav");
+    let output_path = temp_path("wall-clock-out.wav");
+    let input = read_wav_mono(&input_path).unwrap();
+    let received = Arc::new(Mutex::new(0u64));
+    let factory: SessionFactory = {
+        let received = received.clone();
+        Arc::new(move |_, _| Ok(loopback(received.clone())))
+    };
+    let options = LocalOptions {
+        input: AudioIn::File(input_path),
+        output: AudioOut::File {
+            path: output_path.clone(),
+            sample_rate: input.sample_rate,
+        },
+        transcript: None,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let summary = omnicall::local::run(options, factory).unwrap();
+    let wall = started.elapsed().as_secs_f64();
+    let file = input.samples.len() as f64 / input.sample_rate as f64;
+    let settle = omnicall::engine::session::SessionConfig::default()
+        .turn
+        .end_of_turn_silence
+        .as_secs_f64()
+        + 1.0;
+    eprintln!(
+        "{file:.2} s file: call of {wall:.2} s wall, voice placed {:?} after the origin",
+        summary.answers[0].first_frame_at.unwrap() - summary.origin
+    );
+    assert_eq!(summary.stopped, StopCause::InputEnded);
+    // real time: the file took its own length to play in, then the settling time
+    assert!(wall >= file + settle - 0.05, "{wall} s");
+    let input_end = (summary.input_ended_at.unwrap() - summary.origin).as_secs_f64();
+    assert!((input_end - file).abs() < 1e-3, "{input_end}");
+    // the voice is the input, one 20 ms piece (plus the delivery delay) later, sample exact
+    let (_, out) = read_i16(&output_path);
+    let first = summary.answers[0].first_frame_at.unwrap() - summary.origin;
+    // (the sink puts a frame at the sample its time falls in)
+    let lag = (first.as_nanos() * input.sample_rate as u128 / 1_000_000_000) as usize;
+    assert!((320..320 + 1600).contains(&lag), "lag {lag}");
+    for (i, &x) in input.samples.iter().enumerate() {
+        assert!(
+            (out[lag + i] - x).abs() <= 2.0 / 32767.0,
+            "input sample {i}"
+        );
+    }
     let _ = std::fs::remove_file(&output_path);
 }
