@@ -202,7 +202,8 @@ impl HalfDuplexGate {
         if sample_rate == 0 {
             return;
         }
-        let window = (sample_rate as usize / 100).max(1);
+        let window =
+            ((sample_rate as u128 * Self::WINDOW.as_nanos() / 1_000_000_000) as usize).max(1);
         let rate = sample_rate as f64;
         for (k, piece) in samples.chunks_mut(window).enumerate() {
             let start = at + Duration::from_secs_f64((k * window) as f64 / rate);
