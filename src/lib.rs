@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod engine;
+pub mod local;
 pub mod media;
 pub mod model;
 pub mod rtc;
