@@ -6,9 +6,10 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use omnicall::bench::{Measurement, markdown_table};
 use omnicall::model::chat::{
-    ChatModel, Content, Conversation, Message, Role, SamplingOverrides, sampling_options,
+    Content, Conversation, Message, Role, SamplingOverrides, sampling_options,
 };
 use omnicall::model::loading::{ModelFiles, config_from_spec, parse_device, parse_dtype};
+use omnicall::model::omni::OmniModel;
 use omnicall::model::thinker::MultimodalEmbeds;
 
 #[derive(Parser)]
@@ -128,7 +129,7 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.model.dtype)?;
     let device = parse_device(&args.model.device)?;
     let files = ModelFiles::locate(&args.model.model)?;
-    let mut model = ChatModel::load(&files, dtype, &device)?;
+    let mut model = OmniModel::load(&files, dtype, &device)?;
     let sampling = sampling_options(
         &model.generation,
         &SamplingOverrides {

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use omnicall::model::chat::ChatModel;
 use omnicall::model::loading::ModelFiles;
+use omnicall::model::omni::OmniModel;
 
 /// A copy of the tiny model in a fresh temporary folder, removed when dropped.
 struct BrokenModel {
@@ -46,7 +46,7 @@ impl BrokenModel {
     /// The error of loading the text chat model (config, tokenizer, Thinker weights).
     fn load_error(&self) -> String {
         let result = ModelFiles::from_dir(&self.dir)
-            .and_then(|files| ChatModel::load(&files, DType::F32, &Device::Cpu));
+            .and_then(|files| OmniModel::load(&files, DType::F32, &Device::Cpu));
         match result {
             Ok(_) => panic!("{} loaded although it is broken", self.dir.display()),
             Err(e) => {
@@ -68,7 +68,7 @@ impl Drop for BrokenModel {
 fn the_intact_copy_loads() {
     let model = BrokenModel::new("intact");
     let files = ModelFiles::from_dir(&model.dir).unwrap();
-    ChatModel::load(&files, DType::F32, &Device::Cpu).unwrap();
+    OmniModel::load(&files, DType::F32, &Device::Cpu).unwrap();
 }
 
 #[test]

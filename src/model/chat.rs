@@ -8,24 +8,22 @@
 //! come from config.json and their text from the tokenizer, so nothing here knows a vocabulary.
 //!
 //! [`TextStream`] turns generated ids into text as they come, never splitting a UTF-8 character;
-//! [`ChatModel`] ties tokenizer and Thinker into a text-in, text-out turn.
+//! [`crate::model::omni::OmniModel`] ties tokenizer, encoders and Thinker into a turn.
 
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, ensure};
-use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
-use crate::model::config::{Config, ThinkerConfig};
+use crate::model::config::ThinkerConfig;
 use crate::model::loading::{GenerationConfig, ModelFiles, TokenizerFiles};
 use crate::model::sampling::SamplingOptions;
+use crate::model::thinker::FinishReason;
 use crate::model::thinker::rope::{
     MediaLayout, PositionIds, RopeIndexConfig, VideoGrid, VisionGrid, get_rope_index,
     interleaved_chunks,
 };
-use crate::model::thinker::{FinishReason, GenerationOptions, MultimodalEmbeds, Prompt, Thinker};
 
 /// The system prompt the published chat template inserts when a conversation has none.
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
@@ -601,107 +599,11 @@ pub struct Reply {
     pub prompt_tokens: usize,
 }
 
-/// Tokenizer + Thinker: one conversation in, the streamed answer out.
-pub struct ChatModel {
-    pub config: Config,
-    pub tokenizer: ChatTokenizer,
-    pub thinker: Thinker,
-    pub generation: GenerationConfig,
-}
-
-impl ChatModel {
-    /// Loads config, tokenizer and the Thinker LM of a model folder.
-    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        let config = files.load_config()?;
-        let generation = files.load_generation_config()?;
-        let tokenizer = ChatTokenizer::load(files, &config.thinker_config)?;
-        let checkpoint = files.checkpoint()?;
-        let vb = checkpoint.var_builder(
-            dtype,
-            device,
-            "the Thinker",
-            &["thinker.model.", "thinker.lm_head."],
-        );
-        let thinker = Thinker::new(&config.thinker_config, vb.pp("thinker"))
-            .with_context(|| format!("cannot build the Thinker from {}", files.dir.display()))?;
-        Ok(Self {
-            config,
-            tokenizer,
-            thinker,
-            generation,
-        })
-    }
-
-    /// Generation settings: the given sampling, the config's EOS ids (and the generation
-    /// config's), at most `max_new_tokens`.
-    pub fn generation_options(
-        &self,
-        max_new_tokens: usize,
-        sampling: SamplingOptions,
-    ) -> GenerationOptions {
-        let mut eos = self.config.thinker_config.eos_token_ids();
-        if let Some(more) = &self.generation.eos_token_id {
-            eos.extend(more.to_vec());
-        }
-        eos.sort_unstable();
-        eos.dedup();
-        GenerationOptions {
-            max_new_tokens,
-            sampling,
-            eos_token_ids: eos,
-            suppress_token_ids: Vec::new(),
-            keep_step_logits: false,
-        }
-    }
-
-    /// Answers `conversation` from an empty context; `media` holds the encoder outputs for its
-    /// audio, images and videos. `on_text` receives the answer as it is generated.
-    pub fn reply(
-        &mut self,
-        conversation: &Conversation,
-        media: &MultimodalEmbeds,
-        options: &GenerationOptions,
-        mut on_text: impl FnMut(&str) -> anyhow::Result<()>,
-    ) -> anyhow::Result<Reply> {
-        let encoded = self.tokenizer.encode_conversation(conversation, true)?;
-        let device = self.thinker.device().clone();
-        let embeds = self.thinker.embed_prompt(&encoded.ids, media)?;
-        let prompt = Prompt {
-            ids: encoded.ids.clone(),
-            embeds,
-            positions: encoded.positions.to_tensor(&device)?,
-            rope_delta: encoded.rope_delta,
-        };
-        self.thinker.clear_cache();
-        let mut stream = self.tokenizer.stream();
-        let mut text = String::new();
-        let generation = self.thinker.generate(&prompt, options, |token| {
-            if !token.is_eos
-                && let Some(delta) = stream.push(token.id)?
-            {
-                on_text(&delta)?;
-                text.push_str(&delta);
-            }
-            Ok(ControlFlow::Continue(()))
-        })?;
-        if let Some(delta) = stream.finish()? {
-            on_text(&delta)?;
-            text.push_str(&delta);
-        }
-        Ok(Reply {
-            text,
-            ids: generation.ids,
-            finish: generation.finish,
-            prompt_tokens: encoded.ids.len(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tiny() -> (ModelFiles, Config) {
+    fn tiny() -> (ModelFiles, crate::model::config::Config) {
         let files = ModelFiles::from_dir(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"),
         )

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod loading;
+pub mod omni;
 pub mod random_weights;
 pub mod sampling;
 pub mod speakers;

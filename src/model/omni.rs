@@ -1,0 +1,168 @@
+//! The whole model of a checkpoint folder, as the transports and the engine use it: config,
+//! processor settings, tokenizer with the chat template, the Thinker LM and its audio and
+//! vision encoders.
+//!
+//! Cloning is cheap (weights are shared tensors) and gives an independent KV cache, so each
+//! session clones the loaded model.
+
+use std::ops::ControlFlow;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+
+use crate::model::chat::{ChatTokenizer, Conversation, Reply};
+use crate::model::config::{Config, ProcessorConfig};
+use crate::model::loading::{GenerationConfig, ModelFiles};
+use crate::model::sampling::SamplingOptions;
+use crate::model::thinker::audio_encoder::AudioEncoder;
+use crate::model::thinker::vision_encoder::VisionEncoder;
+use crate::model::thinker::{GenerationOptions, MultimodalEmbeds, Prompt, Thinker};
+
+/// Config, tokenizer, Thinker and encoders of one checkpoint.
+#[derive(Clone)]
+pub struct OmniModel {
+    pub config: Config,
+    pub processor: ProcessorConfig,
+    pub generation: GenerationConfig,
+    pub tokenizer: ChatTokenizer,
+    pub thinker: Thinker,
+    pub audio_encoder: AudioEncoder,
+    pub vision_encoder: VisionEncoder,
+}
+
+impl OmniModel {
+    /// Loads a model folder (see [`ModelFiles::locate`]) in `dtype` on `device`.
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let config = files.load_config()?;
+        let processor = files.load_processor_config()?;
+        let generation = files.load_generation_config()?;
+        let tokenizer = ChatTokenizer::load(files, &config.thinker_config)?;
+        let checkpoint = files.checkpoint()?;
+        let built = |what: &str| format!("cannot build {what} from {}", files.dir.display());
+        let vb = checkpoint.var_builder(
+            dtype,
+            device,
+            "the Thinker",
+            &[
+                "thinker.model.",
+                "thinker.lm_head.",
+                "thinker.audio_tower.",
+                "thinker.visual.",
+            ],
+        );
+        let thinker = Thinker::new(&config.thinker_config, vb.pp("thinker"))
+            .with_context(|| built("the Thinker"))?;
+        let audio_encoder = AudioEncoder::new(
+            &config.thinker_config.audio_config,
+            vb.pp("thinker.audio_tower"),
+        )
+        .with_context(|| built("the audio encoder"))?;
+        let vision_encoder = VisionEncoder::new(
+            &config.thinker_config.vision_config,
+            vb.pp("thinker.visual"),
+        )
+        .with_context(|| built("the vision encoder"))?;
+        Ok(Self {
+            config,
+            processor,
+            generation,
+            tokenizer,
+            thinker,
+            audio_encoder,
+            vision_encoder,
+        })
+    }
+
+    /// Generation settings: the given sampling, the config's EOS ids (and the generation
+    /// config's), at most `max_new_tokens`.
+    pub fn generation_options(
+        &self,
+        max_new_tokens: usize,
+        sampling: SamplingOptions,
+    ) -> GenerationOptions {
+        let mut eos = self.config.thinker_config.eos_token_ids();
+        if let Some(more) = &self.generation.eos_token_id {
+            eos.extend(more.to_vec());
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        GenerationOptions {
+            max_new_tokens,
+            sampling,
+            eos_token_ids: eos,
+            suppress_token_ids: Vec::new(),
+            keep_step_logits: false,
+        }
+    }
+
+    /// Answers `conversation` from an empty context; `media` holds the encoder outputs for its
+    /// audio, images and videos. `on_text` receives the answer as it is generated.
+    pub fn reply(
+        &mut self,
+        conversation: &Conversation,
+        media: &MultimodalEmbeds,
+        options: &GenerationOptions,
+        mut on_text: impl FnMut(&str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Reply> {
+        let encoded = self.tokenizer.encode_conversation(conversation, true)?;
+        let device = self.thinker.device().clone();
+        let embeds = self.thinker.embed_prompt(&encoded.ids, media)?;
+        let prompt = Prompt {
+            ids: encoded.ids.clone(),
+            embeds,
+            positions: encoded.positions.to_tensor(&device)?,
+            rope_delta: encoded.rope_delta,
+        };
+        self.thinker.clear_cache();
+        let mut stream = self.tokenizer.stream();
+        let mut text = String::new();
+        let generation = self.thinker.generate(&prompt, options, |token| {
+            if !token.is_eos
+                && let Some(delta) = stream.push(token.id)?
+            {
+                on_text(&delta)?;
+                text.push_str(&delta);
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
+        if let Some(delta) = stream.finish()? {
+            on_text(&delta)?;
+            text.push_str(&delta);
+        }
+        Ok(Reply {
+            text,
+            ids: generation.ids,
+            finish: generation.finish,
+            prompt_tokens: encoded.ids.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_every_thinker_part_of_the_tiny_model_and_clones_cheaply() -> anyhow::Result<()> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let model = OmniModel::load(&ModelFiles::from_dir(&dir)?, DType::F32, &Device::Cpu)?;
+        let cfg = &model.config.thinker_config;
+        let features = candle_core::Tensor::zeros(
+            (cfg.audio_config.num_mel_bins, 40),
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let audio = model.audio_encoder.forward(&features)?;
+        assert_eq!(
+            audio.dims(),
+            &[
+                crate::model::thinker::audio_encoder::output_len(40),
+                cfg.text_config.hidden_size
+            ]
+        );
+        let mut session = model.clone();
+        assert_eq!(session.thinker.cache_len(), 0);
+        session.thinker.clear_cache();
+        Ok(())
+    }
+}
