@@ -863,6 +863,14 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def load_average() -> str:
+    """Other work on the machine skews CPU figures; the 1-minute load says how much there was."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
+
+
 def peak_memory(device: torch.device) -> tuple[str, float]:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated", torch.cuda.max_memory_allocated(device) / 2**30
@@ -937,6 +945,7 @@ def run(args: argparse.Namespace) -> dict:
 
     config, _ = load_config(args.config)
     settings = load_processor_settings(args.config)
+    load_before = load_average()
     started = time.perf_counter()
     model = build_model(config, dtype, device, args.seed)
     build_s = time.perf_counter() - started
@@ -995,6 +1004,7 @@ def run(args: argparse.Namespace) -> dict:
         "iterations": f"{args.warmup} warm-up + median of {args.iters} per stage, {args.turns} generate turns",
         "model build seconds": round(build_s, 1),
         f"peak memory ({mem_kind}), GiB": round(mem_gib, 2),
+        "load average (1 min) at start / end": f"{load_before} / {load_average()}",
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
