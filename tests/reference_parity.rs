@@ -4,5 +4,7 @@
 //! value of the tiny config: everything comes from the fixture folder.
 
 mod common;
+#[path = "parity/talker.rs"]
+mod talker;
 #[path = "parity/token2wav.rs"]
 mod token2wav;
