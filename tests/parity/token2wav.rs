@@ -1,9 +1,11 @@
 //! token2wav against the reference fixtures: the flow-matching DiT (one evaluation `dit_probe`,
-//! the full ODE sampler `dit_mel`) and the BigVGAN vocoder (`bigvgan_waveform`).
+//! the full ODE sampler `dit_mel`), the BigVGAN vocoder (`bigvgan_waveform`) and the whole
+//! codes-to-waveform path (`token2wav_waveform`).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use omnicall::model::config::Config;
+use omnicall::model::token2wav::Token2Wav;
 use omnicall::model::token2wav::bigvgan::BigVgan;
 use omnicall::model::token2wav::dit::{Dit, SamplerOptions, SpeakerCondition};
 
@@ -173,4 +175,61 @@ fn bigvgan_waveform() {
             WAVEFORM_ATOL,
         );
     }
+}
+
+#[test]
+fn token2wav_waveform() {
+    let cases = Cases::load();
+    let (cfg, vb) = config_and_weights();
+    let t2w = Token2Wav::new(&cfg.token2wav_config, vb.pp("token2wav")).expect("token2wav builds");
+    let schedule = t2w.schedule(&fixture_options()).unwrap();
+    let codes = |key: &str| -> Vec<u32> { cases.i64_vec(key).iter().map(|&c| c as u32).collect() };
+
+    // What generate() rendered, with the conditioning it captured.
+    let speaker = t2w
+        .dit()
+        .speaker_condition(
+            &cases.f32("token2wav.conditioning"),
+            &cases.f32("token2wav.reference_mel"),
+        )
+        .unwrap();
+    let wav = t2w
+        .synthesize(
+            &speaker,
+            &codes("token2wav.code"),
+            &cases.f32("token2wav.noise"),
+            &schedule,
+        )
+        .unwrap();
+    let wav = Tensor::new(wav.as_slice(), &Device::Cpu).unwrap();
+    common::assert_close(
+        "token2wav.waveform",
+        &wav,
+        &cases.f32("token2wav.waveform"),
+        WAVEFORM_ATOL,
+    );
+    common::assert_close(
+        "generate.waveform",
+        &wav,
+        &cases.f32("generate.waveform"),
+        WAVEFORM_ATOL,
+    );
+
+    // Random codes, speaker Chelsie from speakers.safetensors.
+    let (cond, ref_mel) = chelsie();
+    let speaker = t2w.dit().speaker_condition(&cond, &ref_mel).unwrap();
+    let wav = t2w
+        .synthesize(
+            &speaker,
+            &codes("token2wav_fixed.code"),
+            &cases.f32("token2wav_fixed.noise"),
+            &schedule,
+        )
+        .unwrap();
+    common::assert_close(
+        "token2wav_fixed.waveform",
+        &Tensor::new(wav.as_slice(), &Device::Cpu).unwrap(),
+        &cases.f32("token2wav_fixed.waveform"),
+        WAVEFORM_ATOL,
+    );
 }
