@@ -523,6 +523,32 @@ impl TalkerTurn {
     }
 }
 
+/// A whole spoken answer at once, when the Thinker has already finished (offline use such as
+/// writing a reply to a file): every reply row is queued, then the turn runs to its end.
+/// Returns the codes and why they ended.
+pub fn generate_codes(
+    talker: &mut Talker,
+    prompt: TalkerPrompt,
+    text_rows: TalkerTextRows,
+    reply_rows: &[Tensor],
+    options: TalkerOptions,
+) -> Result<(Vec<u32>, TalkerFinish)> {
+    let mut turn = TalkerTurn::new(talker, prompt, text_rows, options)?;
+    for row in reply_rows {
+        turn.push_reply_row(row.clone())?;
+    }
+    turn.finish_text();
+    loop {
+        match turn.step(talker)? {
+            TalkerStep::Code(_) => {}
+            TalkerStep::Finished(reason) => return Ok((turn.codes, reason)),
+            TalkerStep::NeedText => {
+                candle_core::bail!("talker: asked for text after the Thinker finished")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,6 +634,40 @@ mod tests {
             forwards = max_codes;
         }
         assert_eq!(talker.cache_len(), prompt_len + 2 + forwards - 1);
+        Ok(())
+    }
+
+    #[test]
+    fn offline_generation_equals_row_by_row_streaming() -> Result<()> {
+        let (cfg, mut talker) = tiny();
+        let e = cfg.talker_config.embedding_size;
+        let replies: Vec<Tensor> = (0..4).map(|i| rows(1, e, 10.0 + i as f64)).collect();
+        let mut t = turn(&cfg, &talker, 6, 12);
+        let mut next = replies.iter();
+        let streamed = loop {
+            match t.step(&mut talker)? {
+                TalkerStep::Code(_) => {}
+                TalkerStep::NeedText => match next.next() {
+                    Some(r) => t.push_reply_row(r.clone())?,
+                    None => t.finish_text(),
+                },
+                TalkerStep::Finished(reason) => break (t.codes().to_vec(), reason),
+            }
+        };
+        let fresh = turn(&cfg, &talker, 6, 12);
+        let (prompt, text) = (fresh.prompt.clone().unwrap(), fresh.text_rows.clone());
+        let offline = generate_codes(
+            &mut talker,
+            prompt,
+            text,
+            &replies,
+            TalkerOptions {
+                sampling: SamplingOptions::greedy(),
+                max_codes: 12,
+                dit_codec_rows: None,
+            },
+        )?;
+        assert_eq!(offline, streamed);
         Ok(())
     }
 

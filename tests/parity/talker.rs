@@ -166,7 +166,9 @@ fn greedy_codes(cases: &Cases, repetition_penalty: f32) -> (Vec<u32>, Vec<Tensor
     let l = prompt_len(cases);
     let inputs = cases.f32("talker.inputs_embeds").squeeze(0).unwrap();
     let reply = cases.f32("talker.thinker_reply_part").squeeze(0).unwrap();
-    let max_codes = cases.get("talker.generated_codes").dim(1).unwrap();
+    let max_codes = Cases::json()["spec"]["inputs"]["talker_new_tokens"]
+        .as_u64()
+        .expect("spec.inputs.talker_new_tokens in cases.json") as usize;
 
     let table = thinker_embedding(&cfg, &vb);
     let text =
