@@ -18,6 +18,23 @@
 //! [`TalkerTurn`] is that state machine for a Talker running on its own thread: reply rows are
 //! pushed as the Thinker produces them, [`TalkerTurn::step`] yields one codec id when the row
 //! it needs is there ([`TalkerStep::NeedText`] otherwise), and stops at codec_pad / codec_end.
+//! A Talker thread fed by a channel of [`TalkerText`] messages:
+//!
+//! ```ignore
+//! let mut turn = TalkerTurn::new(&talker, prompt, text_rows, options)?;
+//! loop {
+//!     match turn.step(&mut talker)? {
+//!         TalkerStep::Code(code) => codes_tx.send(code)?,
+//!         // Blocks until the Thinker has produced the next row (or finished).
+//!         TalkerStep::NeedText => turn.feed(text_rx.recv()?)?,
+//!         TalkerStep::Finished(_) => break,
+//!     }
+//!     // Rows that arrived meanwhile are queued without waiting.
+//!     while let Ok(text) = text_rx.try_recv() {
+//!         turn.feed(text)?;
+//!     }
+//! }
+//! ```
 
 use std::collections::VecDeque;
 
@@ -300,6 +317,16 @@ impl TalkerOptions {
     }
 }
 
+/// What the Thinker sends the Talker during a turn.
+#[derive(Debug, Clone)]
+pub enum TalkerText {
+    /// A Thinker token fed back into the Thinker: its final hidden state (after the final norm)
+    /// and its input embedding, each `[E]` or `[1, E]`.
+    Reply { hidden: Tensor, embedding: Tensor },
+    /// The Thinker's turn is over (EOS or its token limit): no more replies.
+    Finished,
+}
+
 /// Why a turn's speech ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TalkerFinish {
@@ -423,6 +450,17 @@ impl TalkerTurn {
         }
         self.pending.push_back(row.flatten_all()?);
         Ok(())
+    }
+
+    /// Takes one message of the Thinker.
+    pub fn feed(&mut self, text: TalkerText) -> Result<()> {
+        match text {
+            TalkerText::Reply { hidden, embedding } => self.push_reply(&hidden, &embedding),
+            TalkerText::Finished => {
+                self.finish_text();
+                Ok(())
+            }
+        }
     }
 
     /// The Thinker will send no more rows: after the queued ones come text end, then text pad.
@@ -668,6 +706,25 @@ mod tests {
             },
         )?;
         assert_eq!(offline, streamed);
+        Ok(())
+    }
+
+    #[test]
+    fn fed_messages_sum_hidden_and_embedding() -> Result<()> {
+        let (cfg, talker) = tiny();
+        let e = cfg.talker_config.embedding_size;
+        let mut t = turn(&cfg, &talker, 3, 4);
+        let (h, x) = (rows(1, e, 1.5), rows(1, e, 2.5));
+        t.feed(TalkerText::Reply {
+            hidden: h.clone(),
+            embedding: x.clone(),
+        })?;
+        let queued = t.pending.front().unwrap().clone();
+        let want = (h + x)?.flatten_all()?;
+        assert_eq!(queued.to_vec1::<f32>()?, want.to_vec1::<f32>()?);
+        t.feed(TalkerText::Finished)?;
+        assert!(t.thinker_done);
+        assert!(t.feed(TalkerText::Finished).is_ok());
         Ok(())
     }
 
