@@ -8,9 +8,9 @@
 //! same filter (replicate padding on both resamplers). A last activation, `conv_post` (no bias)
 //! and a clamp to [-1, 1] give the waveform; it has `T * prod(upsample_rates)` samples.
 //!
-//! The resamplers are depthwise filters shared by every channel: they run as one convolution
-//! over `B * C` single-channel rows (the up-sampler in polyphase form, one output channel per
-//! phase), never as `C` grouped convolutions.
+//! The resamplers are depthwise filters shared by every channel: they run on the signal
+//! transposed to channels-last, each as one matrix product over shifted copies (the
+//! up-sampler in polyphase form, one row per phase), never as `C` grouped convolutions.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, VarBuilder, conv1d, conv1d_no_bias};
@@ -92,11 +92,9 @@ pub fn kaiser_sinc_filter(cutoff: f64, half_width: f64, kernel_size: usize) -> V
 }
 
 /// Pads the last dimension by repeating the edge samples (`F.pad(mode="replicate")`).
+#[cfg(test)]
 fn replicate_pad(xs: &Tensor, left: usize, right: usize) -> Result<Tensor> {
     let (b, c, t) = xs.dims3()?;
-    if t == 0 {
-        candle_core::bail!("BigVGAN: cannot pad an empty signal");
-    }
     let mut parts = Vec::with_capacity(3);
     if left > 0 {
         parts.push(xs.narrow(2, 0, 1)?.broadcast_as((b, c, left))?);
@@ -108,18 +106,37 @@ fn replicate_pad(xs: &Tensor, left: usize, right: usize) -> Result<Tensor> {
     Tensor::cat(&parts, 2)
 }
 
+/// Pads a channels-last signal `[T, N]` in time by repeating its first and last rows.
+fn replicate_pad_rows(rows: &Tensor, left: usize, right: usize) -> Result<Tensor> {
+    let (t, n) = rows.dims2()?;
+    if t == 0 {
+        candle_core::bail!("BigVGAN: cannot pad an empty signal");
+    }
+    let mut parts = Vec::with_capacity(3);
+    if left > 0 {
+        parts.push(rows.narrow(0, 0, 1)?.broadcast_as((left, n))?);
+    }
+    parts.push(rows.clone());
+    if right > 0 {
+        parts.push(rows.narrow(0, t - 1, 1)?.broadcast_as((right, n))?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
 /// `UpSample1d(ratio, kernel)` in polyphase form.
 ///
 /// The reference computes `ratio * conv_transpose1d(replicate_pad(x, p, p), filter, stride =
 /// ratio)` and crops `crop_left` samples on the left (`p = kernel / ratio - 1`,
 /// `crop_left = p * ratio + (kernel - ratio) / 2`). Output sample `ratio * m + phase` is then a
-/// short filter over input samples `m + offset`; all phases become the output channels of one
-/// convolution over a window of `span` padded samples.
+/// short filter over input samples `m + offset`; all phases share a window of `span` padded
+/// samples, so the whole upsampler is one `[ratio, span]` matrix applied to `span` shifted
+/// copies of the signal.
 #[derive(Debug, Clone)]
 struct UpSampler {
     ratio: usize,
-    /// `[ratio, 1, span]`.
+    /// `[ratio, span]`.
     kernel: Tensor,
+    span: usize,
     pad_left: usize,
     pad_right: usize,
 }
@@ -129,7 +146,7 @@ impl UpSampler {
         let taps = filter.len();
         let pad = taps / ratio - 1;
         let crop_left = pad * ratio + (taps - ratio) / 2;
-        // (phase, offset into the padded input, tap) of every contribution.
+        // (phase, offset into the padded input, weight) of every contribution.
         let mut entries = Vec::new();
         for phase in 0..ratio {
             for (j, &f) in filter.iter().enumerate() {
@@ -141,44 +158,50 @@ impl UpSampler {
         }
         let min_off = entries.iter().map(|e| e.1).min().unwrap_or(0);
         let max_off = entries.iter().map(|e| e.1).max().unwrap_or(0);
+        // Output m reads padded samples [m + min_off, m + max_off]; of the `pad` edge copies on
+        // each side, the first `min_off` are never read.
+        if min_off > pad || max_off < pad {
+            candle_core::bail!("BigVGAN: resampler geometry out of range");
+        }
         let span = max_off - min_off + 1;
         let mut kernel = vec![0f32; ratio * span];
         for (phase, off, w) in entries {
             kernel[phase * span + off - min_off] = w;
         }
-        // Output m of the convolution reads padded samples [m + min_off, m + max_off]; the
-        // padded signal is x with `pad` edge copies on each side, of which the first `min_off`
-        // are never read.
-        if min_off > pad || max_off < pad {
-            candle_core::bail!("BigVGAN: resampler geometry out of range");
-        }
         Ok(Self {
             ratio,
-            kernel: Tensor::from_vec(kernel, (ratio, 1, span), device)?.to_dtype(dtype)?,
+            kernel: Tensor::from_vec(kernel, (ratio, span), device)?.to_dtype(dtype)?,
+            span,
             pad_left: pad - min_off,
             pad_right: max_off - pad,
         })
     }
 
-    /// `[B, C, T]` -> `[B, C, ratio T]`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, c, t) = xs.dims3()?;
-        let padded = replicate_pad(xs, self.pad_left, self.pad_right)?;
-        let rows = padded.reshape((b * c, 1, padded.dim(2)?))?;
-        let phases = rows.conv1d(&self.kernel, 0, 1, 1, 1)?; // [B C, ratio, T]
-        phases
-            .transpose(1, 2)?
+    /// Channels-last `[T, N]` -> `[ratio T, N]`.
+    fn forward_rows(&self, rows: &Tensor) -> Result<Tensor> {
+        let (t, n) = rows.dims2()?;
+        let padded = replicate_pad_rows(rows, self.pad_left, self.pad_right)?;
+        let shifted = (0..self.span)
+            .map(|s| padded.narrow(0, s, t))
+            .collect::<Result<Vec<_>>>()?;
+        let stacked = Tensor::stack(&shifted, 0)?.reshape((self.span, t * n))?;
+        self.kernel
+            .matmul(&stacked)? // [ratio, T N]
+            .reshape((self.ratio, t, n))?
+            .transpose(0, 1)?
             .contiguous()?
-            .reshape((b, c, t * self.ratio))
+            .reshape((self.ratio * t, n))
     }
 }
 
-/// `DownSample1d(ratio, kernel)`: replicate padding then a strided low-pass convolution.
+/// `DownSample1d(ratio, kernel)`: replicate padding then a strided low-pass filter, applied as
+/// one `[1, taps]` matrix to `taps` shifted, decimated copies of the signal.
 #[derive(Debug, Clone)]
 struct DownSampler {
     ratio: usize,
-    /// `[1, 1, taps]`.
+    /// `[1, taps]`.
     kernel: Tensor,
+    taps: usize,
     pad_left: usize,
     pad_right: usize,
 }
@@ -189,28 +212,44 @@ impl DownSampler {
         let even = taps.is_multiple_of(2);
         Ok(Self {
             ratio,
-            kernel: Tensor::from_vec(filter.to_vec(), (1, 1, taps), device)?.to_dtype(dtype)?,
+            kernel: Tensor::from_vec(filter.to_vec(), (1, taps), device)?.to_dtype(dtype)?,
+            taps,
             pad_left: taps / 2 - usize::from(even),
             pad_right: taps / 2,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, c, _) = xs.dims3()?;
-        let padded = replicate_pad(xs, self.pad_left, self.pad_right)?;
-        let rows = padded.reshape((b * c, 1, padded.dim(2)?))?;
-        let out = rows.conv1d(&self.kernel, 0, self.ratio, 1, 1)?;
-        let t = out.dim(2)?;
-        out.reshape((b, c, t))
+    /// Channels-last `[ratio T, N]` -> `[T, N]`.
+    fn forward_rows(&self, rows: &Tensor) -> Result<Tensor> {
+        let (len, n) = rows.dims2()?;
+        let r = self.ratio;
+        let t = (len + self.pad_left + self.pad_right - self.taps) / r + 1;
+        // Pad a little further so that every tap's window splits into whole groups of `r`.
+        let extra = (t * r + self.taps).saturating_sub(len + self.pad_left + self.pad_right);
+        let padded = replicate_pad_rows(rows, self.pad_left, self.pad_right + extra)?;
+        let shifted = (0..self.taps)
+            .map(|j| {
+                padded
+                    .narrow(0, j, r * t)?
+                    .reshape((t, r, n))?
+                    .narrow(1, 0, 1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let stacked = Tensor::stack(&shifted, 0)?.reshape((self.taps, t * n))?;
+        self.kernel.matmul(&stacked)?.reshape((t, n))
     }
 }
 
 /// `TorchActivation1d(SnakeBeta(C))`: upsample, SnakeBeta, downsample.
+///
+/// The resamplers are depthwise filters shared by every channel, so the activation works on the
+/// signal transposed to channels-last `[T, B C]`: each filter is then a single matrix product
+/// over shifted copies of the whole signal, never `C` grouped convolutions.
 #[derive(Debug, Clone)]
 struct AntiAliasedSnake {
-    /// `exp(alpha)`, `[1, C, 1]`.
+    /// `exp(alpha)`, `[1, C]`.
     frequency: Tensor,
-    /// `1 / (exp(beta) + 1e-9)`, `[1, C, 1]`.
+    /// `1 / (exp(beta) + 1e-9)`, `[1, C]`.
     inverse_magnitude: Tensor,
     up: UpSampler,
     down: DownSampler,
@@ -222,13 +261,9 @@ impl AntiAliasedSnake {
         let act = vb.pp("act");
         let alpha = act.get(channels, "alpha")?;
         let beta = act.get(channels, "beta")?;
-        let frequency = alpha.exp()?.reshape((1, channels, 1))?;
-        let inverse_magnitude = (beta.exp()? + SNAKE_EPS)?
-            .recip()?
-            .reshape((1, channels, 1))?;
         Ok(Self {
-            frequency,
-            inverse_magnitude,
+            frequency: alpha.exp()?.reshape((1, channels))?,
+            inverse_magnitude: (beta.exp()? + SNAKE_EPS)?.recip()?.reshape((1, channels))?,
             up: up.clone(),
             down: down.clone(),
         })
@@ -237,10 +272,24 @@ impl AntiAliasedSnake {
 
 impl Module for AntiAliasedSnake {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let up = self.up.forward(xs)?;
-        let wave = up.broadcast_mul(&self.frequency)?.sin()?.sqr()?;
-        let snake = (up + wave.broadcast_mul(&self.inverse_magnitude)?)?;
-        self.down.forward(&snake)
+        let (b, c, t) = xs.dims3()?;
+        let rows = xs.reshape((b * c, t))?.t()?.contiguous()?; // [T, B C]
+        let up = self.up.forward_rows(&rows)?;
+        let (frequency, inverse) = if b == 1 {
+            (self.frequency.clone(), self.inverse_magnitude.clone())
+        } else {
+            (
+                self.frequency.repeat((1, b))?,
+                self.inverse_magnitude.repeat((1, b))?,
+            )
+        };
+        let wave = up.broadcast_mul(&frequency)?.sin()?.sqr()?;
+        let snake = (up + wave.broadcast_mul(&inverse)?)?;
+        self.down
+            .forward_rows(&snake)?
+            .t()?
+            .contiguous()?
+            .reshape((b, c, t))
     }
 }
 
@@ -518,35 +567,87 @@ mod tests {
         assert!((bessel_i0(2.0) - 2.279_585_302_336_067).abs() < 1e-12);
     }
 
+    /// `[B, C, T]` through a channels-last resampler.
+    fn by_rows(xs: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let (b, c, t) = xs.dims3()?;
+        let out = f(&xs.reshape((b * c, t))?.t()?.contiguous()?)?;
+        let t_out = out.dim(0)?;
+        out.t()?.contiguous()?.reshape((b, c, t_out))
+    }
+
     /// The polyphase up-sampler equals the reference's replicate pad + grouped transposed
     /// convolution + crop; the down-sampler equals pad + grouped strided convolution.
     #[test]
     fn resamplers_match_direct_grouped_convolutions() -> Result<()> {
         let dev = Device::Cpu;
         let filter = kaiser_sinc_filter(0.25, 0.3, 12);
-        let (b, c, t) = (2, 3, 9);
-        let x = Tensor::randn(0f32, 1., (b, c, t), &dev)?;
+        let c = 3;
         let kernel = Tensor::from_vec(filter.clone(), (1, 1, 12), &dev)?;
         let grouped = kernel.broadcast_as((c, 1, 12))?.contiguous()?;
-
         let up = UpSampler::new(2, &filter, &dev, DType::F32)?;
-        let got = up.forward(&x)?;
-        let pad = 12 / 2 - 1;
-        let (crop_l, crop_r) = (pad * 2 + (12 - 2) / 2, pad * 2 + (12 - 2_usize).div_ceil(2));
-        let full = (replicate_pad(&x, pad, pad)?.conv_transpose1d(&grouped, 0, 0, 2, 1, c)? * 2.0)?;
-        let len = full.dim(2)? - crop_l - crop_r;
-        let want = full.narrow(2, crop_l, len)?;
-        assert_eq!(got.dims(), want.dims());
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "upsample diff {diff}");
-
         let down = DownSampler::new(2, &filter, &dev, DType::F32)?;
-        let x2 = Tensor::randn(0f32, 1., (b, c, 2 * t), &dev)?;
-        let got = down.forward(&x2)?;
-        let want = replicate_pad(&x2, 5, 6)?.conv1d(&grouped, 0, 2, 1, c)?;
-        assert_eq!(got.dims(), &[b, c, t]);
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "downsample diff {diff}");
+        for (b, t) in [(2, 9), (1, 1), (1, 2), (2, 16)] {
+            let x = Tensor::randn(0f32, 1., (b, c, t), &dev)?;
+            let got = by_rows(&x, |r| up.forward_rows(r))?;
+            let pad = 12 / 2 - 1;
+            let (crop_l, crop_r) = (pad * 2 + (12 - 2) / 2, pad * 2 + (12 - 2_usize).div_ceil(2));
+            let full =
+                (replicate_pad(&x, pad, pad)?.conv_transpose1d(&grouped, 0, 0, 2, 1, c)? * 2.0)?;
+            let len = full.dim(2)? - crop_l - crop_r;
+            let want = full.narrow(2, crop_l, len)?;
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "upsample t {t}: {diff}");
+
+            let x2 = Tensor::randn(0f32, 1., (b, c, 2 * t), &dev)?;
+            let got = by_rows(&x2, |r| down.forward_rows(r))?;
+            let want = replicate_pad(&x2, 5, 6)?.conv1d(&grouped, 0, 2, 1, c)?;
+            assert_eq!(got.dims(), &[b, c, t]);
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "downsample t {t}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// The activation equals SnakeBeta between the reference's grouped resampling convolutions.
+    #[test]
+    fn anti_aliased_snake_matches_the_reference_formulation() -> Result<()> {
+        let dev = Device::Cpu;
+        let filter = kaiser_sinc_filter(0.25, 0.3, 12);
+        let up = UpSampler::new(2, &filter, &dev, DType::F32)?;
+        let down = DownSampler::new(2, &filter, &dev, DType::F32)?;
+        let c = 3;
+        let (alpha, beta) = ([0.3f32, -0.2, 0.0], [-0.5f32, 0.1, 0.4]);
+        let vb = candle_nn::VarBuilder::from_tensors(
+            [
+                ("act.alpha".to_string(), Tensor::new(&alpha, &dev)?),
+                ("act.beta".to_string(), Tensor::new(&beta, &dev)?),
+            ]
+            .into_iter()
+            .collect(),
+            DType::F32,
+            &dev,
+        );
+        let act = AntiAliasedSnake::new(c, &up, &down, vb)?;
+        let grouped = Tensor::from_vec(filter.clone(), (1, 1, 12), &dev)?
+            .broadcast_as((c, 1, 12))?
+            .contiguous()?;
+        let freq = Tensor::new(&alpha, &dev)?.exp()?.reshape((1, c, 1))?;
+        let inv = (Tensor::new(&beta, &dev)?.exp()? + 1e-9)?
+            .recip()?
+            .reshape((1, c, 1))?;
+        for (b, t) in [(1, 7), (2, 33)] {
+            let x = (Tensor::randn(0f32, 1., (b, c, t), &dev)? * 2.0)?;
+            let full = (replicate_pad(&x, 5, 5)?.conv_transpose1d(&grouped, 0, 0, 2, 1, c)? * 2.0)?;
+            let upsampled = full.narrow(2, 15, 2 * t)?;
+            let wave = upsampled.broadcast_mul(&freq)?.sin()?.sqr()?;
+            let snake = (upsampled + wave.broadcast_mul(&inv)?)?;
+            let want = replicate_pad(&snake, 5, 6)?.conv1d(&grouped, 0, 2, 1, c)?;
+            let got = act.forward(&x)?;
+            assert_eq!(got.dims(), &[b, c, t]);
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "b {b} t {t}: {diff}");
+        }
         Ok(())
     }
 
