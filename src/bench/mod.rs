@@ -3,6 +3,8 @@
 //!
 //! Every stage reports [`Measurement`] rows; `omnicall bench model` prints them as one table.
 
+pub mod speech;
+
 use std::time::{Duration, Instant};
 
 /// One measured figure of one stage.
