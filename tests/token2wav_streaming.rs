@@ -142,7 +142,7 @@ fn streamed_chunks_stay_within_the_bound_of_the_offline_decode() {
         assert_eq!(all.len(), reference.len(), "{name}: streamed length");
         let (max, rel) = waveform_distance(&all, &reference);
         eprintln!(
-            "{name}: {} chunks, max abs diff {max:.4}, relative RMS error {rel:.4} (offline RMS {:.4})",
+            "{name}: {} chunks, max abs diff {max:.2e}, relative RMS error {rel:.2e} (offline RMS {:.4})",
             chunks.len(),
             (reference.iter().map(|x| x * x).sum::<f32>() / reference.len() as f32).sqrt()
         );

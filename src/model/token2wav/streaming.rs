@@ -18,8 +18,9 @@
 //! the next chunk brings real right context) or [`VocoderEdge::Lookahead`] (the default: the
 //! window's look-ahead frames, already sampled, serve as the right context, so every committed
 //! frame is voiced at once). Chunks grow by one block from `first_chunk_blocks` up to
-//! `max_chunk_blocks`, so the first audio comes early and the played audio stays ahead of the
-//! next chunk.
+//! `max_chunk_blocks`: the first audio comes early, and with a Talker faster than real time the
+//! audio handed out stays ahead of the next chunk (at exactly real time, playback needs the
+//! largest chunk plus the look-ahead buffered, whatever the schedule).
 //!
 //! [`StreamingOptions::reference`] reproduces the schedule of the original Qwen streaming
 //! decoder (`Qwen2Code2wav.fast_forward`, ported 1:1 in vllm-omni: 72-frame chunks, 48 frames of
@@ -39,8 +40,10 @@
 //!
 //! Streaming is an approximation: one DiT evaluation sees 2 blocks back and 1 ahead, but the
 //! sampler chains 36 evaluations, so in the offline decode a frame depends on far more of the
-//! utterance than a window holds. The measured distances (same codes, same noise) are in the
-//! README's "Streaming token2wav" section and checked by `tests/token2wav_streaming.rs`.
+//! utterance than a window holds. Measured (same codes, same noise; README "Streaming
+//! token2wav"): on the fixture model 2.0e-4 max abs / 1.3e-4 relative RMS for every option set
+//! (`tests/token2wav_streaming.rs` bounds it at 1e-2 / 1 %); at 3B shapes with random weights
+//! 4.9e-2 / 1.2e-3 for the default and 1.8e-3 / 1e-4 for the reference schedule.
 
 use candle_core::{Device, Result, Tensor};
 
