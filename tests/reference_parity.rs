@@ -8,6 +8,8 @@ mod audio;
 mod common;
 #[path = "parity/rope.rs"]
 mod rope;
+#[path = "parity/talker.rs"]
+mod talker;
 #[path = "parity/thinker.rs"]
 mod thinker;
 #[path = "parity/token2wav.rs"]

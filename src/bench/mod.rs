@@ -5,6 +5,7 @@
 
 pub mod audio;
 pub mod engine;
+pub mod speech;
 pub mod thinker;
 pub mod vision;
 
