@@ -1,6 +1,7 @@
 //! The whole model of a checkpoint folder, as the transports and the engine use it: config,
 //! processor settings, tokenizer with the chat template, the Thinker LM and its audio and
-//! vision encoders.
+//! vision encoders, and the speech parts (Talker, token2wav in f32 as the reference runs it,
+//! voices) when the checkpoint has them.
 //!
 //! Cloning is cheap (weights are shared tensors) and gives an independent KV cache, so each
 //! session clones the loaded model.
@@ -14,9 +15,21 @@ use crate::model::chat::{ChatTokenizer, Conversation, Reply};
 use crate::model::config::{Config, ProcessorConfig};
 use crate::model::loading::{GenerationConfig, ModelFiles};
 use crate::model::sampling::SamplingOptions;
+use crate::model::speakers::Voices;
+use crate::model::talker::Talker;
 use crate::model::thinker::audio_encoder::AudioEncoder;
 use crate::model::thinker::vision_encoder::VisionEncoder;
 use crate::model::thinker::{GenerationOptions, MultimodalEmbeds, Prompt, Thinker};
+use crate::model::token2wav::Token2Wav;
+
+/// The parts that turn the Thinker's answer into speech.
+#[derive(Clone)]
+pub struct Speech {
+    pub talker: Talker,
+    /// Always f32, whatever the Thinker's dtype: the reference casts token2wav to f32.
+    pub token2wav: Token2Wav,
+    pub voices: Voices,
+}
 
 /// Config, tokenizer, Thinker and encoders of one checkpoint.
 #[derive(Clone)]
@@ -28,6 +41,8 @@ pub struct OmniModel {
     pub thinker: Thinker,
     pub audio_encoder: AudioEncoder,
     pub vision_encoder: VisionEncoder,
+    /// `None` for a checkpoint without the Talker (text answers only).
+    pub speech: Option<Speech>,
 }
 
 impl OmniModel {
@@ -62,6 +77,23 @@ impl OmniModel {
             vb.pp("thinker.visual"),
         )
         .with_context(|| built("the vision encoder"))?;
+        let speech = if checkpoint.contains("talker.codec_head.weight") {
+            let vb = checkpoint.var_builder(dtype, device, "the Talker", &["talker."]);
+            let talker = Talker::new(&config.talker_config, vb.pp("talker"))
+                .with_context(|| built("the Talker"))?;
+            let vb = checkpoint.var_builder(DType::F32, device, "token2wav", &["token2wav."]);
+            let token2wav = Token2Wav::new(&config.token2wav_config, vb.pp("token2wav"))
+                .with_context(|| built("token2wav"))?;
+            let voices = Voices::load(&files.dir, device)?;
+            Some(Speech {
+                talker,
+                token2wav,
+                voices,
+            })
+        } else {
+            tracing::info!("{} has no Talker: text answers only", files.dir.display());
+            None
+        };
         Ok(Self {
             config,
             processor,
@@ -70,7 +102,15 @@ impl OmniModel {
             thinker,
             audio_encoder,
             vision_encoder,
+            speech,
         })
+    }
+
+    /// The speech parts, or an error saying the checkpoint has none.
+    pub fn speech(&self) -> anyhow::Result<&Speech> {
+        self.speech
+            .as_ref()
+            .context("this checkpoint has no Talker/token2wav: it can only answer in text")
     }
 
     /// Generation settings: the given sampling, the config's EOS ids (and the generation
@@ -160,6 +200,8 @@ mod tests {
                 cfg.text_config.hidden_size
             ]
         );
+        let speech = model.speech()?;
+        assert!(speech.voices.get("Chelsie").is_ok());
         let mut session = model.clone();
         assert_eq!(session.thinker.cache_len(), 0);
         session.thinker.clear_cache();
