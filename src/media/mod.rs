@@ -8,3 +8,4 @@ pub mod resample;
 pub mod vad;
 pub mod video;
 pub mod video_decode;
+pub mod video_file;
