@@ -3,6 +3,7 @@
 pub mod audio_file;
 pub mod image;
 pub mod mel;
+pub mod offline;
 pub mod opus;
 pub mod resample;
 pub mod vad;
