@@ -53,6 +53,11 @@ impl MediaPreparer {
     /// `fps`: the rate videos are sampled at (the model was trained at 2), and the rate of the
     /// frames of a frame folder.
     pub fn new(processor: &ProcessorConfig, fps: f64) -> anyhow::Result<Self> {
+        if !(fps.is_finite() && fps > 0.0) {
+            bail!(
+                "the video sampling rate must be a positive number of frames per second, got {fps}"
+            );
+        }
         let mel = LogMel::new(&processor.feature_extractor)
             .context("the processor's feature extractor settings")?;
         let images = ImagePreprocessor::new(&processor.image_processor)
