@@ -132,6 +132,9 @@ impl Mp4Video {
             reason,
         };
         let reader = Mp4Reader::read_header(BufReader::new(file), size).map_err(|e| match e {
+            mp4::Error::BoxNotFound(mp4::BoxType::MoovBox) => {
+                corrupt("no moov box: the file is cut short or was never finished".into())
+            }
             mp4::Error::BoxNotFound(b) => VideoFileError::NotMp4 {
                 path: path.clone(),
                 reason: format!("no {b} box"),
