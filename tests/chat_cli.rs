@@ -363,3 +363,35 @@ fn bad_files_and_unknown_voices_are_clear_errors() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `omnicall bench model` (the binary's other model command): stages by name, one table.
+#[test]
+fn bench_model_prints_one_table_of_the_stages_asked_for() {
+    let bench = |stages: &str| {
+        Command::new(env!("CARGO_BIN_EXE_omnicall"))
+            .args(["bench", "model", "--config"])
+            .arg(tiny_dir())
+            .args(["--random-weights", "--device", "cpu", "--dtype", "f32"])
+            .args(["--stages", stages])
+            .output()
+            .expect("the omnicall binary runs")
+    };
+    let out = bench("thinker");
+    assert_ok(&out);
+    let table = stdout(&out);
+    assert!(
+        table.starts_with("| stage | setup | value | unit |"),
+        "{table}"
+    );
+    for row in ["| thinker prefill |", "| thinker decode |"] {
+        assert!(table.contains(row), "{row} missing:\n{table}");
+    }
+    let out = bench("thinker,lungs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"lungs\"") && err.contains("engine-input"),
+        "{err}"
+    );
+    assert!(stdout(&out).is_empty(), "nothing measured before the error");
+}
