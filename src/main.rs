@@ -1,16 +1,26 @@
 //! The omnicall command line: parses arguments and hands over to the library.
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use omnicall::bench::{Measurement, markdown_table};
+use omnicall::engine::blocks::BlockConfig;
+use omnicall::media::audio_file::{WavFormat, write_wav};
+use omnicall::media::offline::MediaPreparer;
+use omnicall::media::video::DEFAULT_FPS;
 use omnicall::model::chat::{
-    Content, Conversation, Message, Role, SamplingOverrides, sampling_options,
+    Content, Conversation, Message, Role, SPEECH_SYSTEM_PROMPT, SamplingOverrides, sampling_options,
 };
+use omnicall::model::config::ProcessorConfig;
 use omnicall::model::loading::{ModelFiles, config_from_spec, parse_device, parse_dtype};
 use omnicall::model::omni::OmniModel;
-use omnicall::model::thinker::MultimodalEmbeds;
+use omnicall::model::pipeline::{MediaInput, SpeechOptions};
+use omnicall::model::sampling::SamplingOptions;
+use omnicall::model::speakers::DEFAULT_VOICE;
+use omnicall::model::talker::TalkerOptions;
+use omnicall::model::token2wav::dit::SamplerOptions;
 
 #[derive(Parser)]
 #[command(
@@ -25,8 +35,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// One text turn in, the answer streamed to stdout.
-    Chat(ChatArgs),
+    /// One turn: text with audio, images and videos from files in, the answer streamed to
+    /// stdout, and with --speak spoken into a WAV file.
+    Chat(Box<ChatArgs>),
     /// Speed measurements.
     Bench(BenchArgs),
 }
@@ -68,11 +79,71 @@ struct ChatArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// System prompt (default: the chat template's "You are a helpful assistant.").
+    /// System prompt (default: the chat template's "You are a helpful assistant.", or with
+    /// --speak the speech system prompt the model needs to talk).
     #[arg(long)]
     system: Option<String>,
+    /// An audio file (WAV, FLAC, MP3, OGG, or an MP4's sound track) to put in the message;
+    /// repeatable. Media keep their command-line order in the message, before the text.
+    #[arg(long, value_name = "FILE")]
+    audio: Vec<PathBuf>,
+    /// A PNG or JPEG image to put in the message; repeatable.
+    #[arg(long, value_name = "FILE")]
+    image: Vec<PathBuf>,
+    /// A video: an MP4 (H.264) file, or a folder of PNG/JPEG frames (file-name order, taken
+    /// as frames at --fps); repeatable.
+    #[arg(long, value_name = "FILE|DIR")]
+    video: Vec<PathBuf>,
+    /// Interleave each video's sound track (the MP4's audio) with its frames.
+    #[arg(long, requires = "video")]
+    use_audio_in_video: bool,
+    /// Frames per second videos are sampled at (the model was trained at 2); the frame rate
+    /// of a folder of frames.
+    #[arg(long, default_value_t = DEFAULT_FPS)]
+    fps: f64,
+    /// Also speak the answer: write it as a 24 kHz WAV file here.
+    #[arg(long, value_name = "OUT.wav")]
+    speak: Option<PathBuf>,
+    /// The voice of the spoken answer (the checkpoint's voices: Chelsie, Ethan).
+    #[arg(long, default_value = DEFAULT_VOICE, requires = "speak")]
+    voice: String,
+    /// Most codec tokens of the spoken answer (50 per second; the reference's limit is 4096).
+    #[arg(long, default_value_t = 4096, requires = "speak")]
+    max_speech_tokens: usize,
     /// The user's message.
     text: String,
+}
+
+/// A media file of the message and where it stood on the command line.
+enum MediaArg {
+    Audio(PathBuf),
+    Image(PathBuf),
+    Video(PathBuf),
+}
+
+impl ChatArgs {
+    /// The media files in the order they were given (each kind's flags are collected
+    /// separately; their positions among all arguments restore the order).
+    fn media_in_order(&self, matches: Option<&ArgMatches>) -> Vec<MediaArg> {
+        let mut items: Vec<(usize, MediaArg)> = Vec::new();
+        let position = |id: &str, k: usize| -> usize {
+            matches
+                .and_then(|m| m.indices_of(id))
+                .and_then(|mut i| i.nth(k))
+                .unwrap_or(usize::MAX)
+        };
+        for (k, p) in self.audio.iter().enumerate() {
+            items.push((position("audio", k), MediaArg::Audio(p.clone())));
+        }
+        for (k, p) in self.image.iter().enumerate() {
+            items.push((position("image", k), MediaArg::Image(p.clone())));
+        }
+        for (k, p) in self.video.iter().enumerate() {
+            items.push((position("video", k), MediaArg::Video(p.clone())));
+        }
+        items.sort_by_key(|(at, _)| *at);
+        items.into_iter().map(|(_, m)| m).collect()
+    }
 }
 
 #[derive(Args)]
@@ -89,13 +160,20 @@ enum BenchCommand {
 
 #[derive(Args)]
 struct ModelBenchArgs {
-    /// 3b, 7b, or a config.json / model folder.
+    /// 3b, 7b, or a config.json / model folder (only its config is read).
     #[arg(long)]
     config: String,
-    /// Stages to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "thinker")]
+    /// Stages to measure, comma-separated: thinker, audio, vision, speech, engine-input.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "thinker,audio,vision,speech,engine-input"
+    )]
     stages: Vec<String>,
-    /// f32 or bf16.
+    /// Random weights of the config's shapes (always: no checkpoint is read).
+    #[arg(long)]
+    random_weights: bool,
+    /// f32 or bf16 (token2wav always runs in f32, as the reference does).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// cpu, cuda or cuda:N.
@@ -107,29 +185,68 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,symphonia=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
-        Command::Chat(args) => chat(args),
+        Command::Chat(args) => chat(*args, matches.subcommand_matches("chat")),
         Command::Bench(BenchArgs {
             what: BenchCommand::Model(args),
         }) => bench_model(args),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
 }
 
-fn chat(args: ChatArgs) -> anyhow::Result<()> {
+/// The error and its causes on one line, leaving out a cause whose text the message before it
+/// already shows (many errors print their source themselves).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn chat(args: ChatArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.model.dtype)?;
     let device = parse_device(&args.model.device)?;
+    if let Some(out) = &args.speak {
+        check_writable(out)?;
+    }
     let files = ModelFiles::locate(&args.model.model)?;
     let mut model = OmniModel::load(&files, dtype, &device)?;
+    if args.speak.is_some() {
+        // Fail before any work: a checkpoint without a Talker, an unknown voice.
+        model.speech()?.voices.get(&args.voice)?;
+    }
+
+    let preparer = MediaPreparer::new(&model.processor, args.fps)?;
+    let mut items: Vec<MediaInput> = Vec::new();
+    for media in args.media_in_order(matches) {
+        items.push(match media {
+            MediaArg::Audio(path) => preparer.audio_file(&path)?,
+            MediaArg::Image(path) => preparer.image_file(&path)?,
+            MediaArg::Video(path) => preparer.video_file(&path, args.use_audio_in_video)?,
+        });
+    }
+    let encoded = model.encode_media(&items)?;
+
     let sampling = sampling_options(
         &model.generation,
         &SamplingOverrides {
@@ -141,34 +258,106 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
         },
     );
     let options = model.generation_options(args.max_tokens, sampling);
+    let system = match (&args.system, &args.speak) {
+        (Some(system), Some(_)) if system != SPEECH_SYSTEM_PROMPT => {
+            tracing::warn!(
+                "a system prompt other than the speech system prompt was given: the spoken                  answer may not work as expected"
+            );
+            Some(system.clone())
+        }
+        (None, Some(_)) => Some(SPEECH_SYSTEM_PROMPT.to_string()),
+        (system, _) => system.clone(),
+    };
     let mut conversation = Conversation::default();
-    if let Some(system) = args.system {
+    if let Some(system) = system {
         conversation.push(Message::text(Role::System, system));
     }
-    conversation.push(Message::new(Role::User, vec![Content::Text(args.text)]));
+    let mut content = encoded.content;
+    content.push(Content::Text(args.text.clone()));
+    conversation.push(Message::new(Role::User, content));
 
     let mut stdout = std::io::stdout().lock();
-    let reply = model.reply(
-        &conversation,
-        &MultimodalEmbeds::default(),
-        &options,
-        |delta| {
-            stdout.write_all(delta.as_bytes())?;
-            stdout.flush().context("writing the answer")
-        },
-    )?;
+    let answer = model.answer(&conversation, &encoded.embeds, &options, |delta| {
+        stdout.write_all(delta.as_bytes())?;
+        stdout.flush().context("writing the answer")
+    })?;
     writeln!(stdout)?;
+    stdout.flush()?;
     tracing::info!(
         "{} prompt tokens, {} answer tokens ({:?})",
-        reply.prompt_tokens,
-        reply.ids.len(),
-        reply.finish
+        answer.reply.prompt_tokens,
+        answer.reply.ids.len(),
+        answer.reply.finish
+    );
+
+    let Some(out) = &args.speak else {
+        return Ok(());
+    };
+    let dit_num_embeds = model.config.token2wav_config.dit_config.num_embeds;
+    let mut talker = TalkerOptions::reference(args.seed, dit_num_embeds);
+    talker.max_codes = args.max_speech_tokens;
+    if args.temperature == Some(0.0) {
+        // The reference's talker_do_sample=False: greedy, its other settings kept.
+        talker.sampling = SamplingOptions {
+            repetition_penalty: talker.sampling.repetition_penalty,
+            seed: args.seed,
+            ..SamplingOptions::greedy()
+        };
+    }
+    let spoken = model.speak(
+        &answer,
+        &SpeechOptions {
+            voice: args.voice.clone(),
+            talker,
+            sampler: SamplerOptions::default(),
+            noise_seed: args.seed,
+        },
+    )?;
+    if spoken.waveform.is_empty() {
+        eprintln!(
+            "no speech: the Talker produced no codec tokens ({:?}); {} not written",
+            spoken.finish,
+            out.display()
+        );
+        return Ok(());
+    }
+    write_wav(out, &spoken.waveform, spoken.sample_rate, WavFormat::Pcm16)?;
+    eprintln!(
+        "wrote {}: {} speech tokens ({:?}), {} samples at {} Hz ({:.2} s)",
+        out.display(),
+        spoken.codes.len(),
+        spoken.finish,
+        spoken.waveform.len(),
+        spoken.sample_rate,
+        spoken.waveform.len() as f64 / spoken.sample_rate as f64
     );
     Ok(())
 }
 
+/// An output file's folder must exist (checked before the model runs, not after).
+fn check_writable(out: &std::path::Path) -> anyhow::Result<()> {
+    let dir = match out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}: folder {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    if out.is_dir() {
+        bail!("cannot write {}: it is a folder", out.display());
+    }
+    Ok(())
+}
+
 /// Stages `omnicall bench model` can run.
-const BENCH_STAGES: &[&str] = &["thinker"];
+const BENCH_STAGES: &[&str] = &["thinker", "audio", "vision", "speech", "engine-input"];
+
+/// Seconds of simulated call the engine-input stage runs.
+const ENGINE_INPUT_SECONDS: u64 = 60;
 
 fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
@@ -179,15 +368,29 @@ fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
             bail!("unknown bench stage {stage:?}: available are {BENCH_STAGES:?}");
         }
     }
+    if !args.random_weights {
+        tracing::info!("bench model always runs on random weights of the config's shapes");
+    }
     let mut rows: Vec<Measurement> = Vec::new();
     for stage in &args.stages {
         tracing::info!("measuring {stage} ({}, {dtype:?})", args.config);
-        match stage.as_str() {
-            "thinker" => rows.extend(omnicall::bench::thinker::bench_thinker(
-                &config, dtype, &device,
-            )?),
+        let measured = match stage.as_str() {
+            "thinker" => omnicall::bench::thinker::bench_thinker(&config, dtype, &device),
+            "audio" => omnicall::bench::audio::bench_audio(&config, dtype, &device),
+            "vision" => omnicall::bench::vision::bench_vision(&config, dtype, &device),
+            "speech" => omnicall::bench::speech::bench_speech(&config, dtype, &device),
+            "engine-input" => BlockConfig::for_model(
+                &config.thinker_config,
+                &ProcessorConfig::default(),
+                DEFAULT_FPS,
+            )
+            .context("engine blocks of this config")
+            .and_then(|blocks| {
+                omnicall::bench::engine::input_stage_cost(&blocks, ENGINE_INPUT_SECONDS)
+            }),
             other => bail!("unknown bench stage {other:?}"),
-        }
+        };
+        rows.extend(measured.with_context(|| format!("bench stage {stage}"))?);
     }
     print!("{}", markdown_table(&rows));
     Ok(())

@@ -6,6 +6,8 @@
 #[path = "parity/audio.rs"]
 mod audio;
 mod common;
+#[path = "parity/pipeline.rs"]
+mod pipeline;
 #[path = "parity/rope.rs"]
 mod rope;
 #[path = "parity/talker.rs"]

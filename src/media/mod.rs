@@ -3,8 +3,10 @@
 pub mod audio_file;
 pub mod image;
 pub mod mel;
+pub mod offline;
 pub mod opus;
 pub mod resample;
 pub mod vad;
 pub mod video;
 pub mod video_decode;
+pub mod video_file;

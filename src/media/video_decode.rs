@@ -396,39 +396,72 @@ impl H264Decoder {
         let Some(picture) = picture else {
             return Ok(None);
         };
-        let (w, h) = picture.dimensions();
-        check_size(H264, w, h, self.max_pixels)?;
-        let (ys, us, vs) = picture.strides();
-        if us != vs || ys < w || us < w.div_ceil(2) {
-            return Err(VideoDecodeError::Decoder {
-                codec: H264,
-                detail: format!("unexpected strides {ys}/{us}/{vs} for width {w}"),
-            });
-        }
-        // OpenH264's planes borrow the decoder's picture: copy the visible part out (cheap
-        // next to decoding) so the picture can outlive this call.
-        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-        let planes = &mut self.planes;
-        planes.clear();
-        copy_plane(planes, picture.y(), ys, w, h);
-        copy_plane(planes, picture.u(), us, cw, ch);
-        copy_plane(planes, picture.v(), vs, cw, ch);
-        let (y, rest) = self.planes.split_at(w * h);
-        let (u, v) = rest.split_at(cw * ch);
-        Ok(Some(Yuv420 {
-            width: w,
-            height: h,
-            y,
-            u,
-            v,
-            y_stride: w,
-            uv_stride: cw,
-            full_range: false,
-        }))
+        let (w, h) = copy_picture(&mut self.planes, &picture, self.max_pixels)?;
+        Ok(Some(planes_yuv(&self.planes, w, h)))
     }
 
     pub fn decode(&mut self, access_unit: &[u8]) -> Result<Option<RgbFrame>> {
         Ok(self.decode_yuv(access_unit)?.map(|p| p.to_rgb()))
+    }
+
+    /// The pictures the decoder still holds back at the end of a stream (with B-frames the
+    /// output runs behind the input), in display order.
+    pub fn flush(&mut self) -> Result<Vec<RgbFrame>> {
+        let pictures = self
+            .decoder
+            .flush_remaining()
+            .map_err(|e| VideoDecodeError::Corrupt {
+                codec: H264,
+                detail: e.to_string(),
+            })?;
+        let mut frames = Vec::with_capacity(pictures.len());
+        for picture in &pictures {
+            let (w, h) = copy_picture(&mut self.planes, picture, self.max_pixels)?;
+            frames.push(planes_yuv(&self.planes, w, h).to_rgb());
+        }
+        Ok(frames)
+    }
+}
+
+/// Copies the visible part of an OpenH264 picture into `planes` (Y, U, V packed): the
+/// picture borrows the decoder, the copy (cheap next to decoding) can outlive the call.
+/// Returns its size.
+fn copy_picture(
+    planes: &mut Vec<u8>,
+    picture: &openh264::decoder::DecodedYUV<'_>,
+    max_pixels: usize,
+) -> Result<(usize, usize)> {
+    let (w, h) = picture.dimensions();
+    check_size(H264, w, h, max_pixels)?;
+    let (ys, us, vs) = picture.strides();
+    if us != vs || ys < w || us < w.div_ceil(2) {
+        return Err(VideoDecodeError::Decoder {
+            codec: H264,
+            detail: format!("unexpected strides {ys}/{us}/{vs} for width {w}"),
+        });
+    }
+    let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+    planes.clear();
+    copy_plane(planes, picture.y(), ys, w, h);
+    copy_plane(planes, picture.u(), us, cw, ch);
+    copy_plane(planes, picture.v(), vs, cw, ch);
+    Ok((w, h))
+}
+
+/// The packed planes [`copy_picture`] wrote, as a picture.
+fn planes_yuv(planes: &[u8], w: usize, h: usize) -> Yuv420<'_> {
+    let cw = w.div_ceil(2);
+    let (y, rest) = planes.split_at(w * h);
+    let (u, v) = rest.split_at(cw * h.div_ceil(2));
+    Yuv420 {
+        width: w,
+        height: h,
+        y,
+        u,
+        v,
+        y_stride: w,
+        uv_stride: cw,
+        full_range: false,
     }
 }
 

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod config;
 pub mod loading;
 pub mod omni;
+pub mod pipeline;
 pub mod random_weights;
 pub mod sampling;
 pub mod speakers;

@@ -6,8 +6,6 @@
 //! Cloning is cheap (weights are shared tensors) and gives an independent KV cache, so each
 //! session clones the loaded model.
 
-use std::ops::ControlFlow;
-
 use anyhow::Context;
 use candle_core::{DType, Device};
 
@@ -19,7 +17,7 @@ use crate::model::speakers::Voices;
 use crate::model::talker::Talker;
 use crate::model::thinker::audio_encoder::AudioEncoder;
 use crate::model::thinker::vision_encoder::VisionEncoder;
-use crate::model::thinker::{GenerationOptions, MultimodalEmbeds, Prompt, Thinker};
+use crate::model::thinker::{GenerationOptions, MultimodalEmbeds, Thinker};
 use crate::model::token2wav::Token2Wav;
 
 /// The parts that turn the Thinker's answer into speech.
@@ -137,44 +135,15 @@ impl OmniModel {
 
     /// Answers `conversation` from an empty context; `media` holds the encoder outputs for its
     /// audio, images and videos. `on_text` receives the answer as it is generated.
+    /// ([`OmniModel::answer`] also keeps what speaking the answer needs.)
     pub fn reply(
         &mut self,
         conversation: &Conversation,
         media: &MultimodalEmbeds,
         options: &GenerationOptions,
-        mut on_text: impl FnMut(&str) -> anyhow::Result<()>,
+        on_text: impl FnMut(&str) -> anyhow::Result<()>,
     ) -> anyhow::Result<Reply> {
-        let encoded = self.tokenizer.encode_conversation(conversation, true)?;
-        let device = self.thinker.device().clone();
-        let embeds = self.thinker.embed_prompt(&encoded.ids, media)?;
-        let prompt = Prompt {
-            ids: encoded.ids.clone(),
-            embeds,
-            positions: encoded.positions.to_tensor(&device)?,
-            rope_delta: encoded.rope_delta,
-        };
-        self.thinker.clear_cache();
-        let mut stream = self.tokenizer.stream();
-        let mut text = String::new();
-        let generation = self.thinker.generate(&prompt, options, |token| {
-            if !token.is_eos
-                && let Some(delta) = stream.push(token.id)?
-            {
-                on_text(&delta)?;
-                text.push_str(&delta);
-            }
-            Ok(ControlFlow::Continue(()))
-        })?;
-        if let Some(delta) = stream.finish()? {
-            on_text(&delta)?;
-            text.push_str(&delta);
-        }
-        Ok(Reply {
-            text,
-            ids: generation.ids,
-            finish: generation.finish,
-            prompt_tokens: encoded.ids.len(),
-        })
+        Ok(self.answer(conversation, media, options, on_text)?.reply)
     }
 }
 
