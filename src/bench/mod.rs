@@ -4,6 +4,7 @@
 //! Every stage reports [`Measurement`] rows; `omnicall bench model` prints them as one table.
 
 pub mod audio;
+pub mod call;
 pub mod engine;
 pub mod thinker;
 pub mod vision;
