@@ -76,7 +76,8 @@ pub const STAGES: [&str; 8] = [
     "voice_to_voice",
 ];
 
-/// `omnicall bench call`.
+/// The latency of a running server, measured by a headless caller: voice to voice, the
+/// server's stages, barge-in.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CallArgs {
     /// The server's base URL.
