@@ -6,6 +6,7 @@
 pub mod audio;
 pub mod call;
 pub mod engine;
+pub mod plot;
 pub mod thinker;
 pub mod vision;
 
