@@ -186,6 +186,28 @@ async fn every_turn_has_every_stage_in_order_and_metrics_show_them() {
         ) > 0.0
     );
     assert_eq!(sample(&page, "omnicall_barge_ins_total"), 0.0);
+    // a refused offer is counted by its reason
+    let url = format!("{}/v1/offer", server.url());
+    let status = tokio::task::spawn_blocking(move || {
+        match ureq::post(&url)
+            .set("Content-Type", "text/plain")
+            .send_string("v=0")
+        {
+            Err(ureq::Error::Status(code, _)) => code,
+            other => panic!("a text/plain offer was not refused: {other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 415);
+    let page = metrics_page(&server).await;
+    assert_eq!(
+        sample(
+            &page,
+            r#"omnicall_calls_rejected_total{reason="unsupported_media_type"}"#
+        ),
+        1.0
+    );
     server.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
