@@ -665,6 +665,11 @@ impl CallClient {
         *self.state.borrow()
     }
 
+    /// The data channel closed (the server ended the call) and every message was taken.
+    pub fn data_channel_closed(&self) -> bool {
+        self.messages.is_closed() && self.messages.is_empty()
+    }
+
     /// Sends a control message on the data channel.
     pub async fn send(&self, message: &ClientMessage) -> anyhow::Result<()> {
         self.send_text(&message.to_json()).await
