@@ -788,8 +788,12 @@ impl Recorder {
 
     /// Takes what arrived, waiting up to `wait` for a message.
     async fn pump(&mut self, wait: Duration) -> anyhow::Result<()> {
-        if let Some(m) = self.call.next_message(wait).await {
-            self.log.take_message(m);
+        let asked = Instant::now();
+        match self.call.next_message(wait).await {
+            Some(m) => self.log.take_message(m),
+            // the channel is gone: no busy loop while the connection state catches up
+            None if asked.elapsed() < wait / 2 => tokio::time::sleep(wait).await,
+            None => {}
         }
         for audio in self.call.take_audio() {
             self.log.packets += 1;
@@ -800,6 +804,9 @@ impl Recorder {
         match self.call.connection_state() {
             RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
                 bail!("the call dropped ({})", self.call.connection_state())
+            }
+            _ if self.call.data_channel_closed() => {
+                bail!("the call dropped (the server closed the data channel)")
             }
             _ => Ok(()),
         }
@@ -1064,15 +1071,19 @@ pub async fn run_call_bench(options: CallBenchOptions) -> anyhow::Result<CallBen
         ..
     } = recorder;
     drop(mic_tx);
-    let late_packets = match mic.await {
-        Ok(Ok(late)) => late,
-        Ok(Err(e)) => return Err(e.context("the microphone stream failed")),
-        Err(e) => bail!("the microphone task failed: {e}"),
-    };
+    if run.is_err() {
+        mic.abort();
+    }
+    let mic = mic.await;
     if let Err(e) = call.hang_up().await {
         tracing::warn!("hanging up: {e:#}");
     }
     run?;
+    let late_packets = match mic {
+        Ok(Ok(late)) => late,
+        Ok(Err(e)) => return Err(e.context("the microphone stream failed")),
+        Err(e) => bail!("the microphone task failed: {e}"),
+    };
 
     let mut warnings = Vec::new();
     let (rows, clock) = analyse(
