@@ -269,3 +269,28 @@ async fn the_camera_streams_a_video_file_during_the_call() {
     server.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_drops_ends_the_run_with_the_reason() {
+    init_tracing();
+    let (factory, _logs) = harness_factory();
+    let server = start(factory).await;
+    let dir = temp_dir("latency-drop");
+    let mut opts = options(&server, &dir);
+    opts.turns = 20;
+    let bench = tokio::spawn(run_call_bench(opts));
+    eventually(Duration::from_secs(20), "the call to start", || {
+        !server.calls().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.shutdown().await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), bench)
+        .await
+        .expect("the run to end once the call is gone")
+        .unwrap()
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("the call dropped"), "{err:#}");
+    assert!(!dir.join("latency.csv").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
