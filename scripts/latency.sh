@@ -49,6 +49,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+command -v curl >/dev/null || { echo "latency: curl is missing (apt-get install curl)" >&2; exit 1; }
+
 if [ -n "${OMNICALL_BIN:-}" ]; then
   bin=$OMNICALL_BIN
 elif [ "$profile" = release ]; then
