@@ -1,11 +1,15 @@
 //! Benchmarks that drive the model and the engine: per-stage model timings at full-size shapes
-//! with random weights, and (later) the latency client of a running server.
+//! with random weights, and the latency client of a running server ([`call`], plotted by
+//! [`plot`]).
 //!
-//! Every stage reports [`Measurement`] rows; `omnicall bench model` prints them as one table.
+//! Every model stage reports [`Measurement`] rows; `omnicall bench model` prints them as one
+//! table.
 
 pub mod audio;
+pub mod call;
 pub mod engine;
 pub mod speech;
+pub mod plot;
 pub mod thinker;
 pub mod vision;
 

@@ -119,6 +119,15 @@ pub struct ReceivedAudio {
     pub samples: Vec<f32>,
 }
 
+/// When the offer went out and the answer came back, since the call started. The server's
+/// session clock starts between the two (when it takes the offer), which bounds the offset
+/// between the two clocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalingTimes {
+    pub offer_sent: Duration,
+    pub answer_received: Duration,
+}
+
 /// Counters of a call.
 #[derive(Debug, Default)]
 pub struct ClientStats {
@@ -323,6 +332,7 @@ pub struct CallClient {
     audio: UnboundedReceiver<ReceivedAudio>,
     state: watch::Receiver<RTCPeerConnectionState>,
     started: Instant,
+    signaling: SignalingTimes,
     stats: Arc<ClientStats>,
 }
 
@@ -482,7 +492,12 @@ impl CallClient {
             .await
             .context("no local description after the offer")?
             .sdp;
+        let offer_sent = started.elapsed();
         let (call_url, answer) = post_offer(&config, offer).await?;
+        let signaling = SignalingTimes {
+            offer_sent,
+            answer_received: started.elapsed(),
+        };
         guard.call_url = Some(call_url.clone());
         pc.set_remote_description(RTCSessionDescription::answer(answer)?)
             .await
@@ -614,6 +629,7 @@ impl CallClient {
             audio: audio_rx,
             state: state_rx,
             started,
+            signaling,
             stats,
         })
     }
@@ -632,6 +648,11 @@ impl CallClient {
         self.started
     }
 
+    /// When the offer was posted and answered.
+    pub fn signaling(&self) -> SignalingTimes {
+        self.signaling
+    }
+
     pub fn media(&self) -> MediaSender {
         self.media.clone()
     }
@@ -642,6 +663,11 @@ impl CallClient {
 
     pub fn connection_state(&self) -> RTCPeerConnectionState {
         *self.state.borrow()
+    }
+
+    /// The data channel closed (the server ended the call) and every message was taken.
+    pub fn data_channel_closed(&self) -> bool {
+        self.messages.is_closed() && self.messages.is_empty()
     }
 
     /// Sends a control message on the data channel.

@@ -17,6 +17,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 
 use crate::media::opus::{OpusError, VoiceEncoder};
+use crate::rtc::metrics::PacketsOut;
 
 /// One Opus frame.
 pub const FRAME: Duration = Duration::from_millis(20);
@@ -42,6 +43,32 @@ pub struct OutStats {
     pub voice_packets: AtomicU64,
     pub silence_packets: AtomicU64,
     pub write_errors: AtomicU64,
+    /// The server's counters (`/metrics`), bumped alongside.
+    pub server: Option<PacketsOut>,
+}
+
+impl OutStats {
+    /// Counts into the server's counters too.
+    pub fn with_server(server: PacketsOut) -> Self {
+        Self {
+            server: Some(server),
+            ..Default::default()
+        }
+    }
+
+    fn sent_voice(&self) {
+        self.voice_packets.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = &self.server {
+            s.voice.inc();
+        }
+    }
+
+    fn sent_silence(&self) {
+        self.silence_packets.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = &self.server {
+            s.silence.inc();
+        }
+    }
 }
 
 /// Where the packets go: the local track and the SSRC and payload type it was negotiated with.
@@ -114,7 +141,7 @@ pub async fn run_audio_out(
                 };
                 for packet in packets {
                     out.send(packet, &stats).await;
-                    stats.voice_packets.fetch_add(1, Ordering::Relaxed);
+                    stats.sent_voice();
                     sent += 1;
                 }
             }
@@ -125,7 +152,7 @@ pub async fn run_audio_out(
                 while start + FRAME * sent + slack <= now {
                     let packet = encoder.silence()?;
                     out.send(packet, &stats).await;
-                    stats.silence_packets.fetch_add(1, Ordering::Relaxed);
+                    stats.sent_silence();
                     sent += 1;
                 }
             }

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod media_in;
 pub mod media_out;
+pub mod metrics;
 pub mod peer;
 pub mod protocol;
 pub mod server;

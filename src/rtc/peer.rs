@@ -34,6 +34,7 @@ use crate::engine::session::{Control, ReplyMode, SessionEvent, SessionHandle};
 use crate::media::video_decode::VideoCodec;
 use crate::rtc::media_in::{AudioReceiver, DecodeProblem, VideoDecodeWorker, VideoReceiver};
 use crate::rtc::media_out::{AudioTrackOut, OutAudio, OutStats, run_audio_out};
+use crate::rtc::metrics::ServerMetrics;
 use crate::rtc::protocol::{ClientMessage, ClientRequest, Envelope, ServerMessage};
 use crate::rtc::signaling::{self, OfferSummary};
 
@@ -282,6 +283,8 @@ pub(crate) struct CallSettings {
     pub max_video_pixels: usize,
     pub max_video_fps: f64,
     pub connect_timeout: Duration,
+    /// The server's `/metrics` counters.
+    pub metrics: Arc<ServerMetrics>,
 }
 
 /// Why an offer could not be answered.
@@ -388,6 +391,7 @@ pub(crate) async fn start_call(
             done: done_rx,
         },
     );
+    let out_stats = Arc::new(OutStats::with_server(settings.metrics.packets_out()));
     let call = Call {
         id: id.clone(),
         started,
@@ -399,7 +403,7 @@ pub(crate) async fn start_call(
         events_tx,
         audio_out: Some(audio_out),
         audio_tx: None,
-        out_stats: Arc::new(OutStats::default()),
+        out_stats,
         dc: None,
         dc_open: false,
         pending: VecDeque::new(),
@@ -639,6 +643,7 @@ impl Call {
     }
 
     async fn session_event(&mut self, event: SessionEvent) {
+        self.settings.metrics.observe(&event);
         let out = match &event {
             SessionEvent::Audio {
                 sample_rate, pcm, ..
@@ -714,7 +719,10 @@ impl Call {
                 let session = self.session.clone();
                 let events = self.events_tx.clone();
                 let started = self.started;
-                tokio::spawn(async move { receive_audio(track, session, events, started).await });
+                let metrics = Arc::clone(&self.settings.metrics);
+                tokio::spawn(async move {
+                    receive_audio(track, session, events, started, metrics).await
+                });
             }
             RtpCodecKind::Video => {
                 let session = self.session.clone();
@@ -759,6 +767,7 @@ async fn receive_audio(
     session: SessionHandle,
     events: UnboundedSender<CallEvent>,
     started: Instant,
+    metrics: Arc<ServerMetrics>,
 ) {
     let mut receiver = match AudioReceiver::new() {
         Ok(r) => r,
@@ -774,6 +783,7 @@ async fn receive_audio(
             }
             continue;
         };
+        metrics.audio_packet_received();
         let (inputs, errors) = receiver.push(
             started.elapsed(),
             packet.header.sequence_number,

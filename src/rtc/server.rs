@@ -9,12 +9,15 @@
 //!   a missing or wrong token `401`, no free call slot `503`; the body says why.
 //! - `DELETE /v1/calls/{id}`: hang up (`204`, `404` for an unknown call).
 //! - `GET /v1/calls`: the calls running (JSON).
+//! - `GET /metrics`: Prometheus counters and per-stage turn timings ([`metrics`](crate::rtc::metrics);
+//!   needs the token when one is set).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -26,6 +29,7 @@ use tokio::sync::Semaphore;
 
 use crate::engine::session::{ReplyMode, SessionConfig, SessionHandle};
 use crate::media::video_decode::DEFAULT_MAX_PIXELS;
+use crate::rtc::metrics::{self, ServerMetrics};
 use crate::rtc::peer::{self, CallRegistry, CallSettings, CallSetupError, EndReason, RtcConfig};
 use crate::rtc::signaling::{self, MAX_SDP_BYTES, OfferError};
 
@@ -81,6 +85,7 @@ struct ServerState {
     factory: SessionFactory,
     slots: Arc<Semaphore>,
     calls: CallRegistry,
+    metrics: Arc<ServerMetrics>,
 }
 
 /// A server running in the background.
@@ -111,6 +116,11 @@ impl RunningServer {
     /// The calls running now.
     pub fn calls(&self) -> Vec<CallInfo> {
         list_calls(&self.state)
+    }
+
+    /// The counters `/metrics` shows.
+    pub fn metrics(&self) -> &ServerMetrics {
+        &self.state.metrics
     }
 
     /// Ends every call (freeing its session) and stops serving.
@@ -184,12 +194,14 @@ impl Server {
                  calls; set a token (Authorization: Bearer) when serving beyond this machine"
             );
         }
+        let metrics = Arc::new(ServerMetrics::new().context("setting up the metrics")?);
         let settings = Arc::new(CallSettings {
             rtc: config.rtc.clone(),
             voices: config.voices.clone(),
             max_video_pixels: config.max_video_pixels,
             max_video_fps: config.max_video_fps,
             connect_timeout: config.connect_timeout,
+            metrics: Arc::clone(&metrics),
         });
         let state = Arc::new(ServerState {
             slots: Arc::new(Semaphore::new(config.max_calls)),
@@ -197,6 +209,7 @@ impl Server {
             factory,
             calls: Default::default(),
             config,
+            metrics,
         });
         let app = router(Arc::clone(&state));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -228,8 +241,9 @@ pub async fn serve(config: ServeConfig, factory: SessionFactory) -> anyhow::Resu
 fn router(state: Arc<ServerState>) -> Router {
     let mut app = Router::new()
         .route("/v1/info", get(info))
-        .route("/v1/offer", post(offer))
+        .route("/v1/offer", post(counted_offer))
         .route("/v1/calls", get(calls))
+        .route("/metrics", get(metrics_page))
         .route("/v1/calls/{id}", delete(hang_up))
         .layer(DefaultBodyLimit::max(MAX_SDP_BYTES));
     app = match &state.config.web_root {
@@ -371,6 +385,32 @@ async fn calls(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Res
         return refusal;
     }
     axum::Json(list_calls(&state)).into_response()
+}
+
+async fn metrics_page(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse_unauthorized(&state, &headers) {
+        return refusal;
+    }
+    match state.metrics.render(state.calls.entries().len()) {
+        Ok(page) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response(),
+        Err(e) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot render the metrics: {e:#}"),
+        ),
+    }
+}
+
+/// `POST /v1/offer`, counted on `/metrics` as a call started or refused.
+async fn counted_offer(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    params: Result<Query<OfferParams>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
+    let metrics = Arc::clone(&state.metrics);
+    let response = offer(State(state), headers, params, body).await;
+    metrics.offer_answered(response.status().as_u16());
+    response
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,8 +1,9 @@
 //! Test harness of the transport (never shipped): a stand-in session behind the real
 //! `SessionHandle` API. It records every input the transport hands it and answers each user
 //! turn (speech then silence, or a typed message) with state changes, text, timing marks and a
-//! 440 Hz tone as 20 ms voice frames at 24 kHz, paced in real time. Once the engine lands, the
-//! same end-to-end tests run against it through the same factory seam.
+//! 440 Hz tone as 20 ms voice frames at 24 kHz, paced in real time; optionally, speech over an
+//! answer cuts it (barge-in). Once the engine lands, the same end-to-end tests run against it
+//! through the same factory seam.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -77,23 +78,36 @@ impl SessionLog {
 
 pub type Log = Arc<Mutex<SessionLog>>;
 
+/// How the stand-in session behaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HarnessOptions {
+    /// The onset of speech while the model answers cuts the answer, as the engine's barge-in
+    /// does (off by default: a browser's fake microphone loops its file over the answers).
+    pub barge_in: bool,
+}
+
 /// A factory of harness sessions and the logs of every session it made.
 pub fn harness_factory() -> (SessionFactory, Arc<Mutex<Vec<Log>>>) {
+    harness_factory_with(HarnessOptions::default())
+}
+
+/// [`harness_factory`] with these options.
+pub fn harness_factory_with(options: HarnessOptions) -> (SessionFactory, Arc<Mutex<Vec<Log>>>) {
     let logs: Arc<Mutex<Vec<Log>>> = Arc::default();
     let made = Arc::clone(&logs);
     let factory: SessionFactory = Arc::new(move |config: SessionConfig| {
         let log: Log = Arc::default();
         log.lock().unwrap().config = Some(config.clone());
         made.lock().unwrap().push(Arc::clone(&log));
-        Ok(spawn_session(config, log))
+        Ok(spawn_session(config, options, log))
     });
     (factory, logs)
 }
 
-fn spawn_session(config: SessionConfig, log: Log) -> SessionHandle {
+fn spawn_session(config: SessionConfig, options: HarnessOptions, log: Log) -> SessionHandle {
     let (input_tx, input_rx) = unbounded::<SessionInput>();
     let (event_tx, event_rx) = unbounded::<SessionEvent>();
-    std::thread::spawn(move || run_session(config, log, input_rx, event_tx));
+    std::thread::spawn(move || run_session(config, options, log, input_rx, event_tx));
     SessionHandle {
         input: input_tx,
         events: event_rx,
@@ -107,6 +121,7 @@ struct Answering {
 
 fn run_session(
     config: SessionConfig,
+    options: HarnessOptions,
     log: Log,
     inputs: Receiver<SessionInput>,
     events: Sender<SessionEvent>,
@@ -138,6 +153,11 @@ fn run_session(
                 if rms > 0.02 {
                     if speech_from.is_none() {
                         speech_from = Some(a.at);
+                        if options.barge_in
+                            && let Some(a) = answering.take()
+                        {
+                            stop(a, turn, &events);
+                        }
                         let _ = events.send(SessionEvent::State(TurnState::UserSpeaking));
                     }
                     last_speech = Some(end);
@@ -158,7 +178,9 @@ fn run_session(
                             turn,
                             reply_mode,
                             format!("I heard {:.1} s of speech", (last - from).as_secs_f32()),
-                            Some((last, end)),
+                            // the end of turn when it was decided, on the session clock (the
+                            // piece's media time `end` runs a frame ahead of its arrival)
+                            Some((last, start.elapsed())),
                             start,
                             events.clone(),
                             Arc::clone(&log),
@@ -281,6 +303,8 @@ fn answer(
             let begin = Instant::now();
             for index in 0..frames {
                 if flag.load(Ordering::SeqCst) {
+                    // the marks of a cut answer, as far as it got
+                    let _ = events.send(SessionEvent::Timings(timings));
                     return;
                 }
                 let pcm: Vec<f32> = (0..frame)
@@ -290,6 +314,8 @@ fn answer(
                     })
                     .collect();
                 if index == 0 {
+                    timings.first_codec_token = Some(now());
+                    timings.first_waveform_chunk = Some(now());
                     timings.first_audio_frame = Some(now());
                 }
                 let _ = events.send(SessionEvent::Audio {

@@ -1,0 +1,328 @@
+//! The server's `/metrics` page: Prometheus text exposition of the calls, the audio packets and
+//! the per-stage timings of every turn.
+//!
+//! | metric | type | what |
+//! | --- | --- | --- |
+//! | `omnicall_calls_active` | gauge | calls running now |
+//! | `omnicall_calls_started_total` | counter | offers answered (`201`) |
+//! | `omnicall_calls_rejected_total{reason}` | counter | offers refused: `busy` (`503`), `unauthorized` (`401`), `bad_offer` (`400`), `unsupported_offer` (`422`), `unsupported_media_type` (`415`), `server_error` (`5xx`), `other` |
+//! | `omnicall_turns_total` | counter | turns whose timing marks the sessions reported |
+//! | `omnicall_barge_ins_total` | counter | answers cut short (the user spoke over the model, or sent `interrupt`) |
+//! | `omnicall_audio_packets_received_total` | counter | RTP packets of the callers' microphones |
+//! | `omnicall_audio_packets_sent_total{kind}` | counter | Opus RTP packets sent: `voice` or `silence` (between answers) |
+//! | `omnicall_turn_stage_seconds{stage}` | histogram | time from the end of the user's speech to each stage of the answer |
+//!
+//! The stages are those of [`TurnTimings`], measured on the session clock from `speech_end`:
+//! `end_of_turn`, `prefill_done`, `first_text_token`, `first_codec_token`,
+//! `first_waveform_chunk`, `first_audio_frame` (the first 20 ms of voice handed to the
+//! transport, which sends it as an Opus packet at once). Turns without a `speech_end` (typed
+//! messages) count in `omnicall_turns_total` only.
+//!
+//! Every server has its own registry (no global state), so servers side by side in one
+//! process, as in the tests, keep separate counts.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::engine::session::{SessionEvent, TurnTimings};
+
+/// The `Content-Type` of the page.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The stages of a turn on `/metrics`, in the order they happen.
+pub const TURN_STAGES: [&str; 6] = [
+    "end_of_turn",
+    "prefill_done",
+    "first_text_token",
+    "first_codec_token",
+    "first_waveform_chunk",
+    "first_audio_frame",
+];
+
+/// Histogram buckets of the stage timings, in seconds: from a VAD frame to a slow CPU prefill.
+const STAGE_BUCKETS: [f64; 15] = [
+    0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0,
+];
+
+/// The marks of `t` in [`TURN_STAGES`] order.
+fn stage_marks(t: &TurnTimings) -> [Option<Duration>; 6] {
+    [
+        t.end_of_turn,
+        t.prefill_done,
+        t.first_text_token,
+        t.first_codec_token,
+        t.first_waveform_chunk,
+        t.first_audio_frame,
+    ]
+}
+
+/// Counters of the Opus packets a call sends, shared with its audio sender.
+#[derive(Debug, Clone)]
+pub struct PacketsOut {
+    pub voice: IntCounter,
+    pub silence: IntCounter,
+}
+
+/// The metrics of one server.
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    registry: Registry,
+    calls_active: IntGauge,
+    calls_started: IntCounter,
+    calls_rejected: IntCounterVec,
+    turns: IntCounter,
+    barge_ins: IntCounter,
+    audio_packets_received: IntCounter,
+    audio_packets_sent: IntCounterVec,
+    stage_seconds: HistogramVec,
+}
+
+impl ServerMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let calls_active = IntGauge::new("omnicall_calls_active", "Calls running now.")?;
+        let calls_started = IntCounter::new(
+            "omnicall_calls_started_total",
+            "Offers answered with a call.",
+        )?;
+        let calls_rejected = IntCounterVec::new(
+            Opts::new(
+                "omnicall_calls_rejected_total",
+                "Offers refused, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let turns = IntCounter::new(
+            "omnicall_turns_total",
+            "Turns whose timing marks the sessions reported.",
+        )?;
+        let barge_ins = IntCounter::new(
+            "omnicall_barge_ins_total",
+            "Answers cut short by the user (speech over the model, or an interrupt message).",
+        )?;
+        let audio_packets_received = IntCounter::new(
+            "omnicall_audio_packets_received_total",
+            "RTP packets of the callers' microphones.",
+        )?;
+        let audio_packets_sent = IntCounterVec::new(
+            Opts::new(
+                "omnicall_audio_packets_sent_total",
+                "Opus RTP packets sent to the callers: the model's voice, or silence between answers.",
+            ),
+            &["kind"],
+        )?;
+        let stage_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "omnicall_turn_stage_seconds",
+                "Time from the end of the user's speech to each stage of the answer (session clock).",
+            )
+            .buckets(STAGE_BUCKETS.to_vec()),
+            &["stage"],
+        )?;
+        registry.register(Box::new(calls_active.clone()))?;
+        registry.register(Box::new(calls_started.clone()))?;
+        registry.register(Box::new(calls_rejected.clone()))?;
+        registry.register(Box::new(turns.clone()))?;
+        registry.register(Box::new(barge_ins.clone()))?;
+        registry.register(Box::new(audio_packets_received.clone()))?;
+        registry.register(Box::new(audio_packets_sent.clone()))?;
+        registry.register(Box::new(stage_seconds.clone()))?;
+        // every series exists from the start, so that a scrape before the first call shows zeros
+        for kind in ["voice", "silence"] {
+            audio_packets_sent.with_label_values(&[kind]);
+        }
+        for stage in TURN_STAGES {
+            stage_seconds.with_label_values(&[stage]);
+        }
+        Ok(Self {
+            registry,
+            calls_active,
+            calls_started,
+            calls_rejected,
+            turns,
+            barge_ins,
+            audio_packets_received,
+            audio_packets_sent,
+            stage_seconds,
+        })
+    }
+
+    /// An offer was answered with a call (`201`), or refused with this HTTP status.
+    pub fn offer_answered(&self, status: u16) {
+        if status == 201 {
+            self.calls_started.inc();
+        } else {
+            self.calls_rejected
+                .with_label_values(&[reject_reason(status)])
+                .inc();
+        }
+    }
+
+    /// One RTP packet of a caller's microphone arrived.
+    pub fn audio_packet_received(&self) {
+        self.audio_packets_received.inc();
+    }
+
+    /// The counters a call's audio sender bumps.
+    pub fn packets_out(&self) -> PacketsOut {
+        PacketsOut {
+            voice: self.audio_packets_sent.with_label_values(&["voice"]),
+            silence: self.audio_packets_sent.with_label_values(&["silence"]),
+        }
+    }
+
+    /// Takes what a session event says about turns and barge-ins.
+    pub fn observe(&self, event: &SessionEvent) {
+        match event {
+            SessionEvent::Timings(t) => self.observe_timings(t),
+            SessionEvent::Interrupted { .. } => self.barge_ins.inc(),
+            _ => {}
+        }
+    }
+
+    fn observe_timings(&self, t: &TurnTimings) {
+        self.turns.inc();
+        let Some(speech_end) = t.speech_end else {
+            return;
+        };
+        for (stage, mark) in TURN_STAGES.iter().zip(stage_marks(t)) {
+            if let Some(mark) = mark {
+                // a mark before the end of speech would be a clock mix-up: it counts as 0
+                let seconds = mark.saturating_sub(speech_end).as_secs_f64();
+                self.stage_seconds
+                    .with_label_values(&[stage])
+                    .observe(seconds);
+            }
+        }
+    }
+
+    /// The page, with `calls_active` calls running now.
+    pub fn render(&self, calls_active: usize) -> anyhow::Result<String> {
+        self.calls_active.set(calls_active as i64);
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(String::from_utf8(out)?)
+    }
+}
+
+/// The `reason` label of a refused offer's HTTP status.
+pub fn reject_reason(status: u16) -> &'static str {
+    match status {
+        503 => "busy",
+        401 => "unauthorized",
+        400 => "bad_offer",
+        422 => "unsupported_offer",
+        415 => "unsupported_media_type",
+        500..=599 => "server_error",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample line `name` (with its labels) on the page.
+    fn sample(page: &str, name: &str) -> Option<f64> {
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn events_become_counts_and_stage_histograms() {
+        let m = ServerMetrics::new().unwrap();
+        let ms = Duration::from_millis;
+        m.observe(&SessionEvent::Timings(TurnTimings {
+            turn: 1,
+            speech_end: Some(ms(2_000)),
+            end_of_turn: Some(ms(2_500)),
+            prefill_done: Some(ms(2_700)),
+            first_text_token: Some(ms(2_750)),
+            first_audio_frame: Some(ms(3_100)),
+            ..Default::default()
+        }));
+        // a typed turn: counted, no stages
+        m.observe(&SessionEvent::Timings(TurnTimings {
+            turn: 2,
+            prefill_done: Some(ms(9_000)),
+            ..Default::default()
+        }));
+        m.observe(&SessionEvent::Interrupted {
+            turn: 2,
+            heard: ms(100),
+            kept_text: String::new(),
+        });
+        m.observe(&SessionEvent::AnswerDone { turn: 2 });
+        m.offer_answered(201);
+        m.offer_answered(503);
+        m.offer_answered(503);
+        m.offer_answered(401);
+        m.audio_packet_received();
+        let out = m.packets_out();
+        out.voice.inc_by(3);
+        out.silence.inc();
+
+        let page = m.render(1).unwrap();
+        assert_eq!(sample(&page, "omnicall_calls_active"), Some(1.0));
+        assert_eq!(sample(&page, "omnicall_calls_started_total"), Some(1.0));
+        assert_eq!(
+            sample(&page, r#"omnicall_calls_rejected_total{reason="busy"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &page,
+                r#"omnicall_calls_rejected_total{reason="unauthorized"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(sample(&page, "omnicall_turns_total"), Some(2.0));
+        assert_eq!(sample(&page, "omnicall_barge_ins_total"), Some(1.0));
+        assert_eq!(
+            sample(&page, "omnicall_audio_packets_received_total"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&page, r#"omnicall_audio_packets_sent_total{kind="voice"}"#),
+            Some(3.0)
+        );
+        let stage = |s: &str, suffix: &str| {
+            sample(
+                &page,
+                &format!("omnicall_turn_stage_seconds_{suffix}{{stage=\"{s}\"}}"),
+            )
+        };
+        assert_eq!(stage("end_of_turn", "count"), Some(1.0));
+        assert_eq!(stage("end_of_turn", "sum"), Some(0.5));
+        assert_eq!(stage("first_audio_frame", "sum"), Some(1.1));
+        // present without observations: this turn had no codec mark
+        assert_eq!(stage("first_codec_token", "count"), Some(0.0));
+        assert_eq!(
+            sample(
+                &page,
+                r#"omnicall_turn_stage_seconds_bucket{stage="first_audio_frame",le="1.5"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &page,
+                r#"omnicall_turn_stage_seconds_bucket{stage="first_audio_frame",le="1"}"#
+            ),
+            Some(0.0)
+        );
+        assert!(page.contains("# TYPE omnicall_turn_stage_seconds histogram"));
+    }
+
+    #[test]
+    fn refusals_are_named_by_status() {
+        assert_eq!(reject_reason(503), "busy");
+        assert_eq!(reject_reason(422), "unsupported_offer");
+        assert_eq!(reject_reason(502), "server_error");
+        assert_eq!(reject_reason(404), "other");
+    }
+}
