@@ -156,6 +156,11 @@ struct BenchArgs {
 enum BenchCommand {
     /// Per-stage model speed at full size with random weights (no checkpoint needed).
     Model(ModelBenchArgs),
+    /// Call a running `omnicall serve` as a headless browser would and measure each turn's
+    /// latency (voice to voice, every stage, barge-in).
+    Call(omnicall::bench::call::CallArgs),
+    /// Draw a `bench call` CSV as a PNG.
+    Plot(omnicall::bench::plot::PlotArgs),
 }
 
 #[derive(Args)]
@@ -197,9 +202,11 @@ fn main() {
     };
     let result = match cli.command {
         Command::Chat(args) => chat(*args, matches.subcommand_matches("chat")),
-        Command::Bench(BenchArgs {
-            what: BenchCommand::Model(args),
-        }) => bench_model(args),
+        Command::Bench(BenchArgs { what }) => match what {
+            BenchCommand::Model(args) => bench_model(args),
+            BenchCommand::Call(args) => omnicall::bench::call::main(args),
+            BenchCommand::Plot(args) => omnicall::bench::plot::main(args),
+        },
     };
     if let Err(e) = result {
         eprintln!("error: {}", error_chain(&e));
