@@ -8,8 +8,8 @@
 pub mod audio;
 pub mod call;
 pub mod engine;
-pub mod speech;
 pub mod plot;
+pub mod speech;
 pub mod thinker;
 pub mod vision;
 

@@ -87,10 +87,10 @@ impl ServeArgs {
             bail!("--max-calls must be at least 1");
         }
         config.max_calls = self.max_calls;
-        if let Some(root) = &self.web_root {
-            if !root.join("index.html").is_file() {
-                bail!("--web-root {}: no index.html there", root.display());
-            }
+        if let Some(root) = &self.web_root
+            && !root.join("index.html").is_file()
+        {
+            bail!("--web-root {}: no index.html there", root.display());
         }
         if let Some(pixels) = self.max_video_pixels {
             if pixels == 0 {
