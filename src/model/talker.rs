@@ -203,6 +203,16 @@ impl Talker {
     pub fn clear_cache(&mut self) {
         self.model.clear_cache()
     }
+
+    /// Rolls the context back to its first `len` positions.
+    pub fn truncate_cache(&mut self, len: usize) {
+        self.model.truncate_cache(len)
+    }
+
+    /// Forgets cached positions `range` (see [`DecoderStack::remove_cache_range`]).
+    pub fn remove_cache_range(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        self.model.remove_cache_range(range)
+    }
 }
 
 /// The audio, image and video placeholder ids of a prompt, whose input-embedding rows the
