@@ -1,6 +1,7 @@
 //! The realtime session: block assembler, streaming Thinker, Talker and vocoder tasks,
 //! turn-taking and barge-in, output pacing, all on an injectable clock.
 
+pub mod activity;
 pub mod blocks;
 pub mod clock;
 pub mod input;
