@@ -4,6 +4,8 @@
 pub mod activity;
 pub mod blocks;
 pub mod clock;
+pub mod context;
+pub mod heard;
 pub mod input;
 pub mod pacer;
 pub mod session;
