@@ -10,3 +10,4 @@ pub mod input;
 pub mod pacer;
 pub mod session;
 pub mod turn;
+pub mod turn_media;
