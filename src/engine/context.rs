@@ -355,6 +355,11 @@ impl Context {
         }
     }
 
+    /// Entries laid out and not yet taken as a batch.
+    pub fn pending(&self) -> usize {
+        self.entries.len() - self.batch_start
+    }
+
     /// Entries laid out since the last call: the next forward pass.
     pub fn take_batch(&mut self) -> Batch {
         let start = self.batch_start;

@@ -243,13 +243,19 @@ impl Pacer {
     }
 }
 
+impl Pacer {
+    /// Ends the pacer (the session is closing): nothing more is released, waiting producers
+    /// return at once. The thread exits as soon as it wakes.
+    pub fn shutdown(&self) {
+        let mut s = self.shared.state.lock().expect("pacer lock");
+        s.shutdown = true;
+        self.shared.wake_parked(&mut s);
+    }
+}
+
 impl Drop for Pacer {
     fn drop(&mut self) {
-        {
-            let mut s = self.shared.state.lock().expect("pacer lock");
-            s.shutdown = true;
-            self.shared.wake_parked(&mut s);
-        }
+        self.shutdown();
         // Not joined: the thread may be asleep until the next frame's due time (forever on a
         // simulated clock that is no longer advanced); it exits as soon as it wakes.
         drop(self.thread.take());
