@@ -176,6 +176,7 @@ fn typed_answer_session(
                         let _ = events_tx.send(SessionEvent::Audio {
                             turn: 1,
                             index: index as u64,
+                            at: start.elapsed(),
                             sample_rate: 24_000,
                             pcm: frame.to_vec(),
                         });

@@ -265,6 +265,7 @@ fn loopback(received: Arc<Mutex<u64>>) -> SessionHandle {
                     let _ = events_tx.send(SessionEvent::Audio {
                         turn: 1,
                         index,
+                        at: a.at,
                         sample_rate: a.sample_rate,
                         pcm: a.samples,
                     });

@@ -210,6 +210,7 @@ fn harness(
                         send(SessionEvent::Audio {
                             turn: answer,
                             index,
+                            at,
                             sample_rate: VOICE_RATE,
                             pcm,
                         });

@@ -40,6 +40,10 @@ pub struct Block<F> {
     pub frames: Vec<F>,
     /// Whether this block ends the turn.
     pub last: bool,
+    /// The audio right after the block (the first samples of the next one), as much of the
+    /// assembler's look-ahead as the turn has: the right context the log-mel features of the
+    /// block's last frames need. Empty for the last block and without look-ahead.
+    pub lookahead: Vec<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +68,11 @@ pub enum BlockConfigError {
     Fps(f64),
     #[error("temporal_patch_size must be > 0")]
     TemporalPatch,
+    #[error("block look-ahead {lookahead:?} is longer than a block ({block_len:?})")]
+    Lookahead {
+        lookahead: Duration,
+        block_len: Duration,
+    },
     #[error(
         "a {block_len:?} block at {fps} fps holds {frames} frames, not a whole multiple of \
          temporal_patch_size {temporal_patch_size}: blocks would not start on a temporal grid"
@@ -152,6 +161,8 @@ pub struct AssemblerStats {
 
 pub struct BlockAssembler<F> {
     config: BlockConfig,
+    /// Samples of audio after a block's end that must have arrived before it closes.
+    lookahead: usize,
     turn_start: Duration,
     next_index: usize,
     /// Audio of the open block, indexed by sample offset from its start.
@@ -167,10 +178,30 @@ pub struct BlockAssembler<F> {
 impl<F: Clone> BlockAssembler<F> {
     /// Starts a turn whose first block begins at `turn_start` (media time).
     pub fn new(config: BlockConfig, turn_start: Duration) -> Result<Self, BlockConfigError> {
+        Self::with_lookahead(config, turn_start, Duration::ZERO)
+    }
+
+    /// Like [`BlockAssembler::new`], but a block closes only once `lookahead` of audio after
+    /// its end has arrived, and carries that audio in [`Block::lookahead`]: the feature
+    /// extractor can then finish the block's last frames at once instead of waiting for the
+    /// next block.
+    pub fn with_lookahead(
+        config: BlockConfig,
+        turn_start: Duration,
+        lookahead: Duration,
+    ) -> Result<Self, BlockConfigError> {
         config.validate()?;
         let samples = block_samples(&config, config.block_len);
+        let lookahead = block_samples(&config, lookahead);
+        if lookahead > samples {
+            return Err(BlockConfigError::Lookahead {
+                lookahead: samples_duration(&config, lookahead),
+                block_len: config.block_len,
+            });
+        }
         Ok(Self {
             config,
+            lookahead,
             turn_start,
             next_index: 0,
             audio: vec![0.0; samples],
@@ -279,35 +310,46 @@ impl<F: Clone> BlockAssembler<F> {
         k
     }
 
-    /// Closes every block that ends at or before media time `now`.
+    /// Closes every block that ends at or before media time `now` (and whose look-ahead has
+    /// arrived by then).
     pub fn advance_to(&mut self, now: Duration) -> Vec<Block<F>> {
         let mut closed = Vec::new();
-        while self.block_start(self.next_index + 1) <= now {
-            closed.push(self.close(self.config.block_len, false));
+        let lookahead = samples_duration(&self.config, self.lookahead);
+        while self.block_start(self.next_index + 1) + lookahead <= now {
+            closed.push(self.close(self.config.block_len, false, self.lookahead));
         }
         closed
     }
 
     /// Ends the turn at media time `end`: closes the blocks before it and the partial last one,
     /// the last returned being flagged `last`. Empty if the blocks already closed reach `end`
-    /// (the turn ended on a block boundary, or before the open block).
+    /// (the turn ended on a block boundary, or before the open block). A full block closed
+    /// here carries only the look-ahead before `end`: the turn's audio stops there.
     pub fn finish(mut self, end: Duration) -> Vec<Block<F>> {
-        let mut closed = self.advance_to(end);
+        let mut closed = Vec::new();
+        while self.block_start(self.next_index + 1) <= end {
+            let room = end - self.block_start(self.next_index + 1);
+            let lookahead = self.lookahead.min(block_samples(&self.config, room));
+            closed.push(self.close(self.config.block_len, false, lookahead));
+        }
         let rest = end.saturating_sub(self.block_start(self.next_index));
         if block_samples(&self.config, rest) > 0 {
-            closed.push(self.close(rest, true));
+            closed.push(self.close(rest, true, 0));
         } else if let Some(last) = closed.last_mut() {
             last.last = true;
+            last.lookahead.clear();
         }
         closed
     }
 
-    fn close(&mut self, duration: Duration, last: bool) -> Block<F> {
+    fn close(&mut self, duration: Duration, last: bool, lookahead: usize) -> Block<F> {
         let start = self.block_start(self.next_index);
         let n = block_samples(&self.config, duration);
         let full = block_samples(&self.config, self.config.block_len);
         let mut audio: Vec<f32> = self.audio.drain(..n.min(self.audio.len())).collect();
         audio.resize(n, 0.0);
+        let mut after: Vec<f32> = self.audio.iter().take(lookahead).copied().collect();
+        after.resize(lookahead, 0.0);
         if !last {
             // Keep the buffer aligned on the next block: drop what is left of this one.
             let extra = full - n;
@@ -325,6 +367,7 @@ impl<F: Clone> BlockAssembler<F> {
             audio,
             frames,
             last,
+            lookahead: after,
         }
     }
 
@@ -367,6 +410,10 @@ impl<F: Clone> BlockAssembler<F> {
 
 fn block_samples(config: &BlockConfig, duration: Duration) -> usize {
     (duration.as_secs_f64() * config.sample_rate as f64).round() as usize
+}
+
+fn samples_duration(config: &BlockConfig, samples: usize) -> Duration {
+    Duration::from_nanos((samples as u128 * 1_000_000_000 / config.sample_rate as u128) as u64)
 }
 
 #[cfg(test)]
@@ -551,6 +598,42 @@ mod tests {
         assert_eq!(
             rest.iter().map(|b| b.last).collect::<Vec<_>>(),
             [false, false, true]
+        );
+    }
+
+    #[test]
+    fn blocks_wait_for_their_lookahead_and_carry_it() {
+        let la = Duration::from_micros(12_500);
+        let mut a = BlockAssembler::<u32>::with_lookahead(config(), ms(0), la).unwrap();
+        // audio whose value is its sample index, in 10 ms pieces
+        let mut closed = Vec::new();
+        let mut at_close = Vec::new();
+        for k in 0..430u64 {
+            let piece: Vec<f32> = (k * 160..(k + 1) * 160).map(|i| i as f32).collect();
+            a.push_audio(ms(10 * k), &piece);
+            let new = a.advance_to(ms(10 * (k + 1)));
+            at_close.extend(new.iter().map(|_| ms(10 * (k + 1))));
+            closed.extend(new);
+        }
+        assert_eq!(closed.len(), 2);
+        // 2.0 s is not enough: 2.0125 s of audio is needed, which comes with the 2.02 s piece
+        assert_eq!(at_close, vec![ms(2020), ms(4020)]);
+        assert_eq!(closed[0].lookahead.len(), 200);
+        assert_eq!(closed[0].lookahead[0], 32_000.0);
+        assert_eq!(closed[1].audio[..200], closed[0].lookahead[..]);
+        // the turn ends 5 ms into the third block: a block closed at the end carries only the
+        // audio of the turn, the last one none
+        let mut a = BlockAssembler::<u32>::with_lookahead(config(), ms(0), la).unwrap();
+        a.push_audio(ms(0), &vec![0.5; 16_000 * 5]);
+        let rest = a.finish(ms(4005));
+        assert_eq!(rest.len(), 3);
+        assert_eq!(rest[0].lookahead.len(), 200);
+        assert_eq!(rest[1].lookahead.len(), 80);
+        assert!(rest[2].last && rest[2].lookahead.is_empty());
+        assert_eq!(rest[2].audio.len(), 80);
+        assert!(
+            BlockAssembler::<u32>::with_lookahead(config(), ms(0), ms(2500)).is_err(),
+            "a look-ahead longer than a block"
         );
     }
 

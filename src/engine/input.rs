@@ -56,6 +56,10 @@ pub struct InputConfig {
     /// How far ahead of the session clock a media timestamp may be before the input is
     /// refused as broken.
     pub max_lead: Duration,
+    /// Audio after a block's end that must be on the timeline before the block closes (it
+    /// travels with the block: see [`Block::lookahead`]). The session sets it to the feature
+    /// extractor's right context (`n_fft / 2` samples) so a block's audio is encoded at once.
+    pub block_lookahead: Duration,
 }
 
 impl InputConfig {
@@ -69,6 +73,7 @@ impl InputConfig {
             max_audio_delay: Duration::from_millis(150),
             timestamp_tolerance: Duration::from_millis(2),
             max_lead: Duration::from_secs(2),
+            block_lookahead: Duration::ZERO,
         }
     }
 }
@@ -741,7 +746,11 @@ impl InputStage {
         self.stats.turns_started += 1;
         // on the timeline's sample grid, so that the history lands on whole samples
         let from = samples_to_duration(duration_to_samples(from, self.rate), self.rate);
-        let mut assembler = BlockAssembler::new(self.config.blocks.clone(), from)?;
+        let mut assembler = BlockAssembler::with_lookahead(
+            self.config.blocks.clone(),
+            from,
+            self.config.block_lookahead,
+        )?;
         let first = duration_to_samples(from, self.rate).max(self.history_start);
         if first < self.written {
             let offset = (first - self.history_start) as usize;

@@ -1,6 +1,12 @@
 //! The output pacer: releases the model's voice in 20 ms frames at real-time pace on the
 //! session clock, and stops at once on barge-in. A frame counts as heard once released, so
 //! the number of released frames is what the engine keeps of an interrupted answer.
+//!
+//! Producers that must not run too far ahead of playback (the Talker, the vocoder) wait in
+//! [`Pacer::wait_until_played`]. With an [`Activity`] the pacer takes part in the session's
+//! quiescence accounting: each frame or report it sends is counted (the receiver uncounts it
+//! once handled), a waiting producer is uncounted while it waits and counted again when a
+//! release wakes it, and [`Pacer::quiescent`] says whether anything is due on the clock.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -9,6 +15,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
+use super::activity::Activity;
 use super::clock::Clock;
 
 /// Length of one output frame.
@@ -36,6 +43,17 @@ struct State {
     released: u64,
     next_due: Option<Duration>,
     shutdown: bool,
+    /// Producers waiting in `wait_until_played` (uncounted while they wait).
+    parked: i64,
+    /// Moves each time parked producers are woken (and counted again).
+    wake_generation: u64,
+}
+
+impl State {
+    /// The answer still plays: neither stopped nor reported finished.
+    fn live(&self) -> bool {
+        self.answer & (1 << 63) == 0
+    }
 }
 
 struct Shared {
@@ -44,6 +62,33 @@ struct Shared {
     clock: Arc<dyn Clock>,
     frame_samples: usize,
     out: Sender<PacerOutput>,
+    activity: Option<Arc<Activity>>,
+}
+
+impl Shared {
+    /// Wakes every parked producer, counting each again; call with the state locked.
+    fn wake_parked(&self, state: &mut State) {
+        if state.parked > 0 {
+            if let Some(a) = &self.activity {
+                a.add(state.parked);
+            }
+            state.parked = 0;
+            state.wake_generation += 1;
+        }
+        self.wake.notify_all();
+    }
+
+    /// Sends an output, counted until its receiver is done with it.
+    fn send(&self, output: PacerOutput) {
+        if let Some(a) = &self.activity {
+            a.begin();
+        }
+        if self.out.send(output).is_err()
+            && let Some(a) = &self.activity
+        {
+            a.end();
+        }
+    }
 }
 
 /// Handle of the pacer thread.
@@ -54,12 +99,33 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(clock: Arc<dyn Clock>, sample_rate: u32, out: Sender<PacerOutput>) -> Self {
+        Self::build(clock, sample_rate, out, None)
+    }
+
+    /// A pacer whose outputs and waiting producers are counted in `activity` (see the module
+    /// doc): every [`PacerOutput`] it sends must be followed by `activity.end()` once handled.
+    pub fn with_activity(
+        clock: Arc<dyn Clock>,
+        sample_rate: u32,
+        out: Sender<PacerOutput>,
+        activity: Arc<Activity>,
+    ) -> Self {
+        Self::build(clock, sample_rate, out, Some(activity))
+    }
+
+    fn build(
+        clock: Arc<dyn Clock>,
+        sample_rate: u32,
+        out: Sender<PacerOutput>,
+        activity: Option<Arc<Activity>>,
+    ) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             clock,
             frame_samples: (sample_rate as u128 * FRAME.as_millis() / 1000) as usize,
             out,
+            activity,
         });
         let thread = {
             let shared = shared.clone();
@@ -81,11 +147,14 @@ impl Pacer {
     /// Starts a new answer; whatever was pending of an earlier one is dropped.
     pub fn begin(&self, answer: u64) {
         let mut s = self.shared.state.lock().expect("pacer lock");
+        let (parked, wake_generation) = (s.parked, s.wake_generation);
         *s = State {
             answer,
+            parked,
+            wake_generation,
             ..State::default()
         };
-        self.shared.wake.notify_all();
+        self.shared.wake_parked(&mut s);
     }
 
     /// Appends samples of the answer `answer` (ignored if that answer was stopped).
@@ -107,7 +176,7 @@ impl Pacer {
                 s.pending.extend(std::iter::repeat_n(0.0, pad));
             }
             s.complete = true;
-            self.shared.wake.notify_all();
+            self.shared.wake_parked(&mut s);
         }
     }
 
@@ -119,7 +188,7 @@ impl Pacer {
         s.pending.clear();
         s.complete = true;
         s.answer = s.answer.wrapping_add(1) | (1 << 63);
-        self.shared.wake.notify_all();
+        self.shared.wake_parked(&mut s);
         released
     }
 
@@ -127,15 +196,66 @@ impl Pacer {
     pub fn released(&self) -> u64 {
         self.shared.state.lock().expect("pacer lock").released
     }
+
+    /// Samples of the current answer waiting to be released.
+    pub fn queued_samples(&self) -> usize {
+        self.shared.state.lock().expect("pacer lock").pending.len()
+    }
+
+    /// Blocks until `frames` frames of `answer` have been released. Returns false at once if
+    /// `answer` is not (or no longer) the one playing: it was stopped or replaced, so the
+    /// caller's work for it is stale. Returns true when the frames are out, or when the
+    /// answer's audio is complete (nothing more will be released: waiting is pointless).
+    pub fn wait_until_played(&self, answer: u64, frames: u64) -> bool {
+        let shared = &self.shared;
+        let mut s = shared.state.lock().expect("pacer lock");
+        loop {
+            if s.shutdown || s.answer != answer {
+                return false;
+            }
+            if s.released >= frames || s.complete {
+                return true;
+            }
+            // Parked: uncounted until a release (or a stop) wakes it and counts it again.
+            s.parked += 1;
+            let generation = s.wake_generation;
+            if let Some(a) = &shared.activity {
+                a.end();
+            }
+            while s.wake_generation == generation {
+                s = shared.wake.wait(s).expect("pacer lock");
+            }
+        }
+    }
+
+    /// Nothing is due: no frame ready to go at the clock's present time, no report pending.
+    /// (A driver on simulated time moves the clock only when the session is quiescent.)
+    pub fn quiescent(&self) -> bool {
+        let s = self.shared.state.lock().expect("pacer lock");
+        if s.shutdown {
+            return true;
+        }
+        let n = self.shared.frame_samples;
+        let now = self.shared.clock.now();
+        let frame_due = s.live() && s.pending.len() >= n && s.next_due.is_none_or(|due| due <= now);
+        let report_due = s.live() && s.complete && s.pending.is_empty();
+        !(frame_due || report_due)
+    }
+}
+
+impl Pacer {
+    /// Ends the pacer (the session is closing): nothing more is released, waiting producers
+    /// return at once. The thread exits as soon as it wakes.
+    pub fn shutdown(&self) {
+        let mut s = self.shared.state.lock().expect("pacer lock");
+        s.shutdown = true;
+        self.shared.wake_parked(&mut s);
+    }
 }
 
 impl Drop for Pacer {
     fn drop(&mut self) {
-        {
-            let mut s = self.shared.state.lock().expect("pacer lock");
-            s.shutdown = true;
-            self.shared.wake.notify_all();
-        }
+        self.shutdown();
         // Not joined: the thread may be asleep until the next frame's due time (forever on a
         // simulated clock that is no longer advanced); it exits as soon as it wakes.
         drop(self.thread.take());
@@ -169,19 +289,20 @@ fn run(shared: &Shared) {
             guard.released += 1;
             guard.next_due = Some(due + FRAME);
             // Sent under the lock, so that `stop` cannot return between release and send.
-            let _ = shared.out.send(PacerOutput::Frame {
+            shared.send(PacerOutput::Frame {
                 answer,
                 index,
                 at: due,
                 pcm,
             });
+            shared.wake_parked(&mut guard);
             continue;
         }
-        if guard.complete && guard.pending.is_empty() && guard.answer & (1 << 63) == 0 {
+        if guard.complete && guard.pending.is_empty() && guard.live() {
             let (answer, frames) = (guard.answer, guard.released);
             // Mark as reported: a finished answer is never reported twice.
             guard.answer |= 1 << 63;
-            let _ = shared.out.send(PacerOutput::Finished { answer, frames });
+            shared.send(PacerOutput::Finished { answer, frames });
             continue;
         }
         guard = shared.wake.wait(guard).expect("pacer lock");
@@ -191,6 +312,7 @@ fn run(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::activity::Activity;
     use crate::engine::clock::SimulatedClock;
     use crossbeam_channel::unbounded;
 
@@ -234,6 +356,62 @@ mod tests {
                 frames: 4
             }
         );
+    }
+
+    #[test]
+    fn a_producer_waits_for_playback_and_is_counted_while_it_works() {
+        let clock = Arc::new(SimulatedClock::new());
+        let (tx, rx) = unbounded();
+        let activity = Activity::new();
+        let pacer = Arc::new(Pacer::with_activity(
+            clock.clone(),
+            24000,
+            tx,
+            activity.clone(),
+        ));
+        pacer.begin(3);
+        pacer.push(3, &vec![0.2; 480 * 4]);
+        // a producer holding one piece of work waits for frame 3 to be out
+        activity.begin();
+        let producer = {
+            let (pacer, activity) = (pacer.clone(), activity.clone());
+            std::thread::spawn(move || {
+                let played = pacer.wait_until_played(3, 3);
+                activity.end();
+                played
+            })
+        };
+        let handled = |n: usize| {
+            for _ in 0..n {
+                wait_for(&rx);
+                activity.end();
+            }
+        };
+        handled(1); // frame 0 at t = 0
+        // the producer is parked: nothing counted, nothing due before the clock moves
+        assert!(activity.wait_zero(std::time::Duration::from_secs(5)));
+        assert!(pacer.quiescent());
+        for _ in 0..2 {
+            clock.advance(FRAME);
+            handled(1);
+        }
+        assert!(producer.join().unwrap(), "three frames played");
+        assert!(activity.wait_zero(std::time::Duration::from_secs(5)));
+        // a stopped answer releases its waiters with `false`
+        activity.begin();
+        let producer = {
+            let (pacer, activity) = (pacer.clone(), activity.clone());
+            std::thread::spawn(move || {
+                let played = pacer.wait_until_played(3, 100);
+                activity.end();
+                played
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        pacer.stop();
+        assert!(!producer.join().unwrap());
+        assert!(activity.wait_zero(std::time::Duration::from_secs(5)));
+        assert!(!pacer.wait_until_played(3, 1), "not the answer playing");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::turn::{TurnConfig, TurnState};
 use crate::media::vad::VadConfig;
+use crate::media::video::{OFFICIAL_VIDEO_MAX_PIXELS, OFFICIAL_VIDEO_MIN_PIXELS};
 use crate::model::chat::SPEECH_SYSTEM_PROMPT;
 
 /// Whether the model answers with voice (and text) or with text only.
@@ -97,10 +98,13 @@ pub enum SessionEvent {
         turn: u64,
         delta: String,
     },
-    /// One 20 ms frame of the model's voice at `sample_rate`, the `index`-th of the answer.
+    /// One 20 ms frame of the model's voice at `sample_rate`, the `index`-th of the answer,
+    /// released at `at` on the session clock (frames of an answer are `at` 20 ms apart unless
+    /// the voice ran late).
     Audio {
         turn: u64,
         index: u64,
+        at: Duration,
         sample_rate: u32,
         pcm: Vec<f32>,
     },
@@ -134,7 +138,17 @@ pub struct SessionConfig {
     pub max_context: usize,
     /// Frames per second sampled from the camera (the model was trained at 2).
     pub video_fps: f64,
+    /// Pixels of a camera frame after the processor's resize (each 28x28 pixels cost one
+    /// Thinker token per temporal grid): the official live-video bounds by default.
+    pub video_min_pixels: usize,
+    pub video_max_pixels: usize,
     pub max_answer_tokens: usize,
+    /// Longest spoken answer (the reference's Talker limit is 4096 codes, 81.92 s).
+    pub max_speech: Duration,
+    /// How far the Talker and the vocoder may run ahead of what has been played: work beyond
+    /// it waits, so a barge-in wastes at most this much speech.
+    pub speech_lead: Duration,
+    /// Seeds the Thinker's and the Talker's sampling and the vocoder's noise.
     pub seed: u64,
 }
 
@@ -148,7 +162,11 @@ impl Default for SessionConfig {
             vad: VadConfig::default(),
             max_context: 32768,
             video_fps: 2.0,
+            video_min_pixels: OFFICIAL_VIDEO_MIN_PIXELS,
+            video_max_pixels: OFFICIAL_VIDEO_MAX_PIXELS,
             max_answer_tokens: 512,
+            max_speech: Duration::from_millis(4096 * 20),
+            speech_lead: Duration::from_secs(3),
             seed: 0,
         }
     }

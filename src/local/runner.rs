@@ -297,6 +297,7 @@ impl Call {
                 index,
                 sample_rate,
                 pcm,
+                ..
             } => {
                 if sample_rate == 0 {
                     bail!("the session sent voice frame {index} of turn {turn} at 0 Hz");

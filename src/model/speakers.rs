@@ -168,6 +168,22 @@ impl Voices {
         Ok(Self { voices })
     }
 
+    /// Voices made in memory (benchmarks with random weights); each is checked as a loaded
+    /// one is.
+    pub fn from_voices(voices: impl IntoIterator<Item = Voice>) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for v in voices {
+            let device = v.cond.device().clone();
+            let bos = i64::from(v.bos_token);
+            let voice = Voice::new(&v.name, bos, v.cond, v.ref_mel, &device)?;
+            map.insert(voice.name.clone(), voice);
+        }
+        if map.is_empty() {
+            bail!("no voices given");
+        }
+        Ok(Self { voices: map })
+    }
+
     /// The voice called `name`; an unknown name is an error listing the voices there are.
     pub fn get(&self, name: &str) -> Result<&Voice> {
         self.voices.get(name).with_context(|| {

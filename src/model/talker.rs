@@ -155,19 +155,25 @@ impl Talker {
         first_reply: &Tensor,
     ) -> Result<Tensor> {
         let prompt = self.thinker_rows(prompt, "prompt rows")?;
+        let tail = self.prefill_tail_input(speaker_bos, first_reply)?;
+        Tensor::cat(&[prompt, tail], 1)
+    }
+
+    /// The last two rows of the prefill: E_thinker(voice bos) + C(codec_pad), then
+    /// `first_reply` + C(codec_bos). Returns `[1, 2, E]`.
+    pub fn prefill_tail_input(&self, speaker_bos: &Tensor, first_reply: &Tensor) -> Result<Tensor> {
         let codec = self.embed_codes(&[
             self.cfg.tts_codec_pad_token_id,
             self.cfg.tts_codec_start_token_id,
         ])?; // [2, E]
-        let tail = Tensor::cat(
+        Tensor::cat(
             &[
                 self.thinker_rows(speaker_bos, "speaker bos row")?,
                 self.thinker_rows(first_reply, "reply row")?,
             ],
             1,
         )?
-        .broadcast_add(&codec.unsqueeze(0)?)?;
-        Tensor::cat(&[prompt, tail], 1)
+        .broadcast_add(&codec.unsqueeze(0)?)
     }
 
     /// Runs Thinker-width input rows `[1, T, E]` at `positions` `[3, T]` (or `[3, 1, T]`) after
@@ -202,6 +208,16 @@ impl Talker {
 
     pub fn clear_cache(&mut self) {
         self.model.clear_cache()
+    }
+
+    /// Rolls the context back to its first `len` positions.
+    pub fn truncate_cache(&mut self, len: usize) {
+        self.model.truncate_cache(len)
+    }
+
+    /// Forgets cached positions `range` (see [`DecoderStack::remove_cache_range`]).
+    pub fn remove_cache_range(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        self.model.remove_cache_range(range)
     }
 }
 
@@ -349,9 +365,19 @@ pub enum TalkerStep {
     Finished(TalkerFinish),
 }
 
+/// What the first step of a turn runs.
+#[derive(Debug, Clone)]
+enum Prefill {
+    /// The whole prompt and the two rows after it, on a cleared cache.
+    Whole(TalkerPrompt),
+    /// The cache already holds the `len` prompt rows: only the two rows after them run, at
+    /// `positions` `[3, 2]`.
+    AfterCache { len: usize, positions: Tensor },
+}
+
 /// One spoken answer: the Talker's decoding state, fed reply rows as they come.
 pub struct TalkerTurn {
-    prompt: Option<TalkerPrompt>,
+    prefill: Option<Prefill>,
     text_rows: TalkerTextRows,
     pending: VecDeque<Tensor>,
     thinker_done: bool,
@@ -372,7 +398,7 @@ pub struct TalkerTurn {
 impl std::fmt::Debug for TalkerTurn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TalkerTurn")
-            .field("prefilled", &self.prompt.is_none())
+            .field("prefilled", &self.prefill.is_none())
             .field("pending_rows", &self.pending.len())
             .field("thinker_done", &self.thinker_done)
             .field("codes", &self.codes.len())
@@ -390,7 +416,6 @@ impl TalkerTurn {
         text_rows: TalkerTextRows,
         options: TalkerOptions,
     ) -> Result<Self> {
-        let cfg = talker.config();
         let l = prompt.rows.dim(prompt.rows.rank().saturating_sub(2))?;
         let pos_len = prompt.positions.dim(D::Minus1)?;
         if pos_len != l + 2 {
@@ -400,6 +425,57 @@ impl TalkerTurn {
                 l + 2
             );
         }
+        let rope_delta = prompt.rope_delta;
+        Self::start(
+            talker,
+            Prefill::Whole(prompt),
+            l,
+            rope_delta,
+            text_rows,
+            options,
+        )
+    }
+
+    /// Starts a turn on a Talker whose cache already holds the `cached_len` prompt rows (a
+    /// conversation mirrored into the Talker as the Thinker prefilled it): the first step runs
+    /// only the voice bos row and the first reply row, at `tail_positions` (`[3, 2]`: the
+    /// `get_rope_index` positions of those two rows). Decode steps sit at
+    /// `cache_len + rope_delta`. The codes equal those of [`TalkerTurn::new`] on the same
+    /// prompt rows and positions.
+    pub fn after_cached_prompt(
+        talker: &Talker,
+        cached_len: usize,
+        tail_positions: Tensor,
+        rope_delta: i64,
+        text_rows: TalkerTextRows,
+        options: TalkerOptions,
+    ) -> Result<Self> {
+        let positions = match tail_positions.rank() {
+            3 if tail_positions.dim(1)? == 1 => tail_positions.squeeze(1)?,
+            _ => tail_positions,
+        };
+        if positions.dims() != [3, 2] {
+            candle_core::bail!(
+                "talker: the two rows after a cached prompt need [3, 2] positions, got {:?}",
+                positions.dims()
+            );
+        }
+        let prefill = Prefill::AfterCache {
+            len: cached_len,
+            positions,
+        };
+        Self::start(talker, prefill, cached_len, rope_delta, text_rows, options)
+    }
+
+    fn start(
+        talker: &Talker,
+        prefill: Prefill,
+        l: usize,
+        rope_delta: i64,
+        text_rows: TalkerTextRows,
+        options: TalkerOptions,
+    ) -> Result<Self> {
+        let cfg = talker.config();
         if options.max_codes == 0 {
             candle_core::bail!("talker: max_codes must be at least 1");
         }
@@ -419,8 +495,8 @@ impl TalkerTurn {
             history.retain(|&id| id != cfg.tts_codec_mask_token_id);
         }
         Ok(Self {
-            rope_delta: prompt.rope_delta,
-            prompt: Some(prompt),
+            rope_delta,
+            prefill: Some(prefill),
             text_rows,
             pending: VecDeque::new(),
             thinker_done: false,
@@ -509,7 +585,7 @@ impl TalkerTurn {
         if let Some(reason) = self.finished {
             return Ok(TalkerStep::Finished(reason));
         }
-        let hidden = if let Some(prompt) = self.prompt.as_ref() {
+        let hidden = if let Some(prefill) = self.prefill.as_ref() {
             let Some(first) = self.pending.pop_front() else {
                 if self.thinker_done {
                     self.finished = Some(TalkerFinish::NoText);
@@ -517,11 +593,26 @@ impl TalkerTurn {
                 }
                 return Ok(TalkerStep::NeedText);
             };
-            let input = talker.prefill_input(&prompt.rows, &self.text_rows.speaker_bos, &first)?;
-            talker.clear_cache();
-            let hidden = talker.forward(&input, &prompt.positions)?;
-            self.past_len = input.dim(1)?;
-            self.prompt = None;
+            let speaker_bos = &self.text_rows.speaker_bos;
+            let hidden = match prefill {
+                Prefill::Whole(prompt) => {
+                    let input = talker.prefill_input(&prompt.rows, speaker_bos, &first)?;
+                    talker.clear_cache();
+                    talker.forward(&input, &prompt.positions)?
+                }
+                Prefill::AfterCache { len, positions } => {
+                    if talker.cache_len() != *len {
+                        candle_core::bail!(
+                            "talker: the cache holds {} rows, the turn expects its {len} prompt rows",
+                            talker.cache_len()
+                        );
+                    }
+                    let input = talker.prefill_tail_input(speaker_bos, &first)?;
+                    talker.forward(&input, positions)?
+                }
+            };
+            self.past_len = talker.cache_len();
+            self.prefill = None;
             hidden
         } else {
             let Some(row) = self.next_row() else {
@@ -693,7 +784,11 @@ mod tests {
             }
         };
         let fresh = turn(&cfg, &talker, 6, 12);
-        let (prompt, text) = (fresh.prompt.clone().unwrap(), fresh.text_rows.clone());
+        let prompt = match fresh.prefill.clone().unwrap() {
+            Prefill::Whole(prompt) => prompt,
+            other => panic!("{other:?}"),
+        };
+        let text = fresh.text_rows.clone();
         let offline = generate_codes(
             &mut talker,
             prompt,
@@ -706,6 +801,67 @@ mod tests {
             },
         )?;
         assert_eq!(offline, streamed);
+        Ok(())
+    }
+
+    #[test]
+    fn a_turn_after_a_cached_prompt_equals_the_whole_prefill() -> Result<()> {
+        let (cfg, mut talker) = tiny();
+        let e = cfg.talker_config.embedding_size;
+        let replies: Vec<Tensor> = (0..5).map(|i| rows(1, e, 20.0 + i as f64)).collect();
+        let run = |talker: &mut Talker, mut t: TalkerTurn| -> Result<Vec<u32>> {
+            for r in &replies {
+                t.push_reply_row(r.clone())?;
+            }
+            t.finish_text();
+            while let TalkerStep::Code(_) = t.step(talker)? {}
+            Ok(t.codes().to_vec())
+        };
+        let whole = turn(&cfg, &talker, 7, 10);
+        let Some(Prefill::Whole(prompt)) = whole.prefill.clone() else {
+            panic!("a whole prefill")
+        };
+        let text = whole.text_rows.clone();
+        let want = run(&mut talker, whole)?;
+        assert!(want.len() >= 3, "{want:?}");
+        // The same prompt mirrored in two pieces, then the tail.
+        talker.clear_cache();
+        let prompt_rows = talker.thinker_rows(&prompt.rows, "rows")?;
+        talker.forward(
+            &prompt_rows.narrow(1, 0, 3)?,
+            &prompt.positions.narrow(1, 0, 3)?,
+        )?;
+        talker.forward(
+            &prompt_rows.narrow(1, 3, 4)?,
+            &prompt.positions.narrow(1, 3, 4)?,
+        )?;
+        let options = TalkerOptions {
+            sampling: SamplingOptions::greedy(),
+            max_codes: 10,
+            dit_codec_rows: None,
+        };
+        let cached = TalkerTurn::after_cached_prompt(
+            &talker,
+            7,
+            prompt.positions.narrow(1, 7, 2)?,
+            prompt.rope_delta,
+            text.clone(),
+            options.clone(),
+        )?;
+        assert_eq!(run(&mut talker, cached)?, want);
+        // A cache that does not hold the prompt is an error, not a wrong answer.
+        talker.truncate_cache(5);
+        let mut wrong = TalkerTurn::after_cached_prompt(
+            &talker,
+            7,
+            prompt.positions.narrow(1, 7, 2)?,
+            prompt.rope_delta,
+            text,
+            options,
+        )?;
+        wrong.push_reply_row(replies[0].clone())?;
+        let err = wrong.step(&mut talker).unwrap_err().to_string();
+        assert!(err.contains("expects its 7 prompt rows"), "{err}");
         Ok(())
     }
 

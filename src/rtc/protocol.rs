@@ -319,6 +319,7 @@ mod tests {
             ServerMessage::from_event(&SessionEvent::Audio {
                 turn: 1,
                 index: 0,
+                at: Duration::ZERO,
                 sample_rate: 24_000,
                 pcm: vec![0.0; 480],
             })

@@ -321,6 +321,7 @@ fn answer(
                 let _ = events.send(SessionEvent::Audio {
                     turn,
                     index,
+                    at: now(),
                     sample_rate: VOICE_RATE,
                     pcm,
                 });

@@ -136,6 +136,46 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Drops positions `range` (the later ones move down to close the gap). Keys were rotated
+    /// at their absolute positions before caching, so the entries that stay remain valid: this
+    /// is how a long conversation forgets its oldest parts.
+    pub fn remove(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        if range.start > range.end || range.end > self.len {
+            candle_core::bail!(
+                "kv cache: cannot remove positions {range:?} of a cache holding {}",
+                self.len
+            );
+        }
+        let removed = range.end - range.start;
+        if removed == 0 {
+            return Ok(());
+        }
+        let tail = self.len - range.end;
+        if tail > 0 {
+            let (k, v) = match (self.k.as_ref(), self.v.as_ref()) {
+                (Some(k), Some(v)) => (k.clone(), v.clone()),
+                _ => candle_core::bail!("kv cache buffers missing"),
+            };
+            // Copied out first: source and destination overlap.
+            let k_tail = k.narrow(2, range.end, tail)?.contiguous()?.copy()?;
+            let v_tail = v.narrow(2, range.end, tail)?.contiguous()?.copy()?;
+            if std::sync::Arc::strong_count(&self.owner) > 1 {
+                // Shared with a clone: move to a private copy before writing.
+                self.k = Some(k.copy()?);
+                self.v = Some(v.copy()?);
+                self.owner = std::sync::Arc::new(());
+            }
+            let (kb, vb) = match (self.k.as_ref(), self.v.as_ref()) {
+                (Some(k), Some(v)) => (k, v),
+                _ => candle_core::bail!("kv cache buffers missing"),
+            };
+            kb.slice_set(&k_tail, 2, range.start)?;
+            vb.slice_set(&v_tail, 2, range.start)?;
+        }
+        self.len -= removed;
+        Ok(())
+    }
+
     /// Appends (b, kv_heads, t, d) keys and values; returns the whole cached (k, v).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
@@ -386,6 +426,14 @@ impl DecoderStack {
         }
     }
 
+    /// Drops cached positions `range` in every layer (see [`KvCache::remove`]).
+    pub fn remove_cache_range(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        for layer in self.layers.iter_mut() {
+            layer.self_attn.cache.remove(range.clone())?;
+        }
+        Ok(())
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -421,6 +469,34 @@ mod tests {
             k.flatten_all()?.to_vec1::<f32>()?,
             vec![0., 1., 2., 3., 9., 9.]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn removing_a_range_closes_the_gap() -> Result<()> {
+        let dev = Device::Cpu;
+        let step = |v: f32| Tensor::full(v, (1, 1, 1, 2), &dev);
+        let mut a = KvCache::default();
+        for v in 0..6 {
+            a.append(&step(v as f32)?, &step(v as f32)?)?;
+        }
+        let shared = a.clone();
+        a.remove(1..3)?;
+        assert_eq!(a.len(), 4);
+        let (k, _) = a.append(&step(9.)?, &step(9.)?)?;
+        assert_eq!(
+            k.flatten_all()?.to_vec1::<f32>()?,
+            vec![0., 0., 3., 3., 4., 4., 5., 5., 9., 9.]
+        );
+        // the clone still sees the original entries
+        let mut b = shared;
+        let (k, _) = b.append(&step(7.)?, &step(7.)?)?;
+        assert_eq!(k.dim(2)?, 7);
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?[2..4], [1., 1.]);
+        assert!(a.remove(3..9).is_err());
+        a.remove(0..0)?;
+        a.remove(2..5)?;
+        assert_eq!(a.len(), 2);
         Ok(())
     }
 

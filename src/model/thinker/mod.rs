@@ -444,6 +444,12 @@ impl Thinker {
     pub fn clear_cache(&mut self) {
         self.decoder.clear_cache();
     }
+
+    /// Forgets cached positions `range`; the others keep their (absolute) positions, so decode
+    /// steps must then pass a `rope_delta` that accounts for the removed entries.
+    pub fn remove_cache_range(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        self.decoder.remove_cache_range(range)
+    }
 }
 
 #[cfg(test)]

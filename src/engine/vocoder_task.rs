@@ -1,0 +1,167 @@
+//! The vocoder thread of a session: each spoken answer's codes through the streaming
+//! token2wav decoder into the pacer, as soon as a chunk is final.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use crossbeam_channel::Receiver;
+
+use super::activity::WorkToken;
+use super::runtime::Shared;
+use crate::model::omni::Speech;
+use crate::model::speakers::Voices;
+use crate::model::token2wav::Token2Wav;
+use crate::model::token2wav::dit::{OdeSchedule, SamplerOptions, SpeakerCondition};
+use crate::model::token2wav::streaming::{StreamNoise, StreamingDecoder, StreamingOptions};
+
+/// What the Talker thread tells the vocoder thread.
+#[derive(Debug)]
+pub(crate) enum VocoderMsg {
+    Begin {
+        turn: u64,
+        epoch: u64,
+        voice: String,
+    },
+    Codes {
+        turn: u64,
+        epoch: u64,
+        codes: Vec<u32>,
+    },
+    Finish {
+        turn: u64,
+        epoch: u64,
+    },
+}
+
+struct Utterance {
+    turn: u64,
+    epoch: u64,
+    decoder: StreamingDecoder,
+    voiced: bool,
+}
+
+pub(crate) struct VocoderTask {
+    token2wav: Token2Wav,
+    voices: Voices,
+    schedule: OdeSchedule,
+    speakers: HashMap<String, SpeakerCondition>,
+    shared: Arc<Shared>,
+    seed: u64,
+    current: Option<Utterance>,
+}
+
+impl VocoderTask {
+    pub fn new(speech: &Speech, shared: Arc<Shared>, seed: u64) -> Result<Self> {
+        let token2wav = speech.token2wav.clone();
+        let schedule = token2wav
+            .schedule(&SamplerOptions::default())
+            .context("token2wav sampler schedule")?;
+        Ok(Self {
+            token2wav,
+            voices: speech.voices.clone(),
+            schedule,
+            speakers: HashMap::new(),
+            shared,
+            seed,
+            current: None,
+        })
+    }
+
+    pub fn run(mut self, rx: Receiver<(VocoderMsg, WorkToken)>) {
+        while let Ok((msg, token)) = rx.recv() {
+            if let Err(e) = self.on_message(msg) {
+                self.shared.error(format!("vocoder: {e:#}"));
+                if let Some(u) = self.current.take() {
+                    self.shared.pacer.finish(u.turn);
+                }
+            }
+            drop(token);
+        }
+    }
+
+    fn speaker(&mut self, voice: &str) -> Result<SpeakerCondition> {
+        if let Some(s) = self.speakers.get(voice) {
+            return Ok(s.clone());
+        }
+        let condition = self.token2wav.speaker(self.voices.get(voice)?)?;
+        self.speakers.insert(voice.to_string(), condition.clone());
+        Ok(condition)
+    }
+
+    fn push(&mut self, samples: Vec<f32>) {
+        let Some(u) = self.current.as_mut() else {
+            return;
+        };
+        if samples.is_empty() {
+            return;
+        }
+        if !u.voiced {
+            u.voiced = true;
+            self.shared.mark(u.turn, |t, now| {
+                t.first_waveform_chunk.get_or_insert(now);
+            });
+        }
+        self.shared.pacer.push(u.turn, &samples);
+    }
+
+    fn on_message(&mut self, msg: VocoderMsg) -> Result<()> {
+        match msg {
+            VocoderMsg::Begin { turn, epoch, voice } => {
+                self.current = None;
+                if self.shared.cancelled(epoch) {
+                    return Ok(());
+                }
+                let speaker = self.speaker(&voice)?;
+                let decoder = StreamingDecoder::new(
+                    &self.token2wav,
+                    speaker,
+                    self.schedule.clone(),
+                    StreamingOptions::low_latency(),
+                    StreamNoise::seeded(&self.token2wav, self.seed.wrapping_add(turn)),
+                )?;
+                self.current = Some(Utterance {
+                    turn,
+                    epoch,
+                    decoder,
+                    voiced: false,
+                });
+            }
+            VocoderMsg::Codes { turn, epoch, codes } => {
+                let Some(u) = self.current.as_mut() else {
+                    return Ok(());
+                };
+                if u.turn != turn || u.epoch != epoch {
+                    return Ok(());
+                }
+                if self.shared.cancelled(epoch) {
+                    self.current = None;
+                    return Ok(());
+                }
+                let samples = u.decoder.push_codes(&self.token2wav, &codes)?;
+                self.push(samples);
+            }
+            VocoderMsg::Finish { turn, epoch } => {
+                let Some(u) = self.current.as_mut() else {
+                    return Ok(());
+                };
+                if u.turn != turn || u.epoch != epoch {
+                    return Ok(());
+                }
+                if self.shared.cancelled(epoch) {
+                    self.current = None;
+                    return Ok(());
+                }
+                let samples = if u.decoder.codes().is_empty() {
+                    Vec::new()
+                } else {
+                    u.decoder.finish(&self.token2wav)?
+                };
+                self.push(samples);
+                self.shared.pacer.finish(turn);
+                self.current = None;
+            }
+        }
+        Ok(())
+    }
+}
