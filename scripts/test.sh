@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OMNICALL_WITH_BROWSER=1 scripts/setup.sh
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cargo test --all-targets --no-fail-fast "$@"

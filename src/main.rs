@@ -2,11 +2,13 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use omnicall::bench::{Measurement, markdown_table};
 use omnicall::engine::blocks::BlockConfig;
+use omnicall::engine::clock::{Clock, SystemClock};
 use omnicall::media::audio_file::{WavFormat, write_wav};
 use omnicall::media::offline::MediaPreparer;
 use omnicall::media::video::DEFAULT_FPS;
@@ -38,6 +40,10 @@ enum Command {
     /// One turn: text with audio, images and videos from files in, the answer streamed to
     /// stdout, and with --speak spoken into a WAV file.
     Chat(Box<ChatArgs>),
+    /// Serve the browser video call: the page and WebRTC calls, each with its own session.
+    Serve(Box<ServeCommand>),
+    /// A call from this machine: microphone, speaker and camera, or WAV files in their place.
+    Local(Box<LocalCommand>),
     /// Speed measurements.
     Bench(BenchArgs),
 }
@@ -54,6 +60,29 @@ struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+struct ServeCommand {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    serve: omnicall::rtc::cli::ServeArgs,
+}
+
+#[derive(Args)]
+struct LocalCommand {
+    /// A model folder or hub id (not needed with --list-devices).
+    #[arg(long, required_unless_present = "list_devices")]
+    model: Option<String>,
+    /// Weight dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[command(flatten)]
+    local: omnicall::local::cli::LocalArgs,
 }
 
 #[derive(Args)]
@@ -202,6 +231,8 @@ fn main() {
     };
     let result = match cli.command {
         Command::Chat(args) => chat(*args, matches.subcommand_matches("chat")),
+        Command::Serve(args) => serve(*args),
+        Command::Local(args) => local(*args),
         Command::Bench(BenchArgs { what }) => match what {
             BenchCommand::Model(args) => bench_model(args),
             BenchCommand::Call(args) => omnicall::bench::call::main(args),
@@ -228,6 +259,58 @@ fn error_chain(e: &anyhow::Error) -> String {
         }
     }
     out
+}
+
+fn load_model(model: &str, dtype: &str, device: &str) -> anyhow::Result<OmniModel> {
+    let dtype = parse_dtype(dtype)?;
+    let device = parse_device(device)?;
+    let files = ModelFiles::locate(model)?;
+    OmniModel::load(&files, dtype, &device)
+}
+
+/// The voices of a model that speaks (none: it answers in text only).
+fn voice_names(model: &OmniModel) -> Vec<String> {
+    model
+        .speech
+        .as_ref()
+        .map(|speech| {
+            speech
+                .voices
+                .names()
+                .into_iter()
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn serve(args: ServeCommand) -> anyhow::Result<()> {
+    let model = load_model(&args.model.model, &args.model.dtype, &args.model.device)?;
+    let voices = voice_names(&model);
+    // Every call gets its own session on the shared weights; its clock starts with the call,
+    // which is media time 0 for the transport.
+    let factory: omnicall::rtc::SessionFactory = Arc::new(move |config| {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        omnicall::engine::runtime::spawn(&model, config, clock)
+    });
+    omnicall::rtc::cli::main(&args.serve, voices, factory)
+}
+
+fn local(args: LocalCommand) -> anyhow::Result<()> {
+    if args.local.list_devices {
+        print!("{}", omnicall::local::list_devices());
+        return Ok(());
+    }
+    let model = load_model(
+        args.model
+            .as_deref()
+            .context("--model is needed for a call")?,
+        &args.dtype,
+        &args.device,
+    )?;
+    let factory: omnicall::local::SessionFactory =
+        Arc::new(move |config, clock| omnicall::engine::runtime::spawn(&model, config, clock));
+    omnicall::local::cli::main(&args.local, factory)
 }
 
 fn chat(args: ChatArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
