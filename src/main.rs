@@ -45,7 +45,7 @@ enum Command {
     /// A call from this machine: microphone, speaker and camera, or WAV files in their place.
     Local(Box<LocalCommand>),
     /// Speed measurements.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 /// Where the model comes from and how it runs.
@@ -233,7 +233,7 @@ fn main() {
         Command::Chat(args) => chat(*args, matches.subcommand_matches("chat")),
         Command::Serve(args) => serve(*args),
         Command::Local(args) => local(*args),
-        Command::Bench(BenchArgs { what }) => match what {
+        Command::Bench(bench) => match bench.what {
             BenchCommand::Model(args) => bench_model(args),
             BenchCommand::Call(args) => omnicall::bench::call::main(args),
             BenchCommand::Plot(args) => omnicall::bench::plot::main(args),
