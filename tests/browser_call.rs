@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use omnicall::rtc::{RtcConfig, ServeConfig, Server};
+use omnicall::rtc::{RtcConfig, RunningServer, ServeConfig, Server, SessionFactory};
 use rtc_support::*;
 use serde_json::{Value, json};
 
@@ -240,10 +240,23 @@ impl<'a> Page<'a> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn browser_call_plays_the_model_and_shows_the_transcript() {
-    init_tracing();
-    let (factory, logs) = harness_factory();
+/// One Chromium at a time: two at once starve each other on a small machine.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What the page showed during a call: a screenshot, its counters and transcript lines.
+struct PageCall {
+    png: Vec<u8>,
+    stats: Value,
+    lines: Vec<String>,
+}
+
+/// Serves calls made by `factory`, and has Chromium call it with the fake camera and
+/// microphone: answered turns, a screenshot while the next answer plays, hang up.
+async fn call_from_chromium(
+    factory: SessionFactory,
+    answer_timeout: Duration,
+) -> (RunningServer, PageCall) {
+    let _one_browser = ONE_BROWSER.lock().await;
     let server = Server::start(
         ServeConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
@@ -257,9 +270,7 @@ async fn browser_call_plays_the_model_and_shows_the_transcript() {
     )
     .await
     .unwrap();
-    let url = format!("{}/", server.url());
-
-    let page_url = url.clone();
+    let page_url = format!("{}/", server.url());
     let shot = tokio::task::spawn_blocking(move || {
         let browser = Browser::launch(
             &page_url,
@@ -293,12 +304,12 @@ async fn browser_call_plays_the_model_and_shows_the_transcript() {
                return s.userTurns >= 1 && s.assistantTextDeltas >= 1 && \
                  (s.eventsByType.timings || 0) >= 1 && \
                  s.audioPacketsReceived > 100 && s.maxModelLevel > 0.05; })()",
-            Duration::from_secs(60),
+            answer_timeout,
         );
         // the next answer playing, the transcript and the latency table filled in
         page.wait_for(
             "window.omnicallStats.userTurns >= 2 && window.omnicallStats.modelState === 'speaking'",
-            Duration::from_secs(30),
+            answer_timeout,
         );
         std::thread::sleep(Duration::from_millis(400));
         let png = page.screenshot();
@@ -321,24 +332,64 @@ async fn browser_call_plays_the_model_and_shows_the_transcript() {
     eprintln!("transcript: {transcript}");
     assert!(stats["audioEnergy"].as_f64().unwrap() > 0.0);
     assert!(stats["errors"].as_array().unwrap().is_empty(), "{stats}");
-    let lines: Vec<&str> = transcript
+    let lines = transcript
         .as_array()
         .unwrap()
         .iter()
         .filter_map(Value::as_str)
+        .map(String::from)
         .collect();
+    // the screenshot is a real picture of the page
+    let picture = image::load_from_memory(&png).expect("a PNG screenshot");
+    assert_eq!((picture.width(), picture.height()), (1280, 860));
+    (server, PageCall { png, stats, lines })
+}
+
+/// The call with the model: the tiny model behind the real engine answers the browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_call_plays_the_model_and_shows_the_transcript() {
+    init_tracing();
+    let factory = engine_factory();
+    let (server, call) = call_from_chromium(factory, Duration::from_secs(120)).await;
     assert!(
-        lines
+        call.lines
             .iter()
             .any(|l| l.starts_with("You(") && l.contains("s of speech")),
-        "{lines:?}"
+        "{:?}",
+        call.lines
     );
     assert!(
-        lines.iter().any(|l| l.starts_with("ModelI heard")),
-        "{lines:?}"
+        call.lines.iter().any(|l| l.starts_with("Model")),
+        "{:?}",
+        call.lines
     );
+    assert!(call.stats["audioPacketsReceived"].as_u64().unwrap() > 100);
+    eventually(Duration::from_secs(20), "the hung-up call to end", || {
+        server.calls().is_empty()
+    })
+    .await;
+    server.shutdown().await.unwrap();
 
-    // what the server's session got from the browser
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(root.join("target/browser_call.png"), &call.png).unwrap();
+    if std::env::var_os("OMNICALL_UPDATE_SCREENSHOT").is_some() {
+        std::fs::create_dir_all(root.join("docs")).unwrap();
+        std::fs::write(root.join("docs/screenshot.png"), &call.png).unwrap();
+    }
+}
+
+/// The transport's side, seen from a harness session that logs what the browser sent: the
+/// microphone, the VP8 camera at its size, the session closed after hanging up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_media_reaches_the_session() {
+    init_tracing();
+    let (factory, logs) = harness_factory();
+    let (server, call) = call_from_chromium(factory, Duration::from_secs(60)).await;
+    assert!(
+        call.lines.iter().any(|l| l.starts_with("ModelI heard")),
+        "{:?}",
+        call.lines
+    );
     {
         let logs = logs.lock().unwrap();
         assert_eq!(logs.len(), 1);
@@ -359,14 +410,4 @@ async fn browser_call_plays_the_model_and_shows_the_transcript() {
     })
     .await;
     server.shutdown().await.unwrap();
-
-    // the screenshot is a real picture of the page
-    let picture = image::load_from_memory(&png).expect("a PNG screenshot");
-    assert_eq!((picture.width(), picture.height()), (1280, 860));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    std::fs::write(root.join("target/browser_call.png"), &png).unwrap();
-    if std::env::var_os("OMNICALL_UPDATE_SCREENSHOT").is_some() {
-        std::fs::create_dir_all(root.join("docs")).unwrap();
-        std::fs::write(root.join("docs/screenshot.png"), &png).unwrap();
-    }
 }

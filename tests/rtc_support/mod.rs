@@ -2,8 +2,9 @@
 //! `SessionHandle` API. It records every input the transport hands it and answers each user
 //! turn (speech then silence, or a typed message) with state changes, text, timing marks and a
 //! 440 Hz tone as 20 ms voice frames at 24 kHz, paced in real time; optionally, speech over an
-//! answer cuts it (barge-in). Once the engine lands, the same end-to-end tests run against it
-//! through the same factory seam.
+//! answer cuts it (barge-in). Tests of the transport's own behaviour use it; the end-to-end
+//! tests run the real engine on the tiny model through the same factory seam
+//! ([`engine_factory`]).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -11,17 +12,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender, unbounded};
+use omnicall::engine::clock::{Clock, SystemClock};
 use omnicall::engine::session::{
     Control, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings,
 };
 use omnicall::engine::turn::TurnState;
+use omnicall::model::loading::ModelFiles;
+use omnicall::model::omni::OmniModel;
 use omnicall::rtc::SessionFactory;
 
 pub const TONE_HZ: f32 = 440.0;
 pub const VOICE_RATE: u32 = 24_000;
 /// Length of each answer's voice.
 pub const ANSWER: Duration = Duration::from_millis(1_200);
+
+/// Sessions of the real engine on the tiny model (f32, CPU), one per call, each on its own
+/// wall clock started with the call, as `omnicall serve` makes them.
+pub fn engine_factory() -> SessionFactory {
+    let model_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+    let files = ModelFiles::locate(model_dir.to_str().unwrap()).unwrap();
+    let model = OmniModel::load(&files, DType::F32, &Device::Cpu).unwrap();
+    Arc::new(move |config: SessionConfig| {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        omnicall::engine::runtime::spawn(&model, config, clock)
+    })
+}
 
 pub fn media(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
