@@ -2,8 +2,9 @@
 //! the order they happen; a barge-in run measures how fast the answer stops; `/metrics` shows
 //! the turns' stage histograms and the call's counters afterwards.
 //!
-//! The session is the transport's test harness (a tone for an answer, timing marks as the
-//! engine sends them) behind the session factory; the engine plugs in at the same seam.
+//! Most tests use the transport's test harness (a tone for an answer, timing marks as the
+//! engine sends them) behind the session factory, to control what the server does; one runs
+//! the real engine on the tiny model at the same seam.
 
 mod rtc_support;
 
@@ -293,4 +294,42 @@ async fn a_call_that_drops_ends_the_run_with_the_reason() {
     assert!(format!("{err:#}").contains("the call dropped"), "{err:#}");
     assert!(!dir.join("latency.csv").exists());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The real engine on the tiny model: every stage of every turn marked, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_marks_every_stage_of_every_turn() {
+    init_tracing();
+    let server = start(engine_factory()).await;
+    let dir = temp_dir("latency-engine");
+    let mut opts = options(&server, &dir);
+    opts.turns = 2;
+    opts.warmup = 1;
+    opts.answer_timeout = Duration::from_secs(120);
+    let report = run_call_bench(opts).await.unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let rows = read_csv(&dir.join("latency.csv"));
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let uncertainty = number(row, "clock_uncertainty_ms").unwrap();
+        let times: Vec<f64> = STAGES
+            .iter()
+            .map(|s| number(row, &format!("{s}_ms")).unwrap_or_else(|| panic!("no {s}: {row:?}")))
+            .collect();
+        for (pair, w) in STAGES.windows(2).zip(times.windows(2)) {
+            let slack = if pair[1] == "voice_to_voice" {
+                uncertainty
+            } else {
+                0.0
+            };
+            assert!(
+                w[1] >= w[0] - slack,
+                "{} before {}: {row:?}",
+                pair[1],
+                pair[0]
+            );
+        }
+    }
+    server.shutdown().await.unwrap();
+    std::fs::remove_dir_all(dir).ok();
 }
