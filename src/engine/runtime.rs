@@ -61,7 +61,7 @@ use super::session::{
     AudioInput, Control, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput,
     TurnTimings, VideoInput,
 };
-use super::talker_task;
+use super::talker_task::{self, TalkerMsg};
 use super::thinker_task::{self, ThinkerMsg, ThinkerReport};
 use super::vocoder_task;
 use crate::media::mel::LogMel;
@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     /// What the Thinker's context holds, for tests and diagnostics.
     view: Mutex<ContextView>,
+    /// Positions in the Talker's cache after its last message.
+    talker_cache: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -136,8 +138,18 @@ impl Shared {
         *self.speech.lock().expect("speech lock") = progress;
     }
 
-    pub fn set_view(&self, view: ContextView) {
-        *self.view.lock().expect("view lock") = view;
+    pub fn set_talker_cache(&self, len: usize) {
+        self.talker_cache.store(len as u64, Ordering::SeqCst);
+    }
+
+    pub fn set_view(&self, entries: Vec<Entry>, thinker_cache: usize) {
+        let mut view = self.view.lock().expect("view lock");
+        view.entries = entries;
+        view.thinker_cache = thinker_cache;
+    }
+
+    pub fn record_cut(&self, cut: CutAnswer) {
+        self.view.lock().expect("view lock").cut_answers.push(cut);
     }
 }
 
@@ -147,6 +159,26 @@ pub struct ContextView {
     pub entries: Vec<Entry>,
     /// Positions in the Thinker's KV cache (equal to `entries.len()` between batches).
     pub thinker_cache: usize,
+    /// Positions in the Talker's cache (`None` without a Talker); between answers it mirrors
+    /// the Thinker's entry for entry.
+    pub talker_cache: Option<usize>,
+    /// Answers cut by a stop, oldest first.
+    pub cut_answers: Vec<CutAnswer>,
+}
+
+/// How an interrupted answer was cut.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CutAnswer {
+    pub turn: u64,
+    /// Every token fed back into the Thinker before the stop.
+    pub generated: Vec<u32>,
+    /// Characters of the answer's text after each of them.
+    pub cumulative_chars: Vec<usize>,
+    /// Codec codes heard, and all the codes if the Talker had finished.
+    pub heard_codes: usize,
+    pub total_codes: Option<usize>,
+    /// Tokens kept in the context.
+    pub kept: usize,
 }
 
 /// A running session's internals, for tests and benchmarks on simulated time.
@@ -155,6 +187,9 @@ pub struct SessionProbe {
     processed: Arc<AtomicU64>,
     /// Session-clock time (ns) of the ticker's next tick.
     next_tick: Arc<AtomicU64>,
+    /// The Talker's queue (only its length is read): messages that wait behind a Talker
+    /// parked until playback catches up cannot be handled before the clock moves.
+    talker_queue: Option<Receiver<(TalkerMsg, WorkToken)>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -163,11 +198,19 @@ impl SessionProbe {
     /// `inputs_sent` inputs were sent to its handle.
     pub fn quiescent(&self, inputs_sent: u64) -> bool {
         let now = self.shared.clock.now().as_nanos() as u64;
+        let before = self.shared.activity.pending();
+        // A parked Talker is uncounted (the pacer wakes and counts it again); what is queued
+        // for it waits for the clock too.
+        let blocked = match &self.talker_queue {
+            Some(queue) if self.shared.pacer.parked() > 0 => queue.len() as i64,
+            _ => 0,
+        };
+        let after = self.shared.activity.pending();
         self.processed.load(Ordering::SeqCst) == inputs_sent
-            && self.shared.activity.pending() == 0
+            && before == after
+            && before == blocked
             && self.shared.pacer.quiescent()
             && now < self.next_tick.load(Ordering::SeqCst)
-            && self.shared.activity.pending() == 0
     }
 
     /// Waits (wall time) until [`SessionProbe::quiescent`]; false after `timeout`.
@@ -196,7 +239,10 @@ impl SessionProbe {
 
     /// The Thinker's context as its thread last published it.
     pub fn context(&self) -> ContextView {
-        self.shared.view.lock().expect("view lock").clone()
+        let mut view = self.shared.view.lock().expect("view lock").clone();
+        let talker = self.shared.talker_cache.load(Ordering::SeqCst);
+        view.talker_cache = (talker != u64::MAX).then_some(talker as usize);
+        view
     }
 
     /// Waits for the session's compute threads to end (after `Close` or a dropped handle);
@@ -275,6 +321,7 @@ pub fn spawn_probed(
         speech: Mutex::new(SpeechProgress::default()),
         closed: AtomicBool::new(false),
         view: Mutex::new(ContextView::default()),
+        talker_cache: AtomicU64::new(u64::MAX),
     });
 
     let mut threads = Vec::new();
@@ -286,10 +333,12 @@ pub fn spawn_probed(
     };
 
     // Vocoder and Talker exist only for a model that can speak.
+    let mut talker_queue = None;
     let talker_tx = match &model.speech {
         Some(speech) => {
             let (vocoder_tx, vocoder_rx) = unbounded();
             let (talker_tx, talker_rx) = unbounded();
+            talker_queue = Some(talker_rx.clone());
             let vocoder = vocoder_task::VocoderTask::new(speech, shared.clone(), config.seed)?;
             threads.push(spawn_thread(
                 "session-vocoder",
@@ -364,6 +413,7 @@ pub fn spawn_probed(
         shared,
         processed,
         next_tick,
+        talker_queue,
         threads,
     };
     Ok((handle, probe))

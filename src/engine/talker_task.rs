@@ -102,11 +102,13 @@ impl TalkerTask {
     }
 
     pub fn run(mut self, rx: Receiver<(TalkerMsg, WorkToken)>) {
+        self.shared.set_talker_cache(self.talker.cache_len());
         while let Ok((msg, token)) = rx.recv() {
             if let Err(e) = self.on_message(msg) {
                 self.shared.error(format!("Talker: {e:#}"));
                 self.abandon(true);
             }
+            self.shared.set_talker_cache(self.talker.cache_len());
             drop(token);
         }
     }

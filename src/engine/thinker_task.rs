@@ -35,7 +35,7 @@ use super::activity::WorkToken;
 use super::context::{Context, EntryKind, MarkerIds};
 use super::heard::{SpokenAnswer, tokens_heard};
 use super::input::InputBlock;
-use super::runtime::{ContextView, Shared};
+use super::runtime::{CutAnswer, Shared};
 use super::session::{SessionConfig, SessionEvent};
 use super::talker_task::TalkerMsg;
 use super::turn_media::{MediaEncoders, TurnAudio};
@@ -235,10 +235,10 @@ impl ThinkerTask {
     }
 
     fn publish(&self) {
-        self.shared.set_view(ContextView {
-            entries: self.context.entries().to_vec(),
-            thinker_cache: self.model.thinker.cache_len(),
-        });
+        self.shared.set_view(
+            self.context.entries().to_vec(),
+            self.model.thinker.cache_len(),
+        );
     }
 
     fn system_prompt(&mut self) -> Result<()> {
@@ -822,18 +822,27 @@ impl ThinkerTask {
             self.shared.emit_timings(turn);
             return Ok(());
         };
+        let progress = self.shared.speech_progress();
+        let total_codes = (progress.turn == turn && progress.finished).then_some(progress.codes);
+        let heard_codes = heard_samples / self.samples_per_code.max(1);
         let kept = if voice {
-            let progress = self.shared.speech_progress();
-            let total = (progress.turn == turn && progress.finished).then_some(progress.codes);
             tokens_heard(SpokenAnswer {
                 cumulative_chars: &answer.chars,
-                heard_codes: heard_samples / self.samples_per_code.max(1),
-                total_codes: total,
+                heard_codes,
+                total_codes,
                 heard,
             })
         } else {
             answer.ids.len()
         };
+        self.shared.record_cut(CutAnswer {
+            turn,
+            generated: answer.ids.clone(),
+            cumulative_chars: answer.chars.clone(),
+            heard_codes,
+            total_codes,
+            kept,
+        });
         let kept_text = self.model.tokenizer.decode(&answer.ids[..kept])?;
         if !(answer.closed && kept == answer.ids.len()) {
             self.close_answer(&mut answer, kept)?;
