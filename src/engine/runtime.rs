@@ -87,7 +87,75 @@ pub(crate) struct Shared {
     view: Mutex<ContextView>,
     /// Positions in the Talker's cache after its last message.
     talker_cache: AtomicU64,
+    /// CPU time of the model's calls, when profiled.
+    profile: Option<ModelTime>,
 }
+
+/// Which part of the model a timed call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Log-mel features, audio encoder, frame preparation, vision encoder.
+    Encoders,
+    /// Thinker prefill and decode steps (with sampling).
+    Thinker,
+    /// Talker mirroring and steps.
+    Talker,
+    /// Streaming token2wav.
+    Vocoder,
+}
+
+/// CPU time spent in model calls, by stage, in ns.
+#[derive(Debug, Default)]
+struct ModelTime {
+    stages: [AtomicU64; 4],
+}
+
+/// CPU time of the model's calls in a profiled session, by stage (CPU time of the calling
+/// thread: work the math library hands to helper threads is not in it).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ModelTimes {
+    pub encoders: Duration,
+    pub thinker: Duration,
+    pub talker: Duration,
+    pub vocoder: Duration,
+}
+
+impl ModelTimes {
+    pub fn total(&self) -> Duration {
+        self.encoders + self.thinker + self.talker + self.vocoder
+    }
+}
+
+/// CPU time the calling thread has run (Linux: `/proc/thread-self/schedstat`).
+pub fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// CPU time run so far by the threads of this process whose name starts with one of
+/// `prefixes` (Linux: `/proc/self/task/*/schedstat`).
+pub fn threads_cpu(prefixes: &[&str]) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if !prefixes.iter().any(|p| name.trim_end().starts_with(p)) {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("schedstat"))
+            && let Some(ns) = text.split_whitespace().next().and_then(|v| v.parse().ok())
+        {
+            total += Duration::from_nanos(ns);
+        }
+    }
+    Some(total)
+}
+
+/// Names of a session's threads, for [`threads_cpu`].
+pub const SESSION_THREADS: [&str; 2] = ["session-", "pacer"];
 
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct SpeechProgress {
@@ -97,6 +165,20 @@ pub(crate) struct SpeechProgress {
 }
 
 impl Shared {
+    /// Runs a model call, timing it when the session is profiled.
+    pub fn timed<T>(&self, stage: Stage, call: impl FnOnce() -> T) -> T {
+        let Some(profile) = &self.profile else {
+            return call();
+        };
+        let before = thread_cpu();
+        let out = call();
+        if let (Some(a), Some(b)) = (before, thread_cpu()) {
+            profile.stages[stage as usize]
+                .fetch_add(b.saturating_sub(a).as_nanos() as u64, Ordering::Relaxed);
+        }
+        out
+    }
+
     pub fn emit(&self, event: SessionEvent) {
         let _ = self.events.send(event);
     }
@@ -237,6 +319,18 @@ impl SessionProbe {
         }
     }
 
+    /// CPU time of the model's calls so far (`None` unless spawned with profiling).
+    pub fn model_time(&self) -> Option<ModelTimes> {
+        let p = self.shared.profile.as_ref()?;
+        let get = |s: Stage| Duration::from_nanos(p.stages[s as usize].load(Ordering::Relaxed));
+        Some(ModelTimes {
+            encoders: get(Stage::Encoders),
+            thinker: get(Stage::Thinker),
+            talker: get(Stage::Talker),
+            vocoder: get(Stage::Vocoder),
+        })
+    }
+
     /// The Thinker's context as its thread last published it.
     pub fn context(&self) -> ContextView {
         let mut view = self.shared.view.lock().expect("view lock").clone();
@@ -276,6 +370,17 @@ pub fn spawn_probed(
     model: &OmniModel,
     config: SessionConfig,
     clock: Arc<dyn Clock>,
+) -> Result<(SessionHandle, SessionProbe)> {
+    spawn_with(model, config, clock, false)
+}
+
+/// [`spawn_probed`]; with `profile`, the CPU time of every model call is measured
+/// ([`SessionProbe::model_time`]).
+pub fn spawn_with(
+    model: &OmniModel,
+    config: SessionConfig,
+    clock: Arc<dyn Clock>,
+    profile: bool,
 ) -> Result<(SessionHandle, SessionProbe)> {
     let model = model.clone();
     let blocks = BlockConfig::for_model(
@@ -322,6 +427,7 @@ pub fn spawn_probed(
         closed: AtomicBool::new(false),
         view: Mutex::new(ContextView::default()),
         talker_cache: AtomicU64::new(u64::MAX),
+        profile: (profile && thread_cpu().is_some()).then(ModelTime::default),
     });
 
     let mut threads = Vec::new();

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::activity::WorkToken;
-use super::runtime::{Shared, SpeechProgress};
+use super::runtime::{Shared, SpeechProgress, Stage};
 use super::session::SessionConfig;
 use super::vocoder_task::VocoderMsg;
 use crate::model::omni::{OmniModel, Speech};
@@ -121,8 +121,11 @@ impl TalkerTask {
         match msg {
             TalkerMsg::Mirror { rows, positions } => {
                 self.finish_answer()?;
-                self.talker
-                    .forward(&rows.unsqueeze(0)?, &positions)
+                let talker = &mut self.talker;
+                self.shared
+                    .timed(Stage::Talker, || {
+                        talker.forward(&rows.unsqueeze(0)?, &positions)
+                    })
                     .context("mirroring the Thinker's context")?;
             }
             TalkerMsg::Truncate(len) => {
@@ -221,7 +224,11 @@ impl TalkerTask {
                 return Ok(());
             }
             let (turn, epoch) = (answer.turn, answer.epoch);
-            match answer.state.step(&mut self.talker)? {
+            let talker = &mut self.talker;
+            let step = self
+                .shared
+                .timed(Stage::Talker, || answer.state.step(talker))?;
+            match step {
                 TalkerStep::Code(code) => {
                     answer.codes += 1;
                     let codes = answer.codes;
