@@ -331,6 +331,17 @@ impl SessionProbe {
         })
     }
 
+    /// The timing marks so far of the answer to `turn`, while it is under way (they are
+    /// handed out in a `Timings` event when it ends).
+    pub fn timings(&self, turn: u64) -> Option<TurnTimings> {
+        self.shared
+            .timings
+            .lock()
+            .expect("timings lock")
+            .get(&turn)
+            .cloned()
+    }
+
     /// The Thinker's context as its thread last published it.
     pub fn context(&self) -> ContextView {
         let mut view = self.shared.view.lock().expect("view lock").clone();
