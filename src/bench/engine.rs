@@ -29,7 +29,9 @@ use super::Measurement;
 use crate::engine::blocks::BlockConfig;
 use crate::engine::clock::{Clock, SimulatedClock};
 use crate::engine::input::{InputConfig, InputEvent, InputStage};
-use crate::engine::runtime::{SESSION_THREADS, SessionProbe, TICK, spawn_with, threads_cpu};
+use crate::engine::runtime::{
+    ModelTimes, SESSION_THREADS, SessionProbe, TICK, spawn_with, threads_cpu,
+};
 use crate::engine::session::{
     AudioInput, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings, VideoInput,
 };
@@ -46,6 +48,8 @@ use crate::model::thinker::Thinker;
 use crate::model::thinker::audio_encoder::AudioEncoder;
 use crate::model::thinker::vision_encoder::VisionEncoder;
 use crate::model::token2wav::Token2Wav;
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 
 const MIC_RATE: u32 = 48_000;
 const PIECE_MS: u64 = 20;
@@ -383,17 +387,31 @@ pub fn bench_engine_with(
         "{} layers x {}, {dtype:?}, random weights",
         text.num_hidden_layers, text.hidden_size
     );
+    bench_engine_on(&model, &label, &sizes)
+}
+
+/// The engine's figures on a loaded model (a checkpoint or [`random_model`]).
+pub fn bench_engine_on(
+    model: &OmniModel,
+    label: &str,
+    sizes: &EngineBenchSizes,
+) -> Result<Vec<Measurement>> {
     let mut rows = Vec::new();
     if let Some(call) = sizes.overhead_call {
-        rows.extend(engine_overhead(&model, &label, call, &sizes)?);
+        rows.extend(engine_overhead(model, label, call, sizes)?);
     }
-    rows.extend(first_frame_latency(&model, &label, &sizes)?);
+    rows.extend(first_frame_latency(model, label, sizes)?);
     Ok(rows)
 }
 
-fn session_config(sizes: &EngineBenchSizes) -> SessionConfig {
+fn session_config(model: &OmniModel, sizes: &EngineBenchSizes) -> SessionConfig {
+    let voice = model
+        .speech
+        .as_ref()
+        .and_then(|s| s.voices.names().first().map(|n| n.to_string()))
+        .unwrap_or_else(|| BENCH_VOICE.into());
     SessionConfig {
-        voice: BENCH_VOICE.into(),
+        voice,
         system_prompt: "You are a helpful assistant.".into(),
         max_answer_tokens: sizes.max_answer_tokens,
         max_speech: sizes.max_speech,
@@ -412,7 +430,11 @@ pub fn engine_overhead(
     call: Duration,
     sizes: &EngineBenchSizes,
 ) -> Result<Vec<Measurement>> {
-    let mut driver = Driver::spawn(model, session_config(sizes), Duration::from_secs(600))?;
+    let mut driver = Driver::spawn(
+        model,
+        session_config(model, sizes),
+        Duration::from_secs(600),
+    )?;
     let (on, off) = (3.0, 6.0);
     let mic = speech_bursts(call.as_secs_f64(), on, off);
     let piece = (MIC_RATE as u128 * TICK.as_millis() / 1000) as usize;
@@ -453,8 +475,25 @@ pub fn engine_overhead(
     }
     let seconds = call.as_secs_f64();
     let per_second = |d: Duration| d.as_secs_f64() * 1e3 / seconds;
-    let model_cpu = model_time.total().saturating_sub(model_before.total());
-    let threads = after.saturating_sub(before);
+    let used = |name: &str| {
+        let a = after.get(name).copied().unwrap_or_default();
+        a.saturating_sub(before.get(name).copied().unwrap_or_default())
+    };
+    let model = |f: fn(&ModelTimes) -> Duration| f(&model_time).saturating_sub(f(&model_before));
+    // Each thread's CPU outside the model's calls it makes.
+    let threads = [
+        ("control", used("session-control"), Duration::ZERO),
+        ("pacer", used("pacer"), Duration::ZERO),
+        ("ticker", used("session-ticker"), Duration::ZERO),
+        (
+            "thinker",
+            used("session-thinker"),
+            model(|m| m.encoders) + model(|m| m.thinker),
+        ),
+        ("talker", used("session-talker"), model(|m| m.talker)),
+        ("vocoder", used("session-vocoder"), model(|m| m.vocoder)),
+    ];
+    let overhead: Duration = threads.iter().map(|(_, t, m)| t.saturating_sub(*m)).sum();
     let setup = format!(
         "{label}; {seconds:.0} s call: {on:.0} s speech bursts at {MIC_RATE} Hz, {CAMERA_FPS} fps \
          {}x{} camera, {turns} turns, {frames} voice frames out",
@@ -463,26 +502,22 @@ pub fn engine_overhead(
     let mut rows = vec![Measurement::new(
         "engine: overhead",
         format!("{setup}; session threads' CPU minus the model's calls"),
-        per_second(threads.saturating_sub(model_cpu)),
+        per_second(overhead),
         "ms CPU / s of call",
     )];
+    for (name, total, in_model) in threads {
+        rows.push(Measurement::new(
+            &format!("engine: overhead, {name} thread"),
+            format!("{label}; same call, outside the model's calls"),
+            per_second(total.saturating_sub(in_model)),
+            "ms CPU / s of call",
+        ));
+    }
     for (stage, d) in [
-        (
-            "engine: model, encoders",
-            model_time.encoders - model_before.encoders,
-        ),
-        (
-            "engine: model, Thinker",
-            model_time.thinker - model_before.thinker,
-        ),
-        (
-            "engine: model, Talker",
-            model_time.talker - model_before.talker,
-        ),
-        (
-            "engine: model, token2wav",
-            model_time.vocoder - model_before.vocoder,
-        ),
+        ("engine: model, encoders", model(|m| m.encoders)),
+        ("engine: model, Thinker", model(|m| m.thinker)),
+        ("engine: model, Talker", model(|m| m.talker)),
+        ("engine: model, token2wav", model(|m| m.vocoder)),
     ] {
         rows.push(Measurement::new(
             stage,
@@ -501,7 +536,7 @@ pub fn first_frame_latency(
     label: &str,
     sizes: &EngineBenchSizes,
 ) -> Result<Vec<Measurement>> {
-    let mut driver = Driver::spawn(model, session_config(sizes), sizes.latency_timeout)?;
+    let mut driver = Driver::spawn(model, session_config(model, sizes), sizes.latency_timeout)?;
     let piece = (MIC_RATE as u128 * TICK.as_millis() / 1000) as usize;
     let speech = speech_bursts(sizes.turn_speech.as_secs_f64(), 1e9, 0.0);
     let silence = vec![0.0f32; piece];
@@ -707,11 +742,43 @@ pub fn byte_level_tokenizer(config: &Config) -> Result<tokenizers::Tokenizer> {
         .context("building the byte-level tokenizer")
 }
 
-/// A whole model of `config`'s shapes with random weights: Thinker, audio encoder, Talker and
-/// token2wav (f32) at full size, one random voice; the vision encoder without its blocks
-/// (the benchmark's turns never call it; its blocks would take 2.6 GB at 3B shapes).
+/// Random weights whose Thinker LM head is the embedding matrix (the same matmul, 1.2 GB
+/// less at 3B shapes in f32).
+#[derive(Debug, Clone, Copy)]
+struct TiedHead;
+
+impl SimpleBackend for TiedHead {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        hint: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        RandomWeights.get(shape, name, hint, dtype, device)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        RandomWeights.get_unchecked(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        name != "thinker.lm_head.weight"
+    }
+}
+
+/// A whole model of `config`'s shapes with random weights: Thinker (its LM head tied to the
+/// embedding), audio encoder, Talker and token2wav (f32) at full size, one random voice; the
+/// vision encoder without its blocks (the benchmark's turns never call it; its blocks would
+/// take 2.6 GB at 3B shapes).
 pub fn random_model(config: &Config, dtype: DType, device: &Device) -> Result<OmniModel> {
-    let vb = RandomWeights::var_builder(dtype, device);
+    let vb = VarBuilder::from_backend(Box::new(TiedHead), dtype, device.clone());
     let t = &config.thinker_config;
     let tokenizer = ChatTokenizer::new(byte_level_tokenizer(config)?, t)?;
     let thinker = Thinker::new(t, vb.pp("thinker"))?;

@@ -134,24 +134,25 @@ pub fn thread_cpu() -> Option<Duration> {
 }
 
 /// CPU time run so far by the threads of this process whose name starts with one of
-/// `prefixes` (Linux: `/proc/self/task/*/schedstat`).
-pub fn threads_cpu(prefixes: &[&str]) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let dir = task.ok()?.path();
+/// `prefixes` (Linux: `/proc/self/task/*/schedstat`), summed by name.
+pub fn threads_cpu(prefixes: &[&str]) -> Option<std::collections::BTreeMap<String, Duration>> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = task.path();
         let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
             continue;
         };
-        if !prefixes.iter().any(|p| name.trim_end().starts_with(p)) {
+        let name = name.trim_end();
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
             continue;
         }
         if let Ok(text) = std::fs::read_to_string(dir.join("schedstat"))
             && let Some(ns) = text.split_whitespace().next().and_then(|v| v.parse().ok())
         {
-            total += Duration::from_nanos(ns);
+            *out.entry(name.to_string()).or_default() += Duration::from_nanos(ns);
         }
     }
-    Some(total)
+    Some(out)
 }
 
 /// Names of a session's threads, for [`threads_cpu`].
