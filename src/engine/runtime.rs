@@ -444,9 +444,20 @@ pub fn spawn_with(
 
     let mut threads = Vec::new();
     let spawn_thread = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        let (shared, thread) = (shared.clone(), name.to_string());
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(f)
+            .spawn(move || {
+                // A bug in a session thread ends that session with an error, never the process.
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    shared.error(format!("the session's {thread} thread failed: {what}"));
+                }
+            })
             .with_context(|| format!("cannot start the session's {name} thread"))
     };
 
