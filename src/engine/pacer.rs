@@ -197,6 +197,11 @@ impl Pacer {
         self.shared.state.lock().expect("pacer lock").released
     }
 
+    /// Producers waiting in [`Pacer::wait_until_played`] now.
+    pub fn parked(&self) -> i64 {
+        self.shared.state.lock().expect("pacer lock").parked
+    }
+
     /// Samples of the current answer waiting to be released.
     pub fn queued_samples(&self) -> usize {
         self.shared.state.lock().expect("pacer lock").pending.len()

@@ -61,7 +61,7 @@ use super::session::{
     AudioInput, Control, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput,
     TurnTimings, VideoInput,
 };
-use super::talker_task;
+use super::talker_task::{self, TalkerMsg};
 use super::thinker_task::{self, ThinkerMsg, ThinkerReport};
 use super::vocoder_task;
 use crate::media::mel::LogMel;
@@ -85,7 +85,78 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     /// What the Thinker's context holds, for tests and diagnostics.
     view: Mutex<ContextView>,
+    /// Positions in the Talker's cache after its last message.
+    talker_cache: AtomicU64,
+    /// CPU time of the model's calls, when profiled.
+    profile: Option<ModelTime>,
 }
+
+/// Which part of the model a timed call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Log-mel features, audio encoder, frame preparation, vision encoder.
+    Encoders,
+    /// Thinker prefill and decode steps (with sampling).
+    Thinker,
+    /// Talker mirroring and steps.
+    Talker,
+    /// Streaming token2wav.
+    Vocoder,
+}
+
+/// CPU time spent in model calls, by stage, in ns.
+#[derive(Debug, Default)]
+struct ModelTime {
+    stages: [AtomicU64; 4],
+}
+
+/// CPU time of the model's calls in a profiled session, by stage (CPU time of the calling
+/// thread: work the math library hands to helper threads is not in it).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ModelTimes {
+    pub encoders: Duration,
+    pub thinker: Duration,
+    pub talker: Duration,
+    pub vocoder: Duration,
+}
+
+impl ModelTimes {
+    pub fn total(&self) -> Duration {
+        self.encoders + self.thinker + self.talker + self.vocoder
+    }
+}
+
+/// CPU time the calling thread has run (Linux: `/proc/thread-self/schedstat`).
+pub fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// CPU time run so far by the threads of this process whose name starts with one of
+/// `prefixes` (Linux: `/proc/self/task/*/schedstat`), summed by name.
+pub fn threads_cpu(prefixes: &[&str]) -> Option<std::collections::BTreeMap<String, Duration>> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = task.path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let name = name.trim_end();
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("schedstat"))
+            && let Some(ns) = text.split_whitespace().next().and_then(|v| v.parse().ok())
+        {
+            *out.entry(name.to_string()).or_default() += Duration::from_nanos(ns);
+        }
+    }
+    Some(out)
+}
+
+/// Names of a session's threads, for [`threads_cpu`].
+pub const SESSION_THREADS: [&str; 2] = ["session-", "pacer"];
 
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct SpeechProgress {
@@ -95,6 +166,20 @@ pub(crate) struct SpeechProgress {
 }
 
 impl Shared {
+    /// Runs a model call, timing it when the session is profiled.
+    pub fn timed<T>(&self, stage: Stage, call: impl FnOnce() -> T) -> T {
+        let Some(profile) = &self.profile else {
+            return call();
+        };
+        let before = thread_cpu();
+        let out = call();
+        if let (Some(a), Some(b)) = (before, thread_cpu()) {
+            profile.stages[stage as usize]
+                .fetch_add(b.saturating_sub(a).as_nanos() as u64, Ordering::Relaxed);
+        }
+        out
+    }
+
     pub fn emit(&self, event: SessionEvent) {
         let _ = self.events.send(event);
     }
@@ -136,8 +221,18 @@ impl Shared {
         *self.speech.lock().expect("speech lock") = progress;
     }
 
-    pub fn set_view(&self, view: ContextView) {
-        *self.view.lock().expect("view lock") = view;
+    pub fn set_talker_cache(&self, len: usize) {
+        self.talker_cache.store(len as u64, Ordering::SeqCst);
+    }
+
+    pub fn set_view(&self, entries: Vec<Entry>, thinker_cache: usize) {
+        let mut view = self.view.lock().expect("view lock");
+        view.entries = entries;
+        view.thinker_cache = thinker_cache;
+    }
+
+    pub fn record_cut(&self, cut: CutAnswer) {
+        self.view.lock().expect("view lock").cut_answers.push(cut);
     }
 }
 
@@ -147,6 +242,26 @@ pub struct ContextView {
     pub entries: Vec<Entry>,
     /// Positions in the Thinker's KV cache (equal to `entries.len()` between batches).
     pub thinker_cache: usize,
+    /// Positions in the Talker's cache (`None` without a Talker); between answers it mirrors
+    /// the Thinker's entry for entry.
+    pub talker_cache: Option<usize>,
+    /// Answers cut by a stop, oldest first.
+    pub cut_answers: Vec<CutAnswer>,
+}
+
+/// How an interrupted answer was cut.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CutAnswer {
+    pub turn: u64,
+    /// Every token fed back into the Thinker before the stop.
+    pub generated: Vec<u32>,
+    /// Characters of the answer's text after each of them.
+    pub cumulative_chars: Vec<usize>,
+    /// Codec codes heard, and all the codes if the Talker had finished.
+    pub heard_codes: usize,
+    pub total_codes: Option<usize>,
+    /// Tokens kept in the context.
+    pub kept: usize,
 }
 
 /// A running session's internals, for tests and benchmarks on simulated time.
@@ -155,6 +270,9 @@ pub struct SessionProbe {
     processed: Arc<AtomicU64>,
     /// Session-clock time (ns) of the ticker's next tick.
     next_tick: Arc<AtomicU64>,
+    /// The Talker's queue (only its length is read): messages that wait behind a Talker
+    /// parked until playback catches up cannot be handled before the clock moves.
+    talker_queue: Option<Receiver<(TalkerMsg, WorkToken)>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -163,11 +281,19 @@ impl SessionProbe {
     /// `inputs_sent` inputs were sent to its handle.
     pub fn quiescent(&self, inputs_sent: u64) -> bool {
         let now = self.shared.clock.now().as_nanos() as u64;
+        let before = self.shared.activity.pending();
+        // A parked Talker is uncounted (the pacer wakes and counts it again); what is queued
+        // for it waits for the clock too.
+        let blocked = match &self.talker_queue {
+            Some(queue) if self.shared.pacer.parked() > 0 => queue.len() as i64,
+            _ => 0,
+        };
+        let after = self.shared.activity.pending();
         self.processed.load(Ordering::SeqCst) == inputs_sent
-            && self.shared.activity.pending() == 0
+            && before == after
+            && before == blocked
             && self.shared.pacer.quiescent()
             && now < self.next_tick.load(Ordering::SeqCst)
-            && self.shared.activity.pending() == 0
     }
 
     /// Waits (wall time) until [`SessionProbe::quiescent`]; false after `timeout`.
@@ -194,9 +320,35 @@ impl SessionProbe {
         }
     }
 
+    /// CPU time of the model's calls so far (`None` unless spawned with profiling).
+    pub fn model_time(&self) -> Option<ModelTimes> {
+        let p = self.shared.profile.as_ref()?;
+        let get = |s: Stage| Duration::from_nanos(p.stages[s as usize].load(Ordering::Relaxed));
+        Some(ModelTimes {
+            encoders: get(Stage::Encoders),
+            thinker: get(Stage::Thinker),
+            talker: get(Stage::Talker),
+            vocoder: get(Stage::Vocoder),
+        })
+    }
+
+    /// The timing marks so far of the answer to `turn`, while it is under way (they are
+    /// handed out in a `Timings` event when it ends).
+    pub fn timings(&self, turn: u64) -> Option<TurnTimings> {
+        self.shared
+            .timings
+            .lock()
+            .expect("timings lock")
+            .get(&turn)
+            .cloned()
+    }
+
     /// The Thinker's context as its thread last published it.
     pub fn context(&self) -> ContextView {
-        self.shared.view.lock().expect("view lock").clone()
+        let mut view = self.shared.view.lock().expect("view lock").clone();
+        let talker = self.shared.talker_cache.load(Ordering::SeqCst);
+        view.talker_cache = (talker != u64::MAX).then_some(talker as usize);
+        view
     }
 
     /// Waits for the session's compute threads to end (after `Close` or a dropped handle);
@@ -230,6 +382,17 @@ pub fn spawn_probed(
     model: &OmniModel,
     config: SessionConfig,
     clock: Arc<dyn Clock>,
+) -> Result<(SessionHandle, SessionProbe)> {
+    spawn_with(model, config, clock, false)
+}
+
+/// [`spawn_probed`]; with `profile`, the CPU time of every model call is measured
+/// ([`SessionProbe::model_time`]).
+pub fn spawn_with(
+    model: &OmniModel,
+    config: SessionConfig,
+    clock: Arc<dyn Clock>,
+    profile: bool,
 ) -> Result<(SessionHandle, SessionProbe)> {
     let model = model.clone();
     let blocks = BlockConfig::for_model(
@@ -275,21 +438,36 @@ pub fn spawn_probed(
         speech: Mutex::new(SpeechProgress::default()),
         closed: AtomicBool::new(false),
         view: Mutex::new(ContextView::default()),
+        talker_cache: AtomicU64::new(u64::MAX),
+        profile: (profile && thread_cpu().is_some()).then(ModelTime::default),
     });
 
     let mut threads = Vec::new();
     let spawn_thread = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        let (shared, thread) = (shared.clone(), name.to_string());
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(f)
+            .spawn(move || {
+                // A bug in a session thread ends that session with an error, never the process.
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    shared.error(format!("the session's {thread} thread failed: {what}"));
+                }
+            })
             .with_context(|| format!("cannot start the session's {name} thread"))
     };
 
     // Vocoder and Talker exist only for a model that can speak.
+    let mut talker_queue = None;
     let talker_tx = match &model.speech {
         Some(speech) => {
             let (vocoder_tx, vocoder_rx) = unbounded();
             let (talker_tx, talker_rx) = unbounded();
+            talker_queue = Some(talker_rx.clone());
             let vocoder = vocoder_task::VocoderTask::new(speech, shared.clone(), config.seed)?;
             threads.push(spawn_thread(
                 "session-vocoder",
@@ -364,6 +542,7 @@ pub fn spawn_probed(
         shared,
         processed,
         next_tick,
+        talker_queue,
         threads,
     };
     Ok((handle, probe))

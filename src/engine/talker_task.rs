@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::activity::WorkToken;
-use super::runtime::{Shared, SpeechProgress};
+use super::runtime::{Shared, SpeechProgress, Stage};
 use super::session::SessionConfig;
 use super::vocoder_task::VocoderMsg;
 use crate::model::omni::{OmniModel, Speech};
@@ -102,11 +102,13 @@ impl TalkerTask {
     }
 
     pub fn run(mut self, rx: Receiver<(TalkerMsg, WorkToken)>) {
+        self.shared.set_talker_cache(self.talker.cache_len());
         while let Ok((msg, token)) = rx.recv() {
             if let Err(e) = self.on_message(msg) {
                 self.shared.error(format!("Talker: {e:#}"));
                 self.abandon(true);
             }
+            self.shared.set_talker_cache(self.talker.cache_len());
             drop(token);
         }
     }
@@ -119,8 +121,11 @@ impl TalkerTask {
         match msg {
             TalkerMsg::Mirror { rows, positions } => {
                 self.finish_answer()?;
-                self.talker
-                    .forward(&rows.unsqueeze(0)?, &positions)
+                let talker = &mut self.talker;
+                self.shared
+                    .timed(Stage::Talker, || {
+                        talker.forward(&rows.unsqueeze(0)?, &positions)
+                    })
                     .context("mirroring the Thinker's context")?;
             }
             TalkerMsg::Truncate(len) => {
@@ -219,7 +224,11 @@ impl TalkerTask {
                 return Ok(());
             }
             let (turn, epoch) = (answer.turn, answer.epoch);
-            match answer.state.step(&mut self.talker)? {
+            let talker = &mut self.talker;
+            let step = self
+                .shared
+                .timed(Stage::Talker, || answer.state.step(talker))?;
+            match step {
                 TalkerStep::Code(code) => {
                     answer.codes += 1;
                     let codes = answer.codes;

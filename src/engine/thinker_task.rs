@@ -35,7 +35,7 @@ use super::activity::WorkToken;
 use super::context::{Context, EntryKind, MarkerIds};
 use super::heard::{SpokenAnswer, tokens_heard};
 use super::input::InputBlock;
-use super::runtime::{ContextView, Shared};
+use super::runtime::{CutAnswer, Shared, Stage};
 use super::session::{SessionConfig, SessionEvent};
 use super::talker_task::TalkerMsg;
 use super::turn_media::{MediaEncoders, TurnAudio};
@@ -235,10 +235,10 @@ impl ThinkerTask {
     }
 
     fn publish(&self) {
-        self.shared.set_view(ContextView {
-            entries: self.context.entries().to_vec(),
-            thinker_cache: self.model.thinker.cache_len(),
-        });
+        self.shared.set_view(
+            self.context.entries().to_vec(),
+            self.model.thinker.cache_len(),
+        );
     }
 
     fn system_prompt(&mut self) -> Result<()> {
@@ -399,10 +399,14 @@ impl ThinkerTask {
             self.context
                 .open_segment(turn, video.then_some(self.second_per_grid as f32))?;
         }
-        open.audio.push_block(&self.encoders, block)?;
-        if block.last {
-            open.audio.finish(&self.encoders)?;
-        }
+        let encoders = &self.encoders;
+        self.shared.timed(Stage::Encoders, || -> Result<()> {
+            open.audio.push_block(encoders, block)?;
+            if block.last {
+                open.audio.finish(encoders)?;
+            }
+            Ok(())
+        })?;
         let per_block = self.tokens_per_block;
         if video {
             // Tokens of the previous chunk that came with this block's audio go first.
@@ -417,7 +421,9 @@ impl ThinkerTask {
                     .push_audio(n, turn, block.index.saturating_sub(1))?;
             }
             if !block.frames.is_empty() {
-                let encoded = self.encoders.encode_frames(&block.frames)?;
+                let encoded = self.shared.timed(Stage::Encoders, || {
+                    self.encoders.encode_frames(&block.frames)
+                })?;
                 self.context.push_video(&encoded.grids, turn, block.index)?;
                 self.pending_media.video.push(encoded.embeds);
             }
@@ -458,7 +464,9 @@ impl ThinkerTask {
         if self.context.segment_open() {
             // The turn ended on a block boundary: the rest of the audio, then the segment's end.
             let open = self.open.as_mut().context("no open turn")?;
-            open.audio.finish(&self.encoders)?;
+            let encoders = &self.encoders;
+            self.shared
+                .timed(Stage::Encoders, || open.audio.finish(encoders))?;
             let n = open.audio.available();
             if n > 0 {
                 let block = self
@@ -549,17 +557,21 @@ impl ThinkerTask {
                 image: None,
                 video: cat(video)?,
             };
-            let embeds = self.model.thinker.embed_prompt(&batch.ids, &media)?;
-            let positions = batch.positions.to_tensor(&device)?;
-            let out = self.model.thinker.forward(
-                &embeds,
-                &positions,
-                if logits {
-                    LogitsFor::Last
-                } else {
-                    LogitsFor::None
-                },
-            )?;
+            let thinker = &mut self.model.thinker;
+            let (embeds, out) = self.shared.timed(Stage::Thinker, || -> Result<_> {
+                let embeds = thinker.embed_prompt(&batch.ids, &media)?;
+                let positions = batch.positions.to_tensor(&device)?;
+                let out = thinker.forward(
+                    &embeds,
+                    &positions,
+                    if logits {
+                        LogitsFor::Last
+                    } else {
+                        LogitsFor::None
+                    },
+                )?;
+                Ok((embeds, out))
+            })?;
             let logits = match out.logits {
                 Some(l) => Some(l.squeeze(0)?),
                 None => None,
@@ -694,7 +706,9 @@ impl ThinkerTask {
                 break;
             }
             let step = (|| -> Result<Option<_>> {
-                let id = sampler.sample(&logits, &history, &[])?;
+                let id = self
+                    .shared
+                    .timed(Stage::Thinker, || sampler.sample(&logits, &history, &[]))?;
                 self.shared.mark(turn, |t, now| {
                     t.first_text_token.get_or_insert(now);
                 });
@@ -706,7 +720,10 @@ impl ThinkerTask {
                     self.shared
                         .emit(SessionEvent::AssistantText { turn, delta });
                 }
-                let step = self.model.thinker.decode_step(id, rope_delta)?;
+                let thinker = &mut self.model.thinker;
+                let step = self
+                    .shared
+                    .timed(Stage::Thinker, || thinker.decode_step(id, rope_delta))?;
                 Ok(Some((id, step)))
             })();
             match step {
@@ -822,18 +839,27 @@ impl ThinkerTask {
             self.shared.emit_timings(turn);
             return Ok(());
         };
+        let progress = self.shared.speech_progress();
+        let total_codes = (progress.turn == turn && progress.finished).then_some(progress.codes);
+        let heard_codes = heard_samples / self.samples_per_code.max(1);
         let kept = if voice {
-            let progress = self.shared.speech_progress();
-            let total = (progress.turn == turn && progress.finished).then_some(progress.codes);
             tokens_heard(SpokenAnswer {
                 cumulative_chars: &answer.chars,
-                heard_codes: heard_samples / self.samples_per_code.max(1),
-                total_codes: total,
+                heard_codes,
+                total_codes,
                 heard,
             })
         } else {
             answer.ids.len()
         };
+        self.shared.record_cut(CutAnswer {
+            turn,
+            generated: answer.ids.clone(),
+            cumulative_chars: answer.chars.clone(),
+            heard_codes,
+            total_codes,
+            kept,
+        });
         let kept_text = self.model.tokenizer.decode(&answer.ids[..kept])?;
         if !(answer.closed && kept == answer.ids.len()) {
             self.close_answer(&mut answer, kept)?;

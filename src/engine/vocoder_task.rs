@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use crossbeam_channel::Receiver;
 
 use super::activity::WorkToken;
-use super::runtime::Shared;
+use super::runtime::{Shared, Stage};
 use crate::model::omni::Speech;
 use crate::model::speakers::Voices;
 use crate::model::token2wav::Token2Wav;
@@ -84,7 +84,10 @@ impl VocoderTask {
         if let Some(s) = self.speakers.get(voice) {
             return Ok(s.clone());
         }
-        let condition = self.token2wav.speaker(self.voices.get(voice)?)?;
+        let voice = self.voices.get(voice)?;
+        let t2w = &self.token2wav;
+        let condition = self.shared.timed(Stage::Vocoder, || t2w.speaker(voice))?;
+        let voice = &voice.name;
         self.speakers.insert(voice.to_string(), condition.clone());
         Ok(condition)
     }
@@ -138,7 +141,10 @@ impl VocoderTask {
                     self.current = None;
                     return Ok(());
                 }
-                let samples = u.decoder.push_codes(&self.token2wav, &codes)?;
+                let t2w = &self.token2wav;
+                let samples = self
+                    .shared
+                    .timed(Stage::Vocoder, || u.decoder.push_codes(t2w, &codes))?;
                 self.push(samples);
             }
             VocoderMsg::Finish { turn, epoch } => {
@@ -155,7 +161,9 @@ impl VocoderTask {
                 let samples = if u.decoder.codes().is_empty() {
                     Vec::new()
                 } else {
-                    u.decoder.finish(&self.token2wav)?
+                    let t2w = &self.token2wav;
+                    self.shared
+                        .timed(Stage::Vocoder, || u.decoder.finish(t2w))?
                 };
                 self.push(samples);
                 self.shared.pacer.finish(turn);

@@ -1,0 +1,871 @@
+//! The running session on the tiny model (f32, CPU) in simulated time, driven
+//! deterministically: a scripted conversation with barge-in, streaming prefill against the
+//! reference, robustness to a stalled camera, gaps and late frames, and the context policy.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use omnicall::engine::context::{Context, Entry, EntryKind, MarkerIds};
+use omnicall::engine::heard::{SpokenAnswer, tokens_heard};
+use omnicall::engine::pacer::FRAME;
+use omnicall::engine::runtime::SimulatedSession;
+use omnicall::engine::session::{
+    AudioInput, Control, ReplyMode, SessionConfig, SessionEvent, VideoInput,
+};
+use omnicall::engine::turn::TurnState;
+use omnicall::model::loading::ModelFiles;
+use omnicall::model::omni::OmniModel;
+use omnicall::model::thinker::rope::{PositionIds, RopeIndexConfig};
+use omnicall::model::thinker::{LogitsFor, MultimodalEmbeds};
+
+const RATE: u32 = 16_000;
+const PIECE: Duration = Duration::from_millis(20);
+
+fn model() -> &'static OmniModel {
+    static MODEL: OnceLock<OmniModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        OmniModel::load(
+            &ModelFiles::from_dir(&common::model_dir()).unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    })
+}
+
+fn load(name: &str) -> Vec<f32> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/media")
+        .join(name);
+    let mut reader = hound::WavReader::open(&path).unwrap();
+    assert_eq!(reader.spec().sample_rate, RATE);
+    reader
+        .samples::<i16>()
+        .map(|s| s.unwrap() as f32 / 32768.0)
+        .collect()
+}
+
+/// A session and every event it gave, with the session-clock time at which it was seen.
+struct Call {
+    session: SimulatedSession,
+    log: Vec<(Duration, SessionEvent)>,
+}
+
+impl Call {
+    fn new(config: SessionConfig) -> Self {
+        Self {
+            session: SimulatedSession::spawn(model(), config).unwrap(),
+            log: Vec::new(),
+        }
+    }
+
+    fn collect(&mut self) {
+        let now = self.session.now();
+        for e in self.session.events() {
+            self.log.push((now, e));
+        }
+    }
+
+    /// Plays `samples` in 20 ms pieces, each sent when its last sample was captured on the
+    /// session clock; `until` stops early once it holds for the log.
+    fn talk_until(&mut self, samples: &[f32], until: impl Fn(&Call) -> bool) {
+        let piece = (RATE as u128 * PIECE.as_millis() / 1000) as usize;
+        for chunk in samples.chunks(piece) {
+            let at = self.session.now();
+            self.session.advance(PIECE).unwrap();
+            self.collect();
+            self.session
+                .push_audio(AudioInput {
+                    at,
+                    sample_rate: RATE,
+                    samples: chunk.to_vec(),
+                })
+                .unwrap();
+            self.session.settle().unwrap();
+            self.collect();
+            if until(self) {
+                return;
+            }
+        }
+    }
+
+    fn talk(&mut self, samples: &[f32]) {
+        self.talk_until(samples, |_| false);
+    }
+
+    fn silence_until(&mut self, length: Duration, until: impl Fn(&Call) -> bool) {
+        let n = (length.as_secs_f64() * RATE as f64) as usize;
+        self.talk_until(&vec![0.0; n], until);
+    }
+
+    fn events(&self) -> impl Iterator<Item = &SessionEvent> {
+        self.log.iter().map(|(_, e)| e)
+    }
+
+    fn answer_done(&self, turn: u64) -> bool {
+        self.events()
+            .any(|e| matches!(e, SessionEvent::AnswerDone { turn: t } if *t == turn))
+    }
+
+    fn frames(&self, turn: u64) -> Vec<(u64, Duration)> {
+        self.events()
+            .filter_map(|e| match e {
+                SessionEvent::Audio {
+                    turn: t, index, at, ..
+                } if *t == turn => Some((*index, *at)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn text(&self, turn: u64) -> String {
+        self.events()
+            .filter_map(|e| match e {
+                SessionEvent::AssistantText { turn: t, delta } if *t == turn => {
+                    Some(delta.as_str())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.events()
+            .filter_map(|e| match e {
+                SessionEvent::Error(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        max_answer_tokens: 40,
+        max_speech: Duration::from_secs(6),
+        seed: 7,
+        ..SessionConfig::default()
+    }
+}
+
+/// A compact name of each event but audio frames, in order.
+fn kinds(call: &Call, turn: u64) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in call.events() {
+        let k = match e {
+            SessionEvent::State(s) => format!("{s:?}"),
+            SessionEvent::UserTurn { turn: t, .. } if *t == turn => "UserTurn".into(),
+            SessionEvent::AssistantText { turn: t, .. } if *t == turn => "Text".into(),
+            SessionEvent::Audio { turn: t, .. } if *t == turn => "Audio".into(),
+            SessionEvent::Interrupted { turn: t, .. } if *t == turn => "Interrupted".into(),
+            SessionEvent::AnswerDone { turn: t } if *t == turn => "AnswerDone".into(),
+            SessionEvent::Timings(t) if t.turn == turn => "Timings".into(),
+            SessionEvent::Error(e) => format!("Error({e})"),
+            _ => continue,
+        };
+        if out.last() != Some(&k) || !matches!(k.as_str(), "Text" | "Audio") {
+            out.push(k);
+        }
+    }
+    out
+}
+
+/// The caches of the Thinker and the Talker hold the context entry for entry.
+fn assert_caches_in_step(call: &Call) {
+    let view = call.session.probe.context();
+    assert_eq!(view.thinker_cache, view.entries.len(), "Thinker cache");
+    assert_eq!(view.talker_cache, Some(view.entries.len()), "Talker cache");
+}
+
+fn answer_ids(entries: &[Entry], turn: u64) -> Vec<u32> {
+    entries
+        .iter()
+        .filter(|e| e.turn == turn && e.kind == EntryKind::Answer)
+        .map(|e| e.id)
+        .collect()
+}
+
+#[test]
+fn a_spoken_turn_is_answered_in_order_with_frames_paced_at_20_ms() {
+    let mut call = Call::new(config());
+    let speech = load("speech.wav");
+    call.talk(&speech);
+    call.silence_until(Duration::from_secs(8), |c| c.answer_done(1));
+    assert!(call.answer_done(1), "{:?}", kinds(&call, 1));
+    assert_eq!(
+        kinds(&call, 1),
+        [
+            "UserSpeaking",
+            "UserTurn",
+            "Thinking",
+            "Text",
+            "Speaking",
+            "Audio",
+            "AnswerDone",
+            "Timings",
+            "Listening"
+        ]
+    );
+    // Frames: consecutive, 20 ms of audio each, released 20 ms apart.
+    let rate = model().speech().unwrap().token2wav.sample_rate();
+    let frames: Vec<(u64, Duration, usize)> = call
+        .events()
+        .filter_map(|e| match e {
+            SessionEvent::Audio {
+                index,
+                at,
+                pcm,
+                sample_rate,
+                ..
+            } => {
+                assert_eq!(*sample_rate, rate);
+                Some((*index, *at, pcm.len()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(frames.len() > 5, "{} frames", frames.len());
+    for (k, (index, at, len)) in frames.iter().enumerate() {
+        assert_eq!(*index, k as u64);
+        assert_eq!(*len, (rate as u128 * FRAME.as_millis() / 1000) as usize);
+        assert_eq!(*at, frames[0].1 + FRAME * k as u32);
+    }
+    // Frames were seen no earlier than their release time, and the turn's marks are in order.
+    for (seen, e) in &call.log {
+        if let SessionEvent::Audio { at, .. } = e {
+            assert!(seen >= at);
+        }
+    }
+    let timings = call
+        .events()
+        .find_map(|e| match e {
+            SessionEvent::Timings(t) if t.turn == 1 => Some(t.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let marks = [
+        timings.speech_end,
+        timings.end_of_turn,
+        timings.prefill_done,
+        timings.first_text_token,
+        timings.first_codec_token,
+        timings.first_waveform_chunk,
+        timings.first_audio_frame,
+    ]
+    .map(|m| m.expect("every mark of a spoken answer"));
+    assert!(marks.windows(2).all(|w| w[0] <= w[1]), "{timings:?}");
+    assert_eq!(timings.first_audio_frame, Some(frames[0].1));
+    assert!(
+        timings.end_of_turn.unwrap() - timings.speech_end.unwrap() >= Duration::from_millis(500)
+    );
+    // The user's turn: about the recording's length.
+    let (audio, video_frames) = call
+        .events()
+        .find_map(|e| match e {
+            SessionEvent::UserTurn {
+                turn: 1,
+                audio,
+                video_frames,
+                text: None,
+            } => Some((*audio, *video_frames)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(video_frames, 0);
+    let length = Duration::from_secs_f64(speech.len() as f64 / RATE as f64);
+    assert!(
+        audio > length / 2 && audio < length + Duration::from_secs(1),
+        "{audio:?}"
+    );
+    // The context: system prompt, the user turn's audio in 2-s blocks, the whole answer.
+    let view = call.session.probe.context();
+    let turn: Vec<&Entry> = view.entries.iter().filter(|e| e.turn == 1).collect();
+    let audio_tokens = turn
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Audio { .. }))
+        .count();
+    let seconds = audio.as_secs_f64();
+    assert!(
+        (audio_tokens as f64 - seconds * 25.0).abs() <= 3.0,
+        "{audio_tokens} audio tokens for {seconds} s"
+    );
+    let blocks: std::collections::BTreeSet<usize> = turn
+        .iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::Audio { block } => Some(block),
+            _ => None,
+        })
+        .collect();
+    let block_count = (seconds / 2.0).ceil() as usize;
+    assert!(block_count >= 2);
+    assert_eq!(blocks.first(), Some(&0));
+    assert!(
+        blocks.len() >= block_count - 1 && *blocks.last().unwrap() < block_count,
+        "{blocks:?}"
+    );
+    let answer = answer_ids(&view.entries, 1);
+    assert!(!answer.is_empty());
+    assert_eq!(model().tokenizer.decode(&answer).unwrap(), call.text(1));
+    assert_caches_in_step(&call);
+    assert!(call.errors().is_empty(), "{:?}", call.errors());
+    call.session.close().unwrap();
+}
+
+#[test]
+fn speech_over_the_answer_stops_it_at_once_and_keeps_what_was_heard() {
+    let mut call = Call::new(config());
+    call.talk(&load("speech.wav"));
+    // Let a few frames of the answer play, then speak over it.
+    call.silence_until(Duration::from_secs(8), |c| c.frames(1).len() >= 10);
+    let speech = load("speech.wav");
+    call.talk_until(&speech, |c| {
+        c.events()
+            .any(|e| matches!(e, SessionEvent::Interrupted { .. }))
+    });
+    // The stop decision: the state turned to the user while the model was speaking.
+    let speaking = call
+        .log
+        .iter()
+        .position(|(_, e)| matches!(e, SessionEvent::State(TurnState::Speaking)))
+        .unwrap();
+    let stop = speaking
+        + call.log[speaking..]
+            .iter()
+            .position(|(_, e)| matches!(e, SessionEvent::State(TurnState::UserSpeaking)))
+            .expect("a barge-in");
+    let stopped_at = call.log[stop].0;
+    // Play on for a while: nothing more of the answer comes.
+    call.talk(&speech[speech.len() / 2..]);
+    call.silence_until(Duration::from_secs(8), |c| c.answer_done(2));
+    let frames = call.frames(1);
+    let last = frames.last().unwrap().1;
+    // Nothing released after the stop (events come in the order the session took them).
+    assert!(
+        !call.log[stop..]
+            .iter()
+            .any(|(_, e)| matches!(e, SessionEvent::Audio { turn: 1, .. }))
+    );
+    assert!(
+        last <= stopped_at,
+        "frame at {last:?} after the stop at {stopped_at:?}"
+    );
+    // Frames kept flowing until the decision: it stopped within one frame of it (the
+    // decision is taken on a 20 ms piece of microphone audio).
+    assert!(
+        last + 2 * FRAME >= stopped_at,
+        "last frame {last:?}, stop {stopped_at:?}"
+    );
+    let (heard, kept_text) = call
+        .events()
+        .find_map(|e| match e {
+            SessionEvent::Interrupted {
+                turn: 1,
+                heard,
+                kept_text,
+            } => Some((*heard, kept_text.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(heard, FRAME * frames.len() as u32);
+    assert!(!call.answer_done(1));
+    // What was kept: the estimate of what was heard, nothing after it.
+    let view = call.session.probe.context();
+    let cut = &view.cut_answers[0];
+    assert_eq!(cut.turn, 1);
+    let t2w = &model().speech().unwrap().token2wav;
+    let frame_samples = (t2w.sample_rate() as u128 * FRAME.as_millis() / 1000) as usize;
+    assert_eq!(
+        cut.heard_codes,
+        frames.len() * frame_samples / t2w.samples_per_code()
+    );
+    let expected = tokens_heard(SpokenAnswer {
+        cumulative_chars: &cut.cumulative_chars,
+        heard_codes: cut.heard_codes,
+        total_codes: cut.total_codes,
+        heard,
+    });
+    assert_eq!(cut.kept, expected);
+    assert!(
+        0 < cut.kept && cut.kept < cut.generated.len(),
+        "kept {} of {}",
+        cut.kept,
+        cut.generated.len()
+    );
+    let kept = &cut.generated[..cut.kept];
+    assert_eq!(answer_ids(&view.entries, 1), kept);
+    assert_eq!(model().tokenizer.decode(kept).unwrap(), kept_text);
+    // The cut answer is closed with the template's end, and the next turn follows it.
+    let s = model().tokenizer.special();
+    let closing: Vec<u32> = model()
+        .tokenizer
+        .encode(&format!("{}\n", s.im_end.text))
+        .unwrap();
+    let after: Vec<u32> = view
+        .entries
+        .iter()
+        .skip_while(|e| !(e.turn == 1 && e.kind == EntryKind::Answer))
+        .skip(cut.kept)
+        .take(closing.len())
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(after, closing);
+    assert!(view.entries.iter().any(|e| e.turn == 2));
+    // The barge-in is a turn of its own, answered.
+    assert!(call.answer_done(2), "{:?}", kinds(&call, 2));
+    assert_caches_in_step(&call);
+    assert!(call.errors().is_empty(), "{:?}", call.errors());
+    call.session.close().unwrap();
+}
+
+#[test]
+fn a_stop_control_and_a_typed_message_cut_the_answer_too() {
+    let mut call = Call::new(config());
+    call.talk(&load("speech.wav"));
+    call.silence_until(Duration::from_secs(8), |c| c.frames(1).len() >= 5);
+    call.session.control(Control::Interrupt).unwrap();
+    call.silence_until(Duration::from_secs(1), |_| false);
+    let frames = call.frames(1).len();
+    assert!(call.events().any(|e| matches!(
+        e,
+        SessionEvent::Interrupted { turn: 1, heard, .. } if *heard == FRAME * frames as u32
+    )));
+    // A typed message while the answer is spoken: the answer stops, the message is answered,
+    // in text now.
+    call.session
+        .control(Control::ReplyMode(ReplyMode::Text))
+        .unwrap();
+    call.session
+        .control(Control::Text("hello there".into()))
+        .unwrap();
+    call.silence_until(Duration::from_secs(2), |c| c.answer_done(2));
+    assert!(call.answer_done(2), "{:?}", kinds(&call, 2));
+    assert!(call.frames(2).is_empty(), "a text answer has no audio");
+    let user = call.events().find_map(|e| match e {
+        SessionEvent::UserTurn {
+            turn: 2,
+            text: Some(t),
+            ..
+        } => Some(t.clone()),
+        _ => None,
+    });
+    assert_eq!(user.as_deref(), Some("hello there"));
+    let view = call.session.probe.context();
+    assert!(
+        view.entries
+            .iter()
+            .any(|e| e.turn == 2 && e.kind == EntryKind::UserText)
+    );
+    // An unknown voice is an error event; the session goes on.
+    call.session
+        .control(Control::Voice("Nobody".into()))
+        .unwrap();
+    call.silence_until(Duration::from_millis(100), |_| false);
+    assert!(call.errors().iter().any(|e| e.contains("Nobody")));
+    assert_caches_in_step(&call);
+    call.session.close().unwrap();
+}
+
+/// The reference's video+audio prompt (`rope.video_audio`) laid out and prefilled block by
+/// block as the session does it (the audio tokens of an encoder chunk that straddles a block
+/// edge come with the next block), against the reference's layout and logits.
+#[test]
+fn streaming_prefill_block_by_block_equals_the_reference_prompt() {
+    let cases = common::Cases::load();
+    let ids: Vec<u32> = cases
+        .i64_vec("rope.video_audio.input_ids")
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    let want_positions = cases.i64_vec("rope.video_audio.position_ids");
+    let grid = cases.i64_vec("rope.video_audio.video_grid_thw");
+    let second_per_grid = cases
+        .f32("rope.video_audio.second_per_grid")
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    let video = cases.f32("video.embeds");
+    let audio = cases.f32("audio_encoder.output");
+    let want_logits = cases.f32("thinker_av.logits");
+
+    let m = model();
+    let cfg = &m.config.thinker_config;
+    let s = m.tokenizer.special();
+    let mut context = Context::new(
+        RopeIndexConfig::from(cfg),
+        RopeIndexConfig::from(&m.config.talker_config),
+        MarkerIds {
+            audio: s.audio.id,
+            video: s.video.id,
+            audio_bos: s.audio_bos.id,
+            audio_eos: s.audio_eos.id,
+            vision_bos: s.vision_bos.id,
+            vision_eos: s.vision_eos.id,
+        },
+    )
+    .unwrap();
+    let bos = ids.iter().position(|&i| i == s.vision_bos.id).unwrap();
+    let eos = ids.iter().position(|&i| i == s.vision_eos.id).unwrap();
+    let (t, h, w) = (grid[0] as usize, grid[1] as usize, grid[2] as usize);
+    let merge = cfg.vision_config.spatial_merge_size;
+    let grid_tokens = h * w / (merge * merge);
+    let audio_tokens = audio.dim(0).unwrap();
+    let per_block = RopeIndexConfig::from(cfg).ids_per_chunk() as usize;
+    // Audio tokens the streaming encoder has ready when block k closes: whole encoder chunks
+    // of the audio so far.
+    let chunk_tokens = m.audio_encoder.chunk_frames() / 4;
+    let ready = |k: usize| ((k + 1) * per_block / chunk_tokens * chunk_tokens).min(audio_tokens);
+    // Time ids of the grids: which block each one belongs to.
+    let grid_block = |g: usize| {
+        (g as f64 * second_per_grid as f64 * cfg.position_id_per_seconds as f64) as usize
+            / per_block
+    };
+    let blocks = audio_tokens.div_ceil(per_block).max(grid_block(t - 1) + 1);
+
+    let mut thinker = m.thinker.clone();
+    thinker.clear_cache();
+    let mut positions = PositionIds::default();
+    let (mut audio_taken, mut grids_taken) = (0, 0);
+    let mut batches = Vec::new();
+    context.push_text(&ids[..bos], EntryKind::Template, 1);
+    context.open_segment(1, Some(second_per_grid)).unwrap();
+    for k in 0..blocks {
+        let last = k + 1 == blocks;
+        let (mut a, mut v) = (Vec::new(), Vec::new());
+        // the previous block's straggling audio tokens first
+        let n = (k * per_block).saturating_sub(audio_taken);
+        if n > 0 {
+            context.push_audio(n, 1, k - 1).unwrap();
+            a.push(audio.narrow(0, audio_taken, n).unwrap());
+            audio_taken += n;
+        }
+        let block_grids: Vec<usize> = (grids_taken..t).filter(|&g| grid_block(g) == k).collect();
+        if !block_grids.is_empty() {
+            context
+                .push_video(&vec![(h, w); block_grids.len()], 1, k)
+                .unwrap();
+            v.push(
+                video
+                    .narrow(
+                        0,
+                        grids_taken * grid_tokens,
+                        block_grids.len() * grid_tokens,
+                    )
+                    .unwrap(),
+            );
+            grids_taken += block_grids.len();
+        }
+        let upto = if last { audio_tokens } else { ready(k) };
+        let n = upto.saturating_sub(audio_taken);
+        if n > 0 {
+            context.push_audio(n, 1, k).unwrap();
+            a.push(audio.narrow(0, audio_taken, n).unwrap());
+            audio_taken += n;
+        }
+        if last {
+            context.close_segment(1).unwrap();
+            context.push_text(&ids[eos + 1..], EntryKind::Template, 1);
+        }
+        let batch = context.take_batch();
+        let cat = |parts: Vec<Tensor>| (!parts.is_empty()).then(|| Tensor::cat(&parts, 0).unwrap());
+        let embeds = thinker
+            .embed_prompt(
+                &batch.ids,
+                &MultimodalEmbeds {
+                    audio: cat(a),
+                    image: None,
+                    video: cat(v),
+                },
+            )
+            .unwrap();
+        let out = thinker
+            .forward(
+                &embeds,
+                &batch.positions.to_tensor(&Device::Cpu).unwrap(),
+                LogitsFor::All,
+            )
+            .unwrap();
+        positions.extend(&batch.positions);
+        batches.push((batch.start, out.logits.unwrap()));
+    }
+    assert!(batches.len() >= 2, "the prompt spans several blocks");
+    assert_eq!(grids_taken, t);
+    assert_eq!(context.ids().collect::<Vec<_>>(), ids);
+    let mut got = positions.t.clone();
+    got.extend(&positions.h);
+    got.extend(&positions.w);
+    assert_eq!(got, want_positions, "block positions vs rope.video_audio");
+    for (start, logits) in batches {
+        let n = logits.dim(0).unwrap();
+        let want = want_logits.i(start..start + n).unwrap();
+        common::assert_close(
+            &format!("logits of the batch at {start}"),
+            &logits,
+            &want,
+            1e-4,
+        );
+    }
+}
+
+/// A camera that stalls, a gap in the microphone audio and a burst of late frames: the turn
+/// is still taken and answered, its blocks carry the frozen picture.
+#[test]
+fn a_stalled_camera_an_audio_gap_and_late_frames_neither_crash_nor_stall() {
+    let mut call = Call::new(SessionConfig {
+        video_min_pixels: 4 * 28 * 28,
+        video_max_pixels: 16 * 28 * 28,
+        ..config()
+    });
+    let speech = load("utterance_long.wav");
+    let (width, height) = (112, 84);
+    let frame = |at: Duration, shade: u8| VideoInput {
+        at,
+        width,
+        height,
+        rgb: Arc::new(vec![shade; width * height * 3]),
+    };
+    let piece = (RATE as u128 * PIECE.as_millis() / 1000) as usize;
+    let gap = Duration::from_millis(1500)..Duration::from_millis(1800);
+    for (k, chunk) in speech.chunks(piece).enumerate() {
+        let at = PIECE * k as u32;
+        call.session.advance(PIECE).unwrap();
+        call.collect();
+        // 10 fps for the first second, then the camera stalls.
+        if at < Duration::from_secs(1) && k % 5 == 0 {
+            call.session.push_video(frame(at, 40 + k as u8)).unwrap();
+        }
+        // 300 ms of audio never arrive.
+        if !gap.contains(&at) {
+            call.session
+                .push_audio(AudioInput {
+                    at,
+                    sample_rate: RATE,
+                    samples: chunk.to_vec(),
+                })
+                .unwrap();
+        }
+        // A burst of late frames, dated at the start of the call.
+        if at == Duration::from_millis(3000) {
+            for j in 0..20u32 {
+                call.session
+                    .push_video(frame(Duration::from_millis(50) * j, 200))
+                    .unwrap();
+            }
+        }
+        call.session.settle().unwrap();
+        call.collect();
+    }
+    call.silence_until(Duration::from_secs(8), |c| c.answer_done(1));
+    assert!(call.answer_done(1), "{:?}", kinds(&call, 1));
+    assert!(call.errors().is_empty(), "{:?}", call.errors());
+    let view = call.session.probe.context();
+    let video_blocks: std::collections::BTreeSet<usize> = view
+        .entries
+        .iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::Video { block } if e.turn == 1 => Some(block),
+            _ => None,
+        })
+        .collect();
+    // Every block of the turn shows a picture, the frozen one after the stall.
+    let audio_blocks: std::collections::BTreeSet<usize> = view
+        .entries
+        .iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::Audio { block } if e.turn == 1 => Some(block),
+            _ => None,
+        })
+        .collect();
+    assert!(video_blocks.len() >= 3, "{video_blocks:?}");
+    assert!(
+        audio_blocks.is_subset(&video_blocks),
+        "{audio_blocks:?} {video_blocks:?}"
+    );
+    let frames = call.events().find_map(|e| match e {
+        SessionEvent::UserTurn {
+            turn: 1,
+            video_frames,
+            ..
+        } => Some(*video_frames),
+        _ => None,
+    });
+    assert!(frames.unwrap() >= 6);
+    assert_caches_in_step(&call);
+    // The session goes on: a typed turn is answered.
+    call.session
+        .control(Control::Text("and now?".into()))
+        .unwrap();
+    call.silence_until(Duration::from_secs(8), |c| c.answer_done(2));
+    assert!(call.answer_done(2));
+    call.session.close().unwrap();
+}
+
+/// A spoken turn of `speech.wav` with a camera on (one small frame a 200 ms).
+fn camera_turn(call: &mut Call) {
+    let speech = load("speech.wav");
+    let piece = (RATE as u128 * PIECE.as_millis() / 1000) as usize;
+    for (k, chunk) in speech.chunks(piece).enumerate() {
+        let at = PIECE * k as u32;
+        call.session.advance(PIECE).unwrap();
+        if k % 10 == 0 {
+            call.session
+                .push_video(VideoInput {
+                    at,
+                    width: 56,
+                    height: 56,
+                    rgb: Arc::new(vec![90; 56 * 56 * 3]),
+                })
+                .unwrap();
+        }
+        call.session
+            .push_audio(AudioInput {
+                at,
+                sample_rate: RATE,
+                samples: chunk.to_vec(),
+            })
+            .unwrap();
+        call.session.settle().unwrap();
+        call.collect();
+    }
+    call.silence_until(Duration::from_secs(4), |c| c.answer_done(1));
+    assert!(call.answer_done(1));
+}
+
+fn count(entries: &[Entry], f: impl Fn(&Entry) -> bool) -> usize {
+    entries.iter().filter(|e| f(e)).count()
+}
+
+/// With a small `max_context` the oldest video goes first, then the oldest exchanges; the
+/// system prompt stays, both caches follow, and a limit too small for a turn is an error
+/// event, not a crash.
+#[test]
+fn the_context_policy_keeps_the_context_within_max_context() {
+    let max_answer = 6;
+    let base = SessionConfig {
+        reply_mode: ReplyMode::Text,
+        max_answer_tokens: max_answer,
+        video_min_pixels: 4 * 28 * 28,
+        video_max_pixels: 4 * 28 * 28,
+        ..config()
+    };
+    // Sizes of the conversation without a limit.
+    let mut call = Call::new(base.clone());
+    let system = call.session.probe.context().entries.len();
+    camera_turn(&mut call);
+    let after_first = call.session.probe.context().entries.len();
+    call.session.close().unwrap();
+    let tok = &model().tokenizer;
+    let s = tok.special();
+    let len = |text: String| tok.encode(&text).unwrap().len();
+    let header = len(format!("{}\n{}assistant\n", s.im_end.text, s.im_start.text));
+    let reserve = header + max_answer + len(format!("{}\n", s.im_end.text));
+    let message = |turn: u64| format!("ok {turn}");
+    let typed = len(format!("{}user\n", s.im_start.text)) + len(message(2)) + header;
+    // One token short for the second turn: the oldest video block must go.
+    let limit = after_first + typed + reserve - 1;
+    let mut call = Call::new(SessionConfig {
+        max_context: limit,
+        ..base.clone()
+    });
+    camera_turn(&mut call);
+    let view = call.session.probe.context();
+    assert_eq!(view.entries.len(), after_first, "no room needed yet");
+    let first_video = count(&view.entries, |e| matches!(e.kind, EntryKind::Video { .. }));
+    let first_audio = count(&view.entries, |e| {
+        e.turn == 1 && matches!(e.kind, EntryKind::Audio { .. })
+    });
+    let first_rest = count(&view.entries, |e| e.turn == 1) - first_video - first_audio;
+    assert!(first_video > 0);
+    let mut turn = 1;
+    while turn < 12 {
+        turn += 1;
+        call.session.control(Control::Text(message(turn))).unwrap();
+        call.silence_until(Duration::from_secs(4), |c| c.answer_done(turn));
+        assert!(call.answer_done(turn), "turn {turn}: {:?}", call.errors());
+        let view = call.session.probe.context();
+        assert!(
+            view.entries.len() <= limit,
+            "{} > {limit}",
+            view.entries.len()
+        );
+        assert_eq!(count(&view.entries, |e| e.turn == 0), system);
+        assert_caches_in_step(&call);
+        let video = count(&view.entries, |e| matches!(e.kind, EntryKind::Video { .. }));
+        let audio = count(&view.entries, |e| {
+            e.turn == 1 && matches!(e.kind, EntryKind::Audio { .. })
+        });
+        let rest = count(&view.entries, |e| e.turn == 1) - video - audio;
+        if turn == 2 {
+            // only video went
+            assert!(video < first_video);
+            assert_eq!((audio, rest), (first_audio, first_rest));
+        }
+        assert!(
+            video == 0 || audio == first_audio,
+            "audio went before the video"
+        );
+        if rest == 0 {
+            break;
+        }
+    }
+    assert!(
+        !call
+            .session
+            .probe
+            .context()
+            .entries
+            .iter()
+            .any(|e| e.turn == 1),
+        "the oldest exchange was forgotten"
+    );
+    assert!(turn > 2);
+    assert!(call.errors().is_empty(), "{:?}", call.errors());
+    call.session.close().unwrap();
+
+    // A limit that cannot hold a single typed turn: an error, and the session answers on.
+    let mut call = Call::new(SessionConfig {
+        max_context: system + reserve + 4,
+        ..base
+    });
+    call.session
+        .control(Control::Text("too long for this context".into()))
+        .unwrap();
+    call.silence_until(Duration::from_secs(2), |c| c.answer_done(1));
+    assert!(call.answer_done(1));
+    assert!(
+        call.errors().iter().any(|e| e.contains("max_context")),
+        "{:?}",
+        call.errors()
+    );
+    assert_eq!(call.session.probe.context().entries.len(), system);
+    assert_caches_in_step(&call);
+    call.session.close().unwrap();
+}
+
+#[test]
+fn dropping_every_handle_ends_the_session_threads() {
+    let clock = Arc::new(omnicall::engine::clock::SimulatedClock::new());
+    let (handle, probe) =
+        omnicall::engine::runtime::spawn_probed(model(), config(), clock.clone()).unwrap();
+    let copy = handle.clone();
+    assert!(copy.push_audio(AudioInput {
+        at: Duration::ZERO,
+        sample_rate: RATE,
+        samples: vec![0.0; 320],
+    }));
+    drop(handle);
+    drop(copy);
+    assert!(probe.join(Duration::from_secs(60)), "threads still running");
+    // A session that cannot be built is an error, not a panic.
+    let err = omnicall::engine::runtime::spawn(
+        model(),
+        SessionConfig {
+            voice: "Nobody".into(),
+            ..config()
+        },
+        clock,
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("Nobody"), "{err:#}");
+}
