@@ -13,7 +13,8 @@ fn root() -> PathBuf {
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("omnicall-local-e2e-{}-{name}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("omnicall-local-e2e-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -71,9 +72,15 @@ fn a_local_call_from_files_answers_and_is_interrupted() {
     // answer silent from shortly after the second question's onset until the second answer
     let voice = load_audio_at(&output, 24_000).unwrap();
     let seconds = voice.len() as f64 / 24_000.0;
-    assert!(seconds >= input_seconds, "{seconds} s of output for {input_seconds} s of input");
+    assert!(
+        seconds >= input_seconds,
+        "{seconds} s of output for {input_seconds} s of input"
+    );
     let level = |from: f64, to: f64| {
-        let (a, b) = ((from * 24_000.0) as usize, ((to * 24_000.0) as usize).min(voice.len()));
+        let (a, b) = (
+            (from * 24_000.0) as usize,
+            ((to * 24_000.0) as usize).min(voice.len()),
+        );
         voice[a..b].iter().map(|x| x.abs()).fold(0.0f32, f32::max)
     };
     let first_answer = level(1.8, second_at);
@@ -81,6 +88,9 @@ fn a_local_call_from_files_answers_and_is_interrupted() {
     // VAD onset (a few hundred ms of speech) and the stop: well under a second
     let after_cut = level(second_at + 1.0, second_at + 1.6);
     assert_eq!(after_cut, 0.0, "the cut answer went on playing");
-    assert!(level(second_at + 1.8, seconds) > 0.0, "no voice for the second answer");
+    assert!(
+        level(second_at + 1.8, seconds) > 0.0,
+        "no voice for the second answer"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
