@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod linear;
 pub mod loading;
 pub mod omni;
 pub mod pipeline;

@@ -39,9 +39,10 @@
 use std::collections::VecDeque;
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear, linear_no_bias};
+use candle_nn::{Embedding, VarBuilder, embedding};
 
 use crate::model::config::{TalkerConfig, ThinkerConfig};
+use crate::model::linear::{Linear, linear, linear_no_bias};
 use crate::model::sampling::{Sampler, SamplingOptions};
 use crate::model::thinker::decoder::{DecoderSpec, DecoderStack, sequential_positions};
 

@@ -3,9 +3,10 @@
 //! block by block and can be truncated back to any length (barge-in rolls the context back).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, RmsNorm, VarBuilder, linear, linear_no_bias, rms_norm};
+use candle_nn::{RmsNorm, VarBuilder, rms_norm};
 
 use crate::model::config::{TalkerConfig, TextConfig};
+use crate::model::linear::{Linear, linear, linear_no_bias};
 
 /// The shape of one decoder stack, read from the Thinker's text config or the Talker's config.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,9 +15,10 @@ pub mod vision_encoder;
 use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::model::config::ThinkerConfig;
+use crate::model::linear::{Linear, linear_no_bias};
 use crate::model::sampling::{Sampler, SamplingOptions};
 
 use decoder::{DecoderSpec, DecoderStack, sequential_positions};
@@ -163,7 +164,7 @@ impl Thinker {
         )?;
         let decoder = DecoderStack::new(&spec, vb.pp("model"))?;
         let lm_head = if vb.contains_tensor("lm_head.weight") {
-            candle_nn::linear_no_bias(text.hidden_size, text.vocab_size, vb.pp("lm_head"))?
+            linear_no_bias(text.hidden_size, text.vocab_size, vb.pp("lm_head"))?
         } else {
             Linear::new(embed_tokens.embeddings().clone(), None)
         };
