@@ -197,11 +197,12 @@ struct ModelBenchArgs {
     /// 3b, 7b, or a config.json / model folder (only its config is read).
     #[arg(long)]
     config: String,
-    /// Stages to measure, comma-separated: thinker, audio, vision, speech, engine-input.
+    /// Stages to measure, comma-separated: thinker, audio, vision, speech, engine-input,
+    /// engine (end of turn to first audio frame through the real engine, by stage).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "thinker,audio,vision,speech,engine-input"
+        default_value = "thinker,audio,vision,speech,engine-input,engine"
     )]
     stages: Vec<String>,
     /// Random weights of the config's shapes (always: no checkpoint is read).
@@ -478,6 +479,7 @@ fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
             .and_then(|blocks| {
                 omnicall::bench::engine::input_stage_cost(&blocks, ENGINE_INPUT_SECONDS)
             }),
+            "engine" => omnicall::bench::engine::bench_engine(&config, dtype, &device),
             other => bail!("unknown bench stage {other:?}"),
         };
         rows.extend(measured.with_context(|| format!("bench stage {stage}"))?);
