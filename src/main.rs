@@ -445,7 +445,14 @@ fn check_writable(out: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// Stages `omnicall bench model` can run.
-const BENCH_STAGES: &[&str] = &["thinker", "audio", "vision", "speech", "engine-input"];
+const BENCH_STAGES: &[&str] = &[
+    "thinker",
+    "audio",
+    "vision",
+    "speech",
+    "engine-input",
+    "engine",
+];
 
 /// Seconds of simulated call the engine-input stage runs.
 const ENGINE_INPUT_SECONDS: u64 = 60;

@@ -513,10 +513,13 @@ fn qwen2_tokenizer_json(
     Ok(tokenizer.to_string())
 }
 
+const MAX_UTF8_BYTES: usize = 4;
+
 /// Streaming detokenisation: text comes out as soon as it is complete, never half a UTF-8
 /// character (a byte-level token can end inside one; the decoder then shows U+FFFD).
 pub struct TextStream {
     tokenizer: Arc<Tokenizer>,
+    /// Ids not shown yet: the start of a character cut between tokens.
     pending: Vec<u32>,
 }
 
@@ -528,7 +531,10 @@ impl TextStream {
             .tokenizer
             .decode(&self.pending, true)
             .map_err(anyhow::Error::msg)?;
-        if text.ends_with(char::REPLACEMENT_CHARACTER) {
+        // A character is at most 4 bytes and every token is at least one: past that, the
+        // replacement character is invalid bytes for good, not a character still coming (holding
+        // on would decode an ever longer tail on every token).
+        if text.ends_with(char::REPLACEMENT_CHARACTER) && self.pending.len() < MAX_UTF8_BYTES {
             return Ok(None);
         }
         self.pending.clear();
@@ -652,6 +658,23 @@ mod tests {
         }
         assert_eq!(stream.finish().unwrap(), None);
         assert_eq!(out, text);
+    }
+
+    #[test]
+    fn invalid_bytes_are_shown_not_held_forever() {
+        let (files, cfg) = tiny();
+        let tok = ChatTokenizer::load(&files, &cfg.thinker_config).unwrap();
+        // a lone continuation byte never completes a character (what a babbling model says)
+        let stray = tok.encode("é").unwrap()[1];
+        let mut stream = tok.stream();
+        let mut shown = 0;
+        for _ in 0..10 {
+            if stream.push(stray).unwrap().is_some() {
+                shown += 1;
+            }
+        }
+        assert!(shown >= 2, "held back: {shown} deltas for 10 invalid bytes");
+        assert!(stream.pending.len() < MAX_UTF8_BYTES);
     }
 
     #[test]
