@@ -852,6 +852,15 @@ impl ThinkerTask {
         } else {
             answer.ids.len()
         };
+        tracing::debug!(
+            turn,
+            heard_codes,
+            ?total_codes,
+            generated = answer.ids.len(),
+            chars = answer.chars.last().copied().unwrap_or(0),
+            kept,
+            "answer cut"
+        );
         self.shared.record_cut(CutAnswer {
             turn,
             generated: answer.ids.clone(),
