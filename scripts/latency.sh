@@ -7,6 +7,7 @@
 #   scripts/latency.sh [options] [-- extra arguments of omnicall serve]
 #
 #   --model DIR|ID     model of the server (default models/tiny)
+#   --random 3b|7b     full-size random weights of a published config instead of a checkpoint
 #   --turns N          measured turns (default 5)
 #   --warmup N         turns before them, left out of the figures (default 1)
 #   --barge-in-at S    start the next prompt S seconds into each answer; measure how fast it stops
@@ -34,6 +35,7 @@ serve_extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model=(--model "${2:?--model needs a value}"); shift 2 ;;
+    --random) model=(--model "${2:?--random needs 3b or 7b}" --random-weights); shift 2 ;;
     --turns) turns=${2:?}; shift 2 ;;
     --warmup) warmup=${2:?}; shift 2 ;;
     --barge-in-at) barge_in=(--barge-in-at "${2:?}"); shift 2 ;;
@@ -42,7 +44,7 @@ while [ $# -gt 0 ]; do
     --port) port=${2:?}; shift 2 ;;
     --release) profile=release; shift ;;
     --) shift; serve_extra=("$@"); break ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "latency: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -66,6 +66,10 @@ struct ModelArgs {
 struct ServeCommand {
     #[command(flatten)]
     model: ModelArgs,
+    /// Random weights of a published config's shapes instead of a checkpoint: --model is then
+    /// 3b, 7b or a config.json (speed measurements; the model babbles).
+    #[arg(long)]
+    random_weights: bool,
     #[command(flatten)]
     serve: omnicall::rtc::cli::ServeArgs,
 }
@@ -286,7 +290,19 @@ fn voice_names(model: &OmniModel) -> Vec<String> {
 }
 
 fn serve(args: ServeCommand) -> anyhow::Result<()> {
-    let model = load_model(&args.model.model, &args.model.dtype, &args.model.device)?;
+    let model = if args.random_weights {
+        let config = config_from_spec(&args.model.model)?;
+        tracing::info!("random weights of {}'s shapes", args.model.model);
+        omnicall::bench::engine::random_model_with(
+            &config,
+            parse_dtype(&args.model.dtype)?,
+            &parse_device(&args.model.device)?,
+            true,
+        )
+        .context("building the random model")?
+    } else {
+        load_model(&args.model.model, &args.model.dtype, &args.model.device)?
+    };
     let voices = voice_names(&model);
     // Every call gets its own session on the shared weights; its clock starts with the call,
     // which is media time 0 for the transport.

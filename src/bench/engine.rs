@@ -778,14 +778,28 @@ impl SimpleBackend for TiedHead {
 /// vision encoder without its blocks (the benchmark's turns never call it; its blocks would
 /// take 2.6 GB at 3B shapes).
 pub fn random_model(config: &Config, dtype: DType, device: &Device) -> Result<OmniModel> {
+    random_model_with(config, dtype, device, false)
+}
+
+/// [`random_model`] with the vision encoder's blocks when `vision_blocks` (a camera costs what
+/// it costs: `omnicall serve --random-weights`); without them, the engine bench's audio-only
+/// turns do not hold the tower's memory.
+pub fn random_model_with(
+    config: &Config,
+    dtype: DType,
+    device: &Device,
+    vision_blocks: bool,
+) -> Result<OmniModel> {
     let vb = VarBuilder::from_backend(Box::new(TiedHead), dtype, device.clone());
     let t = &config.thinker_config;
     let tokenizer = ChatTokenizer::new(byte_level_tokenizer(config)?, t)?;
     let thinker = Thinker::new(t, vb.pp("thinker"))?;
     let audio_encoder = AudioEncoder::new(&t.audio_config, vb.pp("thinker.audio_tower"))?;
     let mut vision = t.vision_config.clone();
-    vision.depth = 0;
-    vision.fullatt_block_indexes.clear();
+    if !vision_blocks {
+        vision.depth = 0;
+        vision.fullatt_block_indexes.clear();
+    }
     let vision_encoder = VisionEncoder::new(&vision, vb.pp("thinker.visual"))?;
     let talker = Talker::new(&config.talker_config, vb.pp("talker"))?;
     let f32_vb = RandomWeights::var_builder(DType::F32, device);
