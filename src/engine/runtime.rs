@@ -85,6 +85,9 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     /// What the Thinker's context holds, for tests and diagnostics.
     view: Mutex<ContextView>,
+    /// Whether a [`SessionProbe`] reads `view`: without one, the Thinker does not copy its
+    /// context there after every message.
+    probed: bool,
     /// Positions in the Talker's cache after its last message.
     talker_cache: AtomicU64,
     /// CPU time of the model's calls, when profiled.
@@ -223,6 +226,11 @@ impl Shared {
 
     pub fn set_talker_cache(&self, len: usize) {
         self.talker_cache.store(len as u64, Ordering::SeqCst);
+    }
+
+    /// Whether the context view is read (see [`Shared::set_view`]).
+    pub fn probed(&self) -> bool {
+        self.probed
     }
 
     pub fn set_view(&self, entries: Vec<Entry>, thinker_cache: usize) {
@@ -374,7 +382,7 @@ pub fn spawn(
     config: SessionConfig,
     clock: Arc<dyn Clock>,
 ) -> Result<SessionHandle> {
-    spawn_probed(model, config, clock).map(|(handle, _probe)| handle)
+    start(model, config, clock, false, false).map(|(handle, _probe)| handle)
 }
 
 /// [`spawn`], also returning the session's [`SessionProbe`].
@@ -393,6 +401,16 @@ pub fn spawn_with(
     config: SessionConfig,
     clock: Arc<dyn Clock>,
     profile: bool,
+) -> Result<(SessionHandle, SessionProbe)> {
+    start(model, config, clock, profile, true)
+}
+
+fn start(
+    model: &OmniModel,
+    config: SessionConfig,
+    clock: Arc<dyn Clock>,
+    profile: bool,
+    probed: bool,
 ) -> Result<(SessionHandle, SessionProbe)> {
     let model = model.clone();
     let blocks = BlockConfig::for_model(
@@ -438,6 +456,7 @@ pub fn spawn_with(
         speech: Mutex::new(SpeechProgress::default()),
         closed: AtomicBool::new(false),
         view: Mutex::new(ContextView::default()),
+        probed,
         talker_cache: AtomicU64::new(u64::MAX),
         profile: (profile && thread_cpu().is_some()).then(ModelTime::default),
     });

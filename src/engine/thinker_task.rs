@@ -235,6 +235,9 @@ impl ThinkerTask {
     }
 
     fn publish(&self) {
+        if !self.shared.probed() {
+            return;
+        }
         self.shared.set_view(
             self.context.entries().to_vec(),
             self.model.thinker.cache_len(),
