@@ -712,6 +712,10 @@ impl ControlLoop {
 
     /// Starts the answer to `turn`: its timing marks and, for a spoken one, the pacer.
     fn start_answer(&mut self, turn: u64, speech_end: Option<Duration>, end_of_turn: Duration) {
+        // The decision's media time is the end of the piece it was taken on, which a transport
+        // may stamp slightly ahead of the session clock; the turn cannot have ended after the
+        // engine decided it, and the later marks are taken on the clock.
+        let end_of_turn = end_of_turn.min(self.shared.clock.now());
         let voice = self.reply_mode == ReplyMode::Voice && self.can_speak;
         self.shared.timings.lock().expect("timings lock").insert(
             turn,
