@@ -78,6 +78,32 @@ fn number(row: &[(String, String)], column: &str) -> Option<f64> {
     (!v.is_empty()).then(|| v.parse().unwrap())
 }
 
+/// Every stage's time in a CSV row, checked present and non-decreasing (the last step crosses
+/// from the server's clock to the client's, within the row's clock uncertainty).
+fn stages_in_order(row: &[(String, String)]) -> Vec<f64> {
+    let uncertainty = number(row, "clock_uncertainty_ms").unwrap();
+    let times: Vec<f64> = STAGES
+        .iter()
+        .map(|s| number(row, &format!("{s}_ms")).unwrap_or_else(|| panic!("no {s}: {row:?}")))
+        .collect();
+    for (pair, w) in STAGES.windows(2).zip(times.windows(2)) {
+        let slack = if pair[1] == "voice_to_voice" {
+            uncertainty
+        } else {
+            0.0
+        };
+        assert!(
+            w[1] >= w[0] - slack,
+            "{} at {} ms before {} at {} ms: {row:?}",
+            pair[1],
+            w[1],
+            pair[0],
+            w[0]
+        );
+    }
+    times
+}
+
 async fn metrics_page(server: &RunningServer) -> String {
     let url = format!("{}/metrics", server.url());
     tokio::task::spawn_blocking(move || {
@@ -128,32 +154,9 @@ async fn every_turn_has_every_stage_in_order_and_metrics_show_them() {
         assert_eq!(number(row, "server_turn"), Some(i as f64 + 2.0));
         assert!(number(row, "barge_in_ms").is_none());
         let uncertainty = number(row, "clock_uncertainty_ms").unwrap();
-        let times: Vec<f64> = STAGES
-            .iter()
-            .map(|s| {
-                number(row, &format!("{s}_ms"))
-                    .unwrap_or_else(|| panic!("turn {} has no {s}: {row:?}", i + 1))
-            })
-            .collect();
+        let times = stages_in_order(row);
         // the server cannot see the end of speech before the client spoke it
         assert!(times[0] >= -uncertainty, "{row:?}");
-        for (pair, w) in STAGES.windows(2).zip(times.windows(2)) {
-            // the last step crosses from the server's clock to the client's
-            let slack = if pair[1] == "voice_to_voice" {
-                uncertainty
-            } else {
-                0.0
-            };
-            assert!(
-                w[1] >= w[0] - slack,
-                "turn {}: {} at {} ms before {} at {} ms",
-                i + 1,
-                pair[1],
-                w[1],
-                pair[0],
-                w[0]
-            );
-        }
         // the stand-in answers once 500 ms of silence ended the turn
         assert!(times[1] >= 450.0, "{row:?}");
     }
@@ -311,24 +314,7 @@ async fn the_engine_marks_every_stage_of_every_turn() {
     let rows = read_csv(&dir.join("latency.csv"));
     assert_eq!(rows.len(), 2);
     for row in &rows {
-        let uncertainty = number(row, "clock_uncertainty_ms").unwrap();
-        let times: Vec<f64> = STAGES
-            .iter()
-            .map(|s| number(row, &format!("{s}_ms")).unwrap_or_else(|| panic!("no {s}: {row:?}")))
-            .collect();
-        for (pair, w) in STAGES.windows(2).zip(times.windows(2)) {
-            let slack = if pair[1] == "voice_to_voice" {
-                uncertainty
-            } else {
-                0.0
-            };
-            assert!(
-                w[1] >= w[0] - slack,
-                "{} before {}: {row:?}",
-                pair[1],
-                pair[0]
-            );
-        }
+        stages_in_order(row);
     }
     server.shutdown().await.unwrap();
     std::fs::remove_dir_all(dir).ok();
