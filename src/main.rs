@@ -331,13 +331,10 @@ fn local(args: LocalCommand) -> anyhow::Result<()> {
 }
 
 fn chat(args: ChatArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
-    let dtype = parse_dtype(&args.model.dtype)?;
-    let device = parse_device(&args.model.device)?;
     if let Some(out) = &args.speak {
         check_writable(out)?;
     }
-    let files = ModelFiles::locate(&args.model.model)?;
-    let mut model = OmniModel::load(&files, dtype, &device)?;
+    let mut model = load_model(&args.model.model, &args.model.dtype, &args.model.device)?;
     if args.speak.is_some() {
         // Fail before any work: a checkpoint without a Talker, an unknown voice.
         model.speech()?.voices.get(&args.voice)?;

@@ -87,11 +87,6 @@ impl ServeArgs {
             bail!("--max-calls must be at least 1");
         }
         config.max_calls = self.max_calls;
-        if let Some(root) = &self.web_root
-            && !root.join("index.html").is_file()
-        {
-            bail!("--web-root {}: no index.html there", root.display());
-        }
         if let Some(pixels) = self.max_video_pixels {
             if pixels == 0 {
                 bail!("--max-video-pixels must be at least 1");
@@ -180,13 +175,8 @@ fn ice_servers(
 
 /// `omnicall serve`: serves calls until ctrl-c.
 pub fn main(args: &ServeArgs, voices: Vec<String>, factory: SessionFactory) -> anyhow::Result<()> {
+    // (the server itself warns when it listens beyond loopback without a token)
     let config = args.serve_config(voices)?;
-    if !config.bind.ip().is_loopback() && config.token.is_none() {
-        tracing::warn!(
-            "serving on {} without --token: anyone who reaches it can start calls",
-            config.bind
-        );
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
