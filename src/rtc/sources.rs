@@ -52,19 +52,7 @@ impl H264Encoder {
 
     /// One access unit; empty when the encoder skipped the frame.
     pub fn encode(&mut self, frame: &I420Frame) -> anyhow::Result<Vec<u8>> {
-        if (frame.width, frame.height) != (self.width, self.height) {
-            bail!(
-                "frame of {}x{} for an encoder of {}x{}",
-                frame.width,
-                frame.height,
-                self.width,
-                self.height
-            );
-        }
-        let want = self.width * self.height * 3 / 2;
-        if frame.data.len() != want {
-            bail!("I420 frame of {} bytes, expected {want}", frame.data.len());
-        }
+        check_encoder_frame(frame, self.width, self.height)?;
         let yuv =
             openh264::formats::YUVBuffer::from_vec(frame.data.clone(), self.width, self.height);
         let stream = self
@@ -259,19 +247,7 @@ impl Vp8Encoder {
 
     /// One encoded frame; empty when the encoder dropped the frame (rate control).
     pub fn encode(&mut self, frame: &I420Frame) -> anyhow::Result<Vec<u8>> {
-        if (frame.width, frame.height) != (self.width, self.height) {
-            bail!(
-                "frame of {}x{} for an encoder of {}x{}",
-                frame.width,
-                frame.height,
-                self.width,
-                self.height
-            );
-        }
-        let want = self.width * self.height * 3 / 2;
-        if frame.data.len() != want {
-            bail!("I420 frame of {} bytes, expected {want}", frame.data.len());
-        }
+        check_encoder_frame(frame, self.width, self.height)?;
         // SAFETY: the image is filled in by vpx_img_wrap; it points into `frame.data`, which
         // outlives the encode call, and libvpx only reads from it.
         let mut img = std::mem::MaybeUninit::<vpx::vpx_image_t>::uninit();
@@ -340,6 +316,22 @@ impl Drop for Vp8Encoder {
             vpx::vpx_codec_destroy(self.ctx.as_mut());
         }
     }
+}
+
+/// A frame an encoder of `width`x`height` can take: its size, and I420's byte count.
+fn check_encoder_frame(frame: &I420Frame, width: usize, height: usize) -> anyhow::Result<()> {
+    if (frame.width, frame.height) != (width, height) {
+        bail!(
+            "frame of {}x{} for an encoder of {width}x{height}",
+            frame.width,
+            frame.height
+        );
+    }
+    let want = width * height * 3 / 2;
+    if frame.data.len() != want {
+        bail!("I420 frame of {} bytes, expected {want}", frame.data.len());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
