@@ -19,6 +19,22 @@ pub fn model_dir() -> PathBuf {
     reference_dir().join("model")
 }
 
+/// The fixture model's `config.json`.
+pub fn model_config() -> omnicall::model::config::Config {
+    let path = model_dir().join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    omnicall::model::config::Config::from_json(&text).expect("config.json parses")
+}
+
+/// The fixture model's weights, in f32 on the CPU.
+pub fn model_weights() -> candle_nn::VarBuilder<'static> {
+    let path = model_dir().join("model.safetensors");
+    // SAFETY: the fixture file is not modified while the tests map it.
+    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu) }
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Every tensor of `cases.safetensors`; a missing file is a failure, never a skip.
 pub struct Cases {
     tensors: HashMap<String, Tensor>,

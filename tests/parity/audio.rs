@@ -1,10 +1,9 @@
 //! The audio path: log-mel features of the processor (`mel`) and the audio tower
 //! (`audio_encoder`) against the reference fixtures.
 
-use candle_core::{DType, Device, IndexOp};
-use candle_nn::VarBuilder;
+use candle_core::{Device, IndexOp};
 use omnicall::media::mel::LogMel;
-use omnicall::model::config::{Config, ProcessorConfig};
+use omnicall::model::config::ProcessorConfig;
 use omnicall::model::thinker::audio_encoder::{AudioEncoder, output_len};
 
 use crate::common::{self, Cases};
@@ -22,17 +21,8 @@ fn log_mel() -> LogMel {
 }
 
 fn load_audio_encoder() -> AudioEncoder {
-    let dir = common::model_dir();
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    let cfg = Config::from_json(&text).expect("config.json parses");
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .expect("model.safetensors");
+    let cfg = common::model_config();
+    let vb = common::model_weights();
     AudioEncoder::new(
         &cfg.thinker_config.audio_config,
         vb.pp("thinker").pp("audio_tower"),

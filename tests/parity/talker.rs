@@ -2,7 +2,7 @@
 //! outputs (`talker_inputs`), the prefill (`talker_logits`) and greedy decoding through the
 //! streaming step API, fed one reply row at a time (`talker_greedy`).
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use omnicall::model::config::Config;
 use omnicall::model::sampling::SamplingOptions;
@@ -18,17 +18,8 @@ use crate::common::{self, Cases};
 const ATOL: f32 = 1e-4;
 
 fn load() -> (Config, VarBuilder<'static>) {
-    let dir = common::model_dir();
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    let cfg = Config::from_json(&text).expect("config.json parses");
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .expect("model.safetensors");
+    let cfg = common::model_config();
+    let vb = common::model_weights();
     (cfg, vb)
 }
 

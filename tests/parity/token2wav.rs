@@ -2,7 +2,7 @@
 //! the full ODE sampler `dit_mel`), the BigVGAN vocoder (`bigvgan_waveform`) and the whole
 //! codes-to-waveform path (`token2wav_waveform`).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use omnicall::model::config::Config;
 use omnicall::model::token2wav::Token2Wav;
@@ -18,17 +18,8 @@ const MEL_ATOL: f32 = 5e-4;
 const WAVEFORM_ATOL: f32 = 1e-3;
 
 fn config_and_weights() -> (Config, VarBuilder<'static>) {
-    let dir = common::model_dir();
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    let cfg = Config::from_json(&text).expect("config.json parses");
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .expect("model.safetensors");
+    let cfg = common::model_config();
+    let vb = common::model_weights();
     (cfg, vb)
 }
 

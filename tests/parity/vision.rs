@@ -2,11 +2,10 @@
 //! preparation (`image_preprocess`, `video_preprocess`) and the window-attention vision encoder
 //! (`image_vision_encoder`, `video_vision_encoder`).
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use omnicall::media::image::{ImagePreprocessor, RgbImage, RgbView};
 use omnicall::media::video::VideoPreprocessor;
-use omnicall::model::config::{Config, ProcessorConfig};
+use omnicall::model::config::ProcessorConfig;
 use omnicall::model::thinker::vision_encoder::VisionEncoder;
 
 use crate::common::{self, Cases};
@@ -22,13 +21,6 @@ fn processor_config() -> ProcessorConfig {
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     ProcessorConfig::from_json(&text).expect("processor_config.json parses")
-}
-
-fn model_config() -> Config {
-    let path = common::model_dir().join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    Config::from_json(&text).expect("config.json parses")
 }
 
 /// A (H, W, 3) uint8 fixture as a packed RGB image.
@@ -191,16 +183,8 @@ fn video_preprocess() {
 }
 
 fn load_encoder() -> VisionEncoder {
-    let cfg = model_config();
-    let dir = common::model_dir();
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .expect("model.safetensors");
+    let cfg = common::model_config();
+    let vb = common::model_weights();
     VisionEncoder::new(
         &cfg.thinker_config.vision_config,
         vb.pp("thinker").pp("visual"),
