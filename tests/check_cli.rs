@@ -41,28 +41,35 @@ fn text(out: &Output) -> (String, String) {
     )
 }
 
+/// f32, and bf16 through the generic products (the path a GPU takes in bf16).
 #[test]
 fn check_passes_on_the_committed_fixtures() {
-    let out = run_check(&fixture_dir(), &["--kernels", "generic"]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("| stage | what | max abs diff | tolerance | pass |"),
-        "{stdout}"
-    );
-    for stage in STAGES.split(',') {
+    for (dtype, kernels) in [("f32", "auto"), ("bf16", "generic")] {
+        let out = run_check(&fixture_dir(), &["--dtype", dtype, "--kernels", kernels]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{dtype}:\n{stdout}\n{stderr}");
         assert!(
-            stdout.contains(&format!("| {stage} |")),
-            "{stage} missing:\n{stdout}"
+            stdout.contains("| stage | what | max abs diff | tolerance | pass |"),
+            "{stdout}"
         );
+        for stage in STAGES.split(',') {
+            assert!(
+                stdout.contains(&format!("| {stage} |")),
+                "{stage} missing:\n{stdout}"
+            );
+        }
+        assert!(
+            stdout.contains("| thinker_logits | thinker.logits |"),
+            "{stdout}"
+        );
+        assert!(!stdout.contains("FAIL"), "{stdout}");
+        assert!(stdout.contains(", 0 failed"), "{stdout}");
+        let kernels_line = format!(
+            "kernels {}",
+            if kernels == "auto" { "Auto" } else { "Generic" }
+        );
+        assert!(stdout.contains(&kernels_line), "{stdout}");
     }
-    assert!(
-        stdout.contains("| thinker_logits | thinker.logits |"),
-        "{stdout}"
-    );
-    assert!(!stdout.contains("FAIL"), "{stdout}");
-    assert!(stdout.contains(", 0 failed"), "{stdout}");
-    assert!(stdout.contains("kernels Generic"), "{stdout}");
 }
 
 /// A copy of the fixture folder whose `cases.safetensors` has a NaN planted in
