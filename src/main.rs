@@ -126,6 +126,8 @@ struct LocalCommand {
     #[arg(long, default_value = "cpu")]
     device: String,
     #[command(flatten)]
+    kernels: KernelsArg,
+    #[command(flatten)]
     local: omnicall::local::cli::LocalArgs,
 }
 
@@ -373,6 +375,7 @@ fn local(args: LocalCommand) -> anyhow::Result<()> {
         print!("{}", omnicall::local::list_devices());
         return Ok(());
     }
+    args.kernels.apply();
     let model = load_model(
         args.model
             .as_deref()
