@@ -15,9 +15,10 @@
 //! its last mel frame's window have arrived (`n_fft / 2` = 12.5 ms after the chunk's end).
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Activation, Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Conv1d, Conv1dConfig, LayerNorm, VarBuilder};
 
 use crate::model::config::AudioEncoderConfig;
+use crate::model::linear::{Linear, linear, linear_no_bias};
 
 /// Number of audio embeddings the tower yields for `mel_frames` valid feature frames: the
 /// stride-2 convolution, then the stride-2 average pooling (a trailing odd frame is dropped).
@@ -95,10 +96,10 @@ impl ChunkAttention {
     fn new(cfg: &AudioEncoderConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
         Ok(Self {
-            q_proj: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_no_bias(d, d, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear_no_bias(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
             num_heads: cfg.encoder_attention_heads,
             head_dim: d / cfg.encoder_attention_heads,
         })
@@ -145,8 +146,8 @@ impl EncoderLayer {
         Ok(Self {
             self_attn: ChunkAttention::new(cfg, vb.pp("self_attn"))?,
             self_attn_layer_norm: layer_norm(d, vb.pp("self_attn_layer_norm"))?,
-            fc1: candle_nn::linear(d, cfg.encoder_ffn_dim, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.encoder_ffn_dim, d, vb.pp("fc2"))?,
+            fc1: linear(d, cfg.encoder_ffn_dim, vb.pp("fc1"))?,
+            fc2: linear(cfg.encoder_ffn_dim, d, vb.pp("fc2"))?,
             final_layer_norm: layer_norm(d, vb.pp("final_layer_norm"))?,
             activation,
         })
@@ -250,7 +251,7 @@ impl AudioEncoder {
             positions,
             layers,
             ln_post: layer_norm(d, vb.pp("ln_post"))?,
-            proj: candle_nn::linear(d, cfg.output_dim, vb.pp("proj"))?,
+            proj: linear(d, cfg.output_dim, vb.pp("proj"))?,
             num_mel_bins: cfg.num_mel_bins,
             d_model: d,
             output_dim: cfg.output_dim,

@@ -10,9 +10,10 @@
 //! separately, so no mask over all patches is ever built.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, Linear, RmsNorm, VarBuilder, linear, rms_norm};
+use candle_nn::{Activation, RmsNorm, VarBuilder, rms_norm};
 
 use crate::model::config::VisionEncoderConfig;
+use crate::model::linear::{Linear, linear};
 
 /// The reference hard-codes this epsilon for every RMSNorm of the vision tower.
 const RMS_EPS: f64 = 1e-6;
@@ -439,8 +440,8 @@ pub struct VisionTrace {
 /// The vision tower (`thinker.visual`).
 #[derive(Debug, Clone)]
 pub struct VisionEncoder {
-    /// Conv3d kernel (stride = kernel) flattened to (hidden, C * tp * p * p): a matmul per row.
-    patch_embed: Tensor,
+    /// Conv3d kernel (stride = kernel) flattened to (hidden, C * tp * p * p): a product per row.
+    patch_embed: Linear,
     blocks: Vec<VisionBlock>,
     merger: PatchMerger,
     rotary: VisionRotary,
@@ -472,6 +473,7 @@ impl VisionEncoder {
             .pp("proj")
             .get((cfg.hidden_size, c, tp, p, p), "weight")?
             .reshape((cfg.hidden_size, patch_dim))?;
+        let patch_embed = Linear::new(patch_embed, None);
         let blocks = (0..cfg.depth)
             .map(|i| VisionBlock::new(cfg, act, vb.pp("blocks").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -523,8 +525,8 @@ impl VisionEncoder {
         let layout = self.layout(grids)?;
         let unit = self.spatial_merge_size * self.spatial_merge_size;
 
-        let x = pixel_values.to_dtype(self.patch_embed.dtype())?;
-        let patch_embed = x.matmul(&self.patch_embed.t()?)?;
+        let x = pixel_values.to_dtype(self.patch_embed.weight().dtype())?;
+        let patch_embed = self.patch_embed.forward(&x)?;
 
         let order = layout.patch_order(unit);
         let order_t = Tensor::from_slice(&order, order.len(), device)?;

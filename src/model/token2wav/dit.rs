@@ -20,10 +20,11 @@
 //! its `back_i + 1 + ahead_i` key blocks only, never as a full (N x N) matrix.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear};
+use candle_nn::{Embedding, VarBuilder, embedding};
 
 use super::ecapa::EcapaTdnn;
 use crate::model::config::DiTConfig;
+use crate::model::linear::{Linear, linear};
 
 /// Width of the sinusoidal time features (`DiTTimestepEmbedding(freq_embed_dim=256)`).
 const TIME_FREQ_DIM: usize = 256;
