@@ -1,23 +1,33 @@
-//! A drop-in for `candle_nn::Linear` (same weights, same `VarBuilder` paths) with a fast path
-//! for decoding in bf16 on the CPU.
+//! The one place every Linear of the model (Thinker, Talker, audio and vision encoders, DiT)
+//! computes its product: a drop-in for `candle_nn::Linear` (same weights, same `VarBuilder`
+//! paths) that picks the kernel for the device, dtype and shape.
 //!
-//! candle's CPU matmul in bf16 widens both whole operands to f32 on every call: for a decode step
-//! (one row times a weight matrix) that is a fresh f32 copy of every weight matrix per token, and
-//! bf16 decodes several times slower than f32. When the weights are bf16 on the CPU and the
-//! input has at most [`MAX_GEMV_ROWS`] rows, [`Linear`] instead runs [`Bf16Gemv`]: the weight
-//! rows are widened a block at a time (the block stays in cache), dotted with the f32-widened
-//! input rows, and the sum rounded to bf16 once, as candle's own product does. Everything
-//! else (f32, CUDA, prefill-sized inputs) goes through `candle_nn::Linear` unchanged.
+//! candle's CPU matmul in bf16 widens both whole operands to f32 on every call, on one thread:
+//! a fresh f32 copy of every weight matrix per product, so bf16 ran several times slower than
+//! f32. When the weights are bf16 on the CPU, [`Linear`] instead widens the weight a block of
+//! rows at a time (the block stays in cache), on candle's thread pool, with f32 accumulation
+//! and one rounding of the output to bf16 as candle's own product does:
+//! * inputs of at most [`MAX_GEMV_ROWS`] rows (decoding) run [`Bf16Gemv`], dot products of
+//!   the widened rows;
+//! * larger inputs (prefill, the encoders) run [`Bf16Gemm`], gemm's f32 kernel on each
+//!   widened block.
+//!
+//! Everything else (f32, CUDA) goes through `candle_nn::Linear` unchanged; f32 on the CPU gets
+//! gemm's AVX-512 kernels where the CPU has them (the `x86-v4` feature, chosen at run time).
+//! Every product adds its work to a process-wide count ([`product_work`]) that the benchmarks
+//! read to report achieved GFLOP/s and weight GB/s.
 //!
 //! [`Kernels::Generic`] (`OMNICALL_KERNELS=generic`, or `--kernels generic`) turns the CPU
-//! kernel off, so that the CPU runs the device-generic path a GPU takes and the parity tests
+//! kernels off, so that the CPU runs the device-generic path a GPU takes and the parity tests
 //! check that path too.
 //!
 //! The inner loops are candle's own optimised CPU primitives (`BackendStorage::to_dtype` for the
 //! widening, `VecOps::vec_dot` for the f32 dot products, its barrier thread pool for the
-//! blocks) rather than loops written here: the dev profile compiles this crate unoptimised
-//! (only dependencies get opt-level 2), where a hand-written loop runs at well under 1 GB/s.
+//! blocks) and the `gemm` crate's f32 kernel rather than loops written here: the dev profile
+//! compiles this crate unoptimised (only dependencies get opt-level 2), where a hand-written
+//! loop runs at well under 1 GB/s.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
@@ -77,6 +87,48 @@ pub fn kernels() -> Kernels {
     })
 }
 
+/// The work of every [`Linear`] product since the process started: the benchmarks read it
+/// around a stage to say how close to the machine's limits the stage runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProductWork {
+    /// Multiply-adds count two.
+    pub flops: u64,
+    /// Weight bytes read (once per product).
+    pub weight_bytes: u64,
+}
+
+impl ProductWork {
+    /// The work done since `earlier`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            flops: self.flops.saturating_sub(earlier.flops),
+            weight_bytes: self.weight_bytes.saturating_sub(earlier.weight_bytes),
+        }
+    }
+}
+
+static PRODUCT_FLOPS: AtomicU64 = AtomicU64::new(0);
+static PRODUCT_WEIGHT_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// The work of every [`Linear`] product so far (all threads).
+pub fn product_work() -> ProductWork {
+    ProductWork {
+        flops: PRODUCT_FLOPS.load(Ordering::Relaxed),
+        weight_bytes: PRODUCT_WEIGHT_BYTES.load(Ordering::Relaxed),
+    }
+}
+
+fn count_product(x: &Tensor, weight: &Tensor) {
+    if let Ok((n, k)) = weight.dims2() {
+        let rows = x.elem_count() / k.max(1);
+        PRODUCT_FLOPS.fetch_add((2 * rows * n * k) as u64, Ordering::Relaxed);
+        PRODUCT_WEIGHT_BYTES.fetch_add(
+            weight.elem_count() as u64 * weight.dtype().size_in_bytes() as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// `y = x W^T + b`, a drop-in for `candle_nn::Linear`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -99,7 +151,7 @@ impl Linear {
         self.inner.bias()
     }
 
-    /// The product through [`Bf16Gemv`] when it applies, `None` otherwise.
+    /// The product through [`Bf16Gemv`] or [`Bf16Gemm`] when one applies, `None` otherwise.
     fn forward_gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let weight = self.inner.weight();
         let applies = kernels() == Kernels::Auto
@@ -119,12 +171,15 @@ impl Linear {
             return Ok(None);
         }
         let rows: usize = leading.iter().product();
-        if rows == 0 || rows > MAX_GEMV_ROWS {
+        if rows == 0 {
             return Ok(None);
         }
-        let y = x
-            .reshape((rows, in_features))?
-            .apply_op2_no_bwd(weight, &Bf16Gemv)?;
+        let x = x.reshape((rows, in_features))?;
+        let y = if rows <= MAX_GEMV_ROWS {
+            x.apply_op2_no_bwd(weight, &Bf16Gemv)?
+        } else {
+            x.apply_op2_no_bwd(weight, &Bf16Gemm)?
+        };
         let mut out_dims = leading.to_vec();
         out_dims.push(y.dim(1)?);
         let y = y.reshape(out_dims)?;
@@ -137,6 +192,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        count_product(x, self.inner.weight());
         match self.forward_gemv(x)? {
             Some(y) => Ok(y),
             None => self.inner.forward(x),
@@ -205,7 +261,7 @@ impl CustomOp2 for Bf16Gemv {
         let blocks: Vec<Mutex<Vec<&mut [bf16]>>> = blocks.into_iter().map(Mutex::new).collect();
         let first_error: Mutex<Option<candle_core::Error>> = Mutex::new(None);
 
-        candle_core::utils::barrier_pool().execute_chunked(n_blocks, |block_range| {
+        run_blocks(n_blocks, rows * n * k, |block_range| {
             for b in block_range {
                 let result = (|| -> Result<()> {
                     let mut parts = blocks[b]
@@ -243,6 +299,135 @@ impl CustomOp2 for Bf16Gemv {
             return Err(e);
         }
         Ok((CpuStorage::BF16(out), Shape::from((rows, n))))
+    }
+}
+
+/// Products of fewer multiply-adds than this run on the calling thread: waking the pool costs
+/// more than they do (and far more on a loaded machine, where a woken worker waits for a core).
+const INLINE_MAX_MACS: usize = 1 << 20;
+
+/// Runs `f` over `0..n_blocks`: on candle's barrier pool, or inline when the whole product
+/// (`macs` multiply-adds) is small.
+fn run_blocks(n_blocks: usize, macs: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if macs <= INLINE_MAX_MACS {
+        f(0..n_blocks);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n_blocks, f);
+    }
+}
+
+/// Weight rows widened per work item of [`Bf16Gemm`]: 256 rows of a 2048-wide matrix are
+/// 2 MiB of f32, about one core's L2.
+const GEMM_BLOCK_ROWS: usize = 256;
+
+/// `x (rows, k) @ w (n, k)^T -> (rows, n)`, all bf16, for prefill-sized inputs on the CPU.
+///
+/// candle's bf16 matmul widens the whole weight to f32 on one thread for every call; here
+/// each work item widens [`GEMM_BLOCK_ROWS`] weight rows (the block stays in cache) and runs
+/// gemm's f32 kernel on it, writing its columns of an f32 output. The blocks run on candle's
+/// pool; the f32 result is rounded to bf16 once, as candle's own product does.
+#[derive(Debug, Clone, Copy)]
+pub struct Bf16Gemm;
+
+/// The output buffer, shared by the work items: each writes only its own columns.
+struct SharedOut(*mut f32);
+// SAFETY: the work items write disjoint column ranges of the buffer, which outlives them.
+unsafe impl Sync for SharedOut {}
+
+impl CustomOp2 for Bf16Gemm {
+    fn name(&self) -> &'static str {
+        "bf16-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k) = x_layout.shape().dims2()?;
+        let (n, w_k) = w_layout.shape().dims2()?;
+        if k != w_k {
+            candle_core::bail!("bf16-gemm: input has {k} columns but the weight has {w_k}");
+        }
+        if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+            candle_core::bail!(
+                "bf16-gemm: needs bf16 input and weight, got {:?} and {:?}",
+                x.dtype(),
+                w.dtype()
+            );
+        }
+        let Some((w_start, _)) = w_layout.contiguous_offsets() else {
+            candle_core::bail!("bf16-gemm: the weight must be contiguous");
+        };
+        // The input is activations (rows x k), small beside the weight: widened whole, in
+        // logical order whatever its layout.
+        let CpuStorage::F32(x_f32) = x.to_dtype(x_layout, DType::F32)? else {
+            candle_core::bail!("bf16-gemm: widening the input did not give f32");
+        };
+        let mut out = vec![0f32; rows * n];
+        let shared = SharedOut(out.as_mut_ptr());
+        let n_blocks = n.div_ceil(GEMM_BLOCK_ROWS);
+        let first_error: Mutex<Option<candle_core::Error>> = Mutex::new(None);
+        run_blocks(n_blocks, rows * n * k, |block_range| {
+            let shared = &shared;
+            for b in block_range {
+                let first = b * GEMM_BLOCK_ROWS;
+                let len = GEMM_BLOCK_ROWS.min(n - first);
+                let block_layout = Layout::contiguous_with_offset((len, k), w_start + first * k);
+                let w_f32 = match w.to_dtype(&block_layout, DType::F32) {
+                    Ok(CpuStorage::F32(v)) => v,
+                    Ok(_) => {
+                        let e = candle_core::Error::msg("bf16-gemm: widening gave no f32");
+                        if let Ok(mut slot) = first_error.lock() {
+                            slot.get_or_insert(e);
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        if let Ok(mut slot) = first_error.lock() {
+                            slot.get_or_insert(e);
+                        }
+                        continue;
+                    }
+                };
+                // SAFETY: `x_f32` is (rows, k) row-major, `w_f32` (len, k) row-major read as
+                // its transpose (k, len), and the destination is columns [first, first + len)
+                // of the (rows, n) row-major `out`, written by this item only.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        len,
+                        k,
+                        shared.0.add(first),
+                        1,
+                        n as isize,
+                        false,
+                        x_f32.as_ptr(),
+                        1,
+                        k as isize,
+                        w_f32.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+        if let Some(e) = first_error
+            .into_inner()
+            .map_err(|_| candle_core::Error::msg("bf16-gemm: error slot poisoned"))?
+        {
+            return Err(e);
+        }
+        let rounded = CpuStorage::F32(out).to_dtype(&Layout::contiguous((rows, n)), DType::BF16)?;
+        Ok((rounded, Shape::from((rows, n))))
     }
 }
 
@@ -355,22 +540,89 @@ mod tests {
     }
 
     #[test]
-    fn other_dtypes_and_prefill_sizes_use_candle() -> Result<()> {
+    fn f32_uses_candle_unchanged() -> Result<()> {
         let (n, k) = (20, 30);
         let (x, w, b) = operands(MAX_GEMV_ROWS + 1, n, k)?;
-        for (x, w, b) in [
-            (x.clone(), w.clone(), b.clone()),
-            (
-                x.to_dtype(DType::F32)?,
-                w.to_dtype(DType::F32)?,
-                b.to_dtype(DType::F32)?,
-            ),
+        let (x, w, b) = (
+            x.to_dtype(DType::F32)?,
+            w.to_dtype(DType::F32)?,
+            b.to_dtype(DType::F32)?,
+        );
+        let got = Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
+        let want = candle_nn::Linear::new(w, Some(b)).forward(&x)?;
+        assert_eq!(got.dtype(), DType::F32);
+        assert_eq!(relative_max_diff(&got, &want)?, 0.0);
+        Ok(())
+    }
+
+    /// `x @ w^T` in f32 from the bf16 operands, rounded to bf16 once: the plain reference.
+    fn plain_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        x.to_dtype(DType::F32)?
+            .broadcast_matmul(&w.to_dtype(DType::F32)?.t()?)?
+            .to_dtype(DType::BF16)
+    }
+
+    #[test]
+    fn gemm_matches_the_plain_product_on_odd_shapes() -> Result<()> {
+        // k not a multiple of any vector or cache block, n = 1, n just past a weight block,
+        // rows just past the decode path, and work both below and above the inline limit.
+        for (rows, n, k) in [
+            (MAX_GEMV_ROWS + 1, 1, 7),
+            (9, 13, 1),
+            (17, GEMM_BLOCK_ROWS + 3, 67),
+            (33, 2 * GEMM_BLOCK_ROWS + 1, 129),
+            (130, 300, 257),
         ] {
-            let got = Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
-            let want = candle_nn::Linear::new(w, Some(b)).forward(&x)?;
-            assert_eq!(got.dtype(), want.dtype());
-            assert_eq!(relative_max_diff(&got, &want)?, 0.0);
+            let (x, w, _) = operands(rows, n, k)?;
+            let got = x.apply_op2_no_bwd(&w, &Bf16Gemm)?;
+            assert_eq!(got.dims(), &[rows, n]);
+            let diff = relative_max_diff(&got, &plain_product(&x, &w)?)?;
+            assert!(
+                diff <= 1.0 / 256.0,
+                "rows {rows} n {n} k {k}: relative diff {diff}"
+            );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn prefill_sizes_take_the_gemm_with_batches_bias_and_strides() -> Result<()> {
+        let (n, k) = (GEMM_BLOCK_ROWS + 9, 45);
+        let (_, w, b) = operands(1, n, k)?;
+        let fast = Linear::new(w.clone(), Some(b.clone()));
+        let reference = candle_nn::Linear::new(w.clone(), Some(b));
+        // (batch, seq, k): batch > 1, rows > MAX_GEMV_ROWS in all.
+        let x3 = Tensor::randn(0f32, 1.0, (3, 7, k), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let got = fast.forward(&x3)?;
+        assert_eq!(got.dims(), &[3, 7, n]);
+        assert!(relative_max_diff(&got, &reference.forward(&x3)?)? <= BF16_TOLERANCE);
+        // A transposed (strided) input.
+        let xt = Tensor::randn(0f32, 1.0, (k, 40), &Device::Cpu)?
+            .to_dtype(DType::BF16)?
+            .t()?;
+        assert!(!xt.is_contiguous());
+        let got = fast.forward(&xt)?;
+        let want = reference.forward(&xt.contiguous()?)?;
+        assert!(relative_max_diff(&got, &want)? <= BF16_TOLERANCE);
+        // A mismatched width is an error, not a panic.
+        assert!(
+            xt.narrow(1, 0, k - 1)?
+                .contiguous()?
+                .apply_op2_no_bwd(&w, &Bf16Gemm)
+                .is_err()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn products_are_counted() -> Result<()> {
+        let (x, w, _) = operands(3, 5, 7)?;
+        let before = product_work();
+        Linear::new(w, None).forward(&x)?;
+        // Other tests count their products too, concurrently: at least this one's.
+        let work = product_work().since(before);
+        assert!(work.flops >= 2 * 3 * 5 * 7, "{work:?}");
+        assert!(work.weight_bytes >= 5 * 7 * 2, "{work:?}");
         Ok(())
     }
 
@@ -392,6 +644,80 @@ mod tests {
             x.to_dtype(DType::F32)?
                 .apply_op2_no_bwd(&w, &Bf16Gemv)
                 .is_err()
+        );
+        Ok(())
+    }
+
+    /// f32 and bf16 products at the 3B Thinker's prefill shapes (a 500-token prompt: the MLP's up
+    /// projection, the attention scores of 16 heads as one batched product) and the vision
+    /// MLP's, in GFLOP/s. Run with
+    /// `cargo test --lib model::linear -- --ignored --nocapture f32_product_timing`.
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn f32_product_timing() -> Result<()> {
+        let dev = Device::Cpu;
+        // Wall and process CPU seconds per run: on a loaded machine the CPU time says what
+        // the kernel does with the cores it gets.
+        let cpu_seconds = || {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `t` is a valid timespec to write.
+            unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+            t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+        };
+        let time = |f: &dyn Fn() -> Result<Tensor>, reps: usize| -> Result<(f64, f64)> {
+            f()?;
+            let (start, cpu) = (std::time::Instant::now(), cpu_seconds());
+            for _ in 0..reps {
+                f()?;
+            }
+            let wall = start.elapsed().as_secs_f64() / reps as f64;
+            Ok((wall, (cpu_seconds() - cpu) / reps as f64))
+        };
+        for (name, m, k, n) in [
+            ("thinker mlp up", 500, 2048, 11008),
+            ("thinker mlp down", 500, 11008, 2048),
+            ("vision mlp", 3128, 1280, 3584),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+            let lin = Linear::new(w, None);
+            let gflop = 2.0 * (m * k * n) as f64 / 1e9;
+            let (x_bf16, w_bf16) = (
+                x.to_dtype(DType::BF16)?,
+                lin.weight().to_dtype(DType::BF16)?,
+            );
+            let fast_bf16 = Linear::new(w_bf16.clone(), None);
+            let candle_bf16 = candle_nn::Linear::new(w_bf16, None);
+            let runs: [(&str, &dyn Fn() -> Result<Tensor>); 3] = [
+                ("f32", &|| lin.forward(&x)),
+                ("bf16 (this module)", &|| fast_bf16.forward(&x_bf16)),
+                ("bf16 (candle)", &|| candle_bf16.forward(&x_bf16)),
+            ];
+            for (kind, run) in runs {
+                let (s, cpu) = time(run, 2)?;
+                println!(
+                    "{name} ({m}x{k})·({n}x{k})ᵀ {kind}: {:.1} ms, {:.1} GFLOP/s, \
+                     {:.1} GFLOP per CPU-second",
+                    s * 1e3,
+                    gflop / s,
+                    gflop / cpu
+                );
+            }
+        }
+        let (heads, seq, head_dim) = (16, 500, 128);
+        let q = Tensor::randn(0f32, 1.0, (heads, seq, head_dim), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (heads, seq, head_dim), &dev)?;
+        let (s, cpu) = time(&|| q.matmul(&k.t()?), 5)?;
+        let gflop = 2.0 * (heads * seq * seq * head_dim) as f64 / 1e9;
+        println!(
+            "attention scores {heads}x({seq}x{head_dim})·({seq}x{head_dim})ᵀ: {:.1} ms, \
+             {:.1} GFLOP/s, {:.1} GFLOP per CPU-second",
+            s * 1e3,
+            gflop / s,
+            gflop / cpu
         );
         Ok(())
     }
