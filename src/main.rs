@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use omnicall::bench::{Measurement, markdown_table};
+use omnicall::bench::peak::MachinePeak;
+use omnicall::bench::{Measurement, markdown_table_against};
 use omnicall::engine::blocks::BlockConfig;
 use omnicall::engine::clock::{Clock, SystemClock};
 use omnicall::media::audio_file::{WavFormat, write_wav};
@@ -591,6 +592,14 @@ fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
     if !args.random_weights {
         tracing::info!("bench model always runs on random weights of the config's shapes");
     }
+    // The limits every stage's rate is read against: the probe measures the CPU's cores, so
+    // only a CPU run has them.
+    let peak = device
+        .is_cpu()
+        .then(|| MachinePeak::measure(candle_core::utils::get_num_threads()));
+    if let Some(peak) = &peak {
+        println!("{}", peak.describe());
+    }
     let mut rows: Vec<Measurement> = Vec::new();
     for stage in &args.stages {
         tracing::info!("measuring {stage} ({}, {dtype:?})", args.config);
@@ -625,6 +634,6 @@ fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
         };
         rows.extend(measured.with_context(|| format!("bench stage {stage}"))?);
     }
-    print!("{}", markdown_table(&rows));
+    print!("{}", markdown_table_against(&rows, peak.as_ref()));
     Ok(())
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
-use crate::bench::{Measurement, median_time};
+use crate::bench::{Achieved, Measurement, median_time, median_time_and_work};
 use crate::media::mel::{FloorPolicy, LogMel};
 use crate::model::config::{Config, FeatureExtractorConfig};
+use crate::model::linear::ProductWork;
 use crate::model::random_weights::RandomWeights;
 use crate::model::thinker::audio_encoder::{AudioEncoder, output_len};
 
@@ -107,11 +108,11 @@ fn bench_audio_on(
         "{} layers, d_model {}, {dtype:?}, {device:?}",
         audio_cfg.encoder_layers, audio_cfg.d_model
     );
-    let run = |frames: usize| -> anyhow::Result<Duration> {
+    let run = |frames: usize| -> anyhow::Result<(Duration, ProductWork)> {
         let features =
             Tensor::randn(0f32, 1.0, (audio_cfg.num_mel_bins, frames), device)?.to_dtype(dtype)?;
         let mut failure = None;
-        let time = median_time(1, 5, || {
+        let (time, work) = median_time_and_work(1, 5, || {
             match encoder
                 .forward(&features)
                 .and_then(|out| device.synchronize().map(|_| out))
@@ -125,26 +126,32 @@ fn bench_audio_on(
         });
         match failure {
             Some(e) => Err(e.into()),
-            None => Ok(time),
+            None => Ok((time, work)),
         }
     };
-    let one = run(block_frames)?;
-    rows.push(Measurement::new(
-        "audio encoder (one block)",
-        format!(
-            "{} s block = {block_frames} frames; {shapes}",
-            config.thinker_config.seconds_per_chunk
-        ),
-        ms(one),
-        "ms/block",
-    ));
-    let batch = run(BATCH_BLOCKS * block_frames)?;
-    rows.push(Measurement::new(
-        "audio encoder (batched blocks)",
-        format!("{BATCH_BLOCKS} blocks in one call; {shapes}"),
-        ms(batch) / BATCH_BLOCKS as f64,
-        "ms/block",
-    ));
+    let (one, one_work) = run(block_frames)?;
+    rows.push(
+        Measurement::new(
+            "audio encoder (one block)",
+            format!(
+                "{} s block = {block_frames} frames; {shapes}",
+                config.thinker_config.seconds_per_chunk
+            ),
+            ms(one),
+            "ms/block",
+        )
+        .achieving(Achieved::new(one_work, one)),
+    );
+    let (batch, batch_work) = run(BATCH_BLOCKS * block_frames)?;
+    rows.push(
+        Measurement::new(
+            "audio encoder (batched blocks)",
+            format!("{BATCH_BLOCKS} blocks in one call; {shapes}"),
+            ms(batch) / BATCH_BLOCKS as f64,
+            "ms/block",
+        )
+        .achieving(Achieved::new(batch_work, batch)),
+    );
     rows.push(Measurement::new(
         "audio encoder tokens",
         format!("Thinker tokens per {block_frames}-frame block"),

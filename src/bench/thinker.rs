@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
-use crate::bench::Measurement;
+use crate::bench::{Achieved, Measurement, per_run};
 use crate::model::config::Config;
+use crate::model::linear::{ProductWork, product_work};
 use crate::model::random_weights::RandomWeights;
 use crate::model::thinker::decoder::sequential_positions;
 use crate::model::thinker::{LogitsFor, Thinker};
@@ -87,19 +88,22 @@ pub fn bench_thinker_with(
         sequential_positions(options.prompt_tokens as i64, options.block_tokens, device)?;
 
     let mut rows = Vec::new();
-    let prefill = time_runs(1, options.iterations, || {
+    let (prefill, prefill_work) = time_runs(1, options.iterations, || {
         thinker.clear_cache();
         let out = thinker.forward(&prompt, &prompt_positions, LogitsFor::Last)?;
         sync(&out.hidden)
     })?;
-    rows.push(Measurement::new(
-        "thinker prefill",
-        format!("{shape}, {}-token prompt", options.prompt_tokens),
-        options.prompt_tokens as f64 / prefill.as_secs_f64(),
-        "tokens/s",
-    ));
+    rows.push(
+        Measurement::new(
+            "thinker prefill",
+            format!("{shape}, {}-token prompt", options.prompt_tokens),
+            options.prompt_tokens as f64 / prefill.as_secs_f64(),
+            "tokens/s",
+        )
+        .achieving(Achieved::new(prefill_work, prefill)),
+    );
 
-    let block_time = time_runs(1, options.iterations, || {
+    let (block_time, block_work) = time_runs(1, options.iterations, || {
         thinker.truncate_cache(options.prompt_tokens);
         let out = thinker.forward(&block, &block_positions, LogitsFor::Last)?;
         sync(&out.hidden)
@@ -114,33 +118,40 @@ pub fn bench_thinker_with(
         block_time.as_secs_f64() * 1e3,
         "ms/block",
     ));
-    rows.push(Measurement::new(
-        "thinker block prefill",
-        block_setup,
-        options.block_tokens as f64 / block_time.as_secs_f64(),
-        "tokens/s",
-    ));
+    rows.push(
+        Measurement::new(
+            "thinker block prefill",
+            block_setup,
+            options.block_tokens as f64 / block_time.as_secs_f64(),
+            "tokens/s",
+        )
+        .achieving(Achieved::new(block_work, block_time)),
+    );
 
     // Decode after the prompt: one token per step, logits of that row only.
     thinker.truncate_cache(options.prompt_tokens);
     let mut id = ids(1, 3)[0];
     let step = thinker.decode_step(id, 0)?; // warm-up
     sync(&step.logits)?;
-    let started = Instant::now();
+    let (started, work_before) = (Instant::now(), product_work());
     for _ in 0..options.decode_tokens {
         let step = thinker.decode_step(id, 0)?;
         id = step.logits.argmax(0)?.to_scalar::<u32>()? % vocab;
     }
     let decode = started.elapsed();
-    rows.push(Measurement::new(
-        "thinker decode",
-        format!(
-            "{shape}, {} steps after {} tokens",
-            options.decode_tokens, options.prompt_tokens
-        ),
-        options.decode_tokens as f64 / decode.as_secs_f64(),
-        "tokens/s",
-    ));
+    let decode_work = product_work().since(work_before);
+    rows.push(
+        Measurement::new(
+            "thinker decode",
+            format!(
+                "{shape}, {} steps after {} tokens",
+                options.decode_tokens, options.prompt_tokens
+            ),
+            options.decode_tokens as f64 / decode.as_secs_f64(),
+            "tokens/s",
+        )
+        .achieving(Achieved::new(decode_work, decode)),
+    );
     Ok(rows)
 }
 
@@ -160,13 +171,14 @@ fn sync(t: &Tensor) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `run` `warmup` times, then `iters` times, and returns the median duration; errors
-/// stop the measurement.
+/// Runs `run` `warmup` times, then `iters` times, and returns the median duration and the
+/// Linear work of one run; errors stop the measurement.
 fn time_runs(
     warmup: usize,
     iters: usize,
     mut run: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, ProductWork)> {
+    let before = product_work();
     for _ in 0..warmup {
         run()?;
     }
@@ -177,7 +189,8 @@ fn time_runs(
         times.push(started.elapsed());
     }
     times.sort();
-    Ok(times[times.len() / 2])
+    let work = per_run(product_work().since(before), warmup + times.len());
+    Ok((times[times.len() / 2], work))
 }
 
 #[cfg(test)]
@@ -207,5 +220,9 @@ mod tests {
             ]
         );
         assert!(rows.iter().all(|r| r.value.is_finite() && r.value > 0.0));
+        // Prefill and decode say what their products achieved.
+        let rates: Vec<_> = rows.iter().filter_map(|r| r.achieved).collect();
+        assert_eq!(rates.len(), 3);
+        assert!(rates.iter().all(|a| a.gflops > 0.0 && a.weight_gbps > 0.0));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use candle_core::{DType, Device};
 
-use crate::bench::{Measurement, median_time};
+use crate::bench::{Achieved, Measurement, median_time, median_time_and_work};
 use crate::media::image::RgbImage;
 use crate::media::video::{DEFAULT_FPS, VideoPreprocessor};
 use crate::model::config::{Config, ImageProcessorConfig};
@@ -99,19 +99,17 @@ pub fn bench_vision(
     };
     run().context("vision encoder forward")?;
     let (warmup, iters) = if device.is_cpu() { (0, 1) } else { (2, 5) };
-    let encode = median_time(warmup, iters, &run);
+    let (encode, encode_work) = median_time_and_work(warmup, iters, &run);
     let encode_ms = ms(encode);
     let n_patches = video.patches.n_patches();
     let setup = format!(
         "{} layers x {} hidden, {dtype_name}, {frames_per_block} frames {res_w}x{res_h} = grid ({grid_t}, {grid_h}, {grid_w}), {n_patches} patches",
         vision.depth, vision.hidden_size
     );
-    rows.push(Measurement::new(
-        "vision encoder",
-        setup.clone(),
-        encode_ms,
-        "ms/block",
-    ));
+    rows.push(
+        Measurement::new("vision encoder", setup.clone(), encode_ms, "ms/block")
+            .achieving(Achieved::new(encode_work, encode)),
+    );
     rows.push(Measurement::new(
         "vision encoder",
         setup,
