@@ -378,11 +378,18 @@ fn bench_model_prints_one_table_of_the_stages_asked_for() {
     };
     let out = bench("thinker");
     assert_ok(&out);
-    let table = stdout(&out);
+    let printed = stdout(&out);
+    // The machine's measured limits first, then the table with each figure's achieved rate.
+    let (peak, table) = printed.split_once('\n').unwrap_or_default();
     assert!(
-        table.starts_with("| stage | setup | value | unit |"),
-        "{table}"
+        peak.starts_with("machine peak on") && peak.contains("GFLOP/s") && peak.contains("GB/s"),
+        "{printed}"
     );
+    assert!(
+        table.starts_with("| stage | setup | value | unit | achieved"),
+        "{printed}"
+    );
+    assert!(table.contains("% of FMA peak"), "{printed}");
     for row in ["| thinker prefill |", "| thinker decode |"] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }
