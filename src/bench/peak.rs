@@ -61,8 +61,15 @@ impl MachinePeak {
 
     /// One line for the bench's output.
     pub fn describe(&self) -> String {
+        // The FMA probe is this crate's code: unoptimised in a debug build (the copy is the
+        // standard library's memcpy and holds either way).
+        let caveat = if cfg!(debug_assertions) {
+            "; debug build: the FMA probe runs unoptimised, far below the machine's peak (use a release build for it)"
+        } else {
+            ""
+        };
         format!(
-            "machine peak on {} threads: f32 FMA {:.0} GFLOP/s ({}), copy {:.1} GB/s (read + write)",
+            "machine peak on {} threads: f32 FMA {:.0} GFLOP/s ({}), copy {:.1} GB/s (read + write){caveat}",
             self.threads, self.fma_gflops, self.fma_unit, self.copy_gbps
         )
     }
