@@ -708,7 +708,7 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
     call.record(audible);
     assert_eq!(call.stage.state(), TurnState::Speaking);
 
-    // a cough while the model speaks is not a barge-in
+    // a cough while the model speaks is not a barge-in: the answer pauses, then resumes
     let mut cough = load("cough.wav");
     cough.extend(silence(16_000, ms(800)));
     let at = call.stream(at, MIC_RATE, &to_mic(&cough), 0.0);
@@ -717,6 +717,17 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
         !call
             .events()
             .any(|e| matches!(e, InputEvent::StopAnswer { .. }))
+    );
+    let paused = call
+        .events()
+        .position(|e| matches!(e, InputEvent::AnswerPaused { turn: Some(t), .. } if *t == turn));
+    let resumed = call
+        .events()
+        .position(|e| matches!(e, InputEvent::AnswerResumed { turn: Some(t), .. } if *t == turn));
+    assert!(paused.expect("paused") < resumed.expect("resumed"));
+    assert_eq!(
+        (call.stage.stats().pauses, call.stage.stats().resumes),
+        (1, 1)
     );
 
     // the user talks over the answer
@@ -747,6 +758,16 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
             _ => None,
         })
         .expect("speech detected");
+    let (pause, pause_clock) = new
+        .iter()
+        .find_map(|l| match l.event {
+            InputEvent::AnswerPaused { turn: paused, at } => {
+                assert_eq!(paused, Some(turn));
+                Some((at, l.clock))
+            }
+            _ => None,
+        })
+        .expect("paused");
     let (stop, stop_clock, stop_index) = new
         .iter()
         .enumerate()
@@ -764,9 +785,11 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
         })
         .expect("barge-in");
     assert!(speech_at >= onset - ms(40) && speech_at <= onset + ms(80));
-    // the VAD onset decision: the frame where the speech run reached barge_in_onset
-    assert_eq!(stop, speech_at + turn_config.barge_in_onset);
-    // stopped by the push that completed that frame: within one frame of the decision, plus
+    // paused at the VAD onset decision (the end of its first speech frame); stopped once the
+    // speech over it reached barge_in_speech
+    assert_eq!(pause, speech_at + vad_frame);
+    assert!(stop >= speech_at + turn_config.interruption.barge_in_speech);
+    // paused by the push that completed that frame: within one frame of the decision, plus
     // the resampler's lag behind the clock
     let lag = positions
         .iter()
@@ -777,9 +800,10 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
         .unwrap();
     assert!(lag <= ms(40), "resampler lag {lag:?}");
     assert!(
-        stop_clock <= stop + vad_frame + lag,
-        "stop out at {stop_clock:?}, decided at {stop:?}"
+        pause_clock <= pause + vad_frame + lag,
+        "pause out at {pause_clock:?}, decided at {pause:?}"
     );
+    assert!(stop_clock <= stop + vad_frame + lag);
     assert!(matches!(
         new[stop_index + 1].event,
         InputEvent::TurnStarted { .. }

@@ -16,6 +16,8 @@ const stats = {
   userTurns: 0,
   assistantTextDeltas: 0,
   assistantText: "",
+  pauses: 0,
+  resumes: 0,
   errors: [],
   micLevel: 0,
   maxMicLevel: 0,
@@ -201,6 +203,23 @@ function onMessage(raw) {
         t.assistant.textContent = msg.kept_text;
         t.assistant.parentElement.classList.add("cut");
       }
+      break;
+    }
+    case "paused": {
+      // speech over the answer: its voice stops while the server tells a barge-in from a
+      // backchannel
+      const s = $("model-state");
+      s.textContent = "paused";
+      s.className = "model-state paused";
+      stats.pauses += 1;
+      break;
+    }
+    case "resumed": {
+      const s = $("model-state");
+      const state = stats.modelState || "speaking";
+      s.textContent = state.replace("_", " ");
+      s.className = "model-state " + state;
+      stats.resumes += 1;
       break;
     }
     case "answer_done":
