@@ -653,7 +653,7 @@ fn run_disturbed(disturb: bool) -> Call {
         for (at, chunk) in order {
             call.audio(*at, MIC_RATE, chunk);
         }
-        if disturb && end == ms(2400) {
+        if disturb && end == ms(4400) {
             // a burst of stale frames from a reconnecting camera, and a re-sent piece
             for j in 0..40u64 {
                 call.video(ms(100 + j));

@@ -929,6 +929,7 @@ fn a_preemptive_answer_is_held_then_released_at_once_when_the_turn_is_confirmed(
     let t = timings(&call, 1);
     let (speculated, confirmed) = (t.speculated_at.unwrap(), t.end_of_turn.unwrap());
     assert!(speculated < confirmed, "{t:?}");
+    assert_eq!(call.session.probe.speculations(), (1, 0));
     let smart = &config().turn.smart;
     assert!(confirmed - t.speech_end.unwrap() >= smart.complete_silence);
     // the answer was ready before the confirmation: its first frame left at once
@@ -1021,7 +1022,13 @@ fn a_dropped_preemptive_answer_leaves_no_trace() {
             .count(),
         1
     );
-    // and it did speculate at the pause
+    // it did speculate at the pause and drop that answer; the other only at the end
+    let (started, gone) = dropped.session.probe.speculations();
+    assert!(
+        gone >= 1 && started == gone + 1,
+        "{started} started, {gone} dropped"
+    );
+    assert_eq!(plain.session.probe.speculations(), (1, 0));
     let (t_dropped, t_plain) = (timings(&dropped, 1), timings(&plain, 1));
     assert_eq!(
         t_dropped, t_plain,

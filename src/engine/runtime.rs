@@ -96,6 +96,9 @@ pub(crate) struct Shared {
     profile: Option<ModelTime>,
     /// The text of a speculative answer, held until its turn is confirmed (or dropped).
     held_text: Mutex<Option<(u64, Vec<SessionEvent>)>>,
+    /// Speculative answers started and dropped so far.
+    speculations: AtomicU64,
+    speculations_dropped: AtomicU64,
 }
 
 /// Which part of the model a timed call belongs to.
@@ -380,6 +383,14 @@ impl SessionProbe {
             .cloned()
     }
 
+    /// Speculative answers started so far, and how many of them were dropped.
+    pub fn speculations(&self) -> (u64, u64) {
+        (
+            self.shared.speculations.load(Ordering::SeqCst),
+            self.shared.speculations_dropped.load(Ordering::SeqCst),
+        )
+    }
+
     /// The Thinker's context as its thread last published it.
     pub fn context(&self) -> ContextView {
         let mut view = self.shared.view.lock().expect("view lock").clone();
@@ -502,6 +513,8 @@ fn start(
         talker_cache: AtomicU64::new(u64::MAX),
         profile: (profile && thread_cpu().is_some()).then(ModelTime::default),
         held_text: Mutex::new(None),
+        speculations: AtomicU64::new(0),
+        speculations_dropped: AtomicU64::new(0),
     });
 
     let mut threads = Vec::new();
@@ -603,6 +616,7 @@ fn start(
         processed: processed.clone(),
         answers: Vec::new(),
         speculation: None,
+        confirmed: None,
         predict: predict_tx,
     };
     threads.push(spawn_thread(
@@ -680,6 +694,8 @@ struct ControlLoop {
     /// Answers started and not yet done or stopped (at most one in practice).
     answers: Vec<Answer>,
     speculation: Option<Speculation>,
+    /// A speculative answer confirmed by the events being handled (and whether it is done).
+    confirmed: Option<(u64, bool)>,
     /// Questions for the end-of-turn thread (unanswered without one: silence rule).
     predict: Sender<(PredictionRequest, WorkToken)>,
 }
@@ -837,6 +853,7 @@ impl ControlLoop {
                     let _ = self.predict.send((request, self.shared.activity.token()));
                 }
                 InputEvent::SpeculationStarted { turn, .. } => {
+                    self.shared.speculations.fetch_add(1, Ordering::SeqCst);
                     self.shared.hold_text(turn);
                     self.speculation = Some(Speculation {
                         turn,
@@ -847,6 +864,9 @@ impl ControlLoop {
                 InputEvent::TurnConfirmed { turn, at } => self.confirm(turn, at),
                 InputEvent::SpeculationDropped { turn, .. } => {
                     // No frame or text of it reaches the user; its work is stale.
+                    self.shared
+                        .speculations_dropped
+                        .fetch_add(1, Ordering::SeqCst);
                     self.shared.pacer.stop();
                     self.shared.epoch.fetch_add(1, Ordering::SeqCst);
                     self.shared.end_hold(turn, false);
@@ -960,6 +980,7 @@ impl ControlLoop {
                 }
             }
         }
+        self.release_confirmed();
     }
 
     fn on_pacer(&mut self, output: PacerOutput) {
@@ -1010,10 +1031,18 @@ impl ControlLoop {
         }
         let at = at.min(self.shared.clock.now());
         self.shared.mark(turn, |t, _| t.end_of_turn = Some(at));
-        self.shared.end_hold(turn, true);
-        self.shared.pacer.release();
-        if speculation.done {
-            self.answer_done(turn);
+        // released once the decision's other events (the state change) are out
+        self.confirmed = Some((turn, speculation.done));
+    }
+
+    /// Releases what a confirmed speculative answer holds.
+    fn release_confirmed(&mut self) {
+        if let Some((turn, done)) = self.confirmed.take() {
+            self.shared.end_hold(turn, true);
+            self.shared.pacer.release();
+            if done {
+                self.answer_done(turn);
+            }
         }
     }
 
