@@ -6,6 +6,7 @@ pub mod mel;
 pub mod offline;
 pub mod opus;
 pub mod resample;
+pub mod silero;
 pub mod vad;
 pub mod video;
 pub mod video_decode;
