@@ -14,8 +14,9 @@ use omnicall::engine::input::{
     InputBlock, InputConfig, InputError, InputEvent, InputStage, StopReason,
 };
 use omnicall::engine::session::{AudioInput, SessionConfig, VideoInput};
-use omnicall::engine::turn::TurnState;
+use omnicall::engine::turn::{TurnDetection, TurnState};
 use omnicall::media::resample::resample;
+use omnicall::media::vad::VadConfig;
 use omnicall::model::config::{Config, ProcessorConfig};
 
 const MIC_RATE: u32 = 48_000;
@@ -41,8 +42,13 @@ fn block_config() -> BlockConfig {
     .unwrap()
 }
 
+/// The stage's mechanics under the silence rule and WebRTC's VAD, which these recordings'
+/// timings were set for (the end-of-turn model is the session's: `tests/engine_session.rs`).
 fn input_config() -> InputConfig {
-    InputConfig::new(block_config(), &SessionConfig::default())
+    let mut config = InputConfig::new(block_config(), &SessionConfig::default());
+    config.turn.detection = TurnDetection::Silence;
+    config.vad = VadConfig::webrtc();
+    config
 }
 
 /// A 16 kHz test recording.

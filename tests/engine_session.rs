@@ -17,6 +17,7 @@ use omnicall::engine::session::{
     AudioInput, Control, ReplyMode, SessionConfig, SessionEvent, VideoInput,
 };
 use omnicall::engine::turn::{TurnDetection, TurnState};
+use omnicall::media::vad::VadConfig;
 use omnicall::model::loading::ModelFiles;
 use omnicall::model::omni::OmniModel;
 use omnicall::model::thinker::rope::{PositionIds, RopeIndexConfig};
@@ -143,13 +144,18 @@ impl Call {
     }
 }
 
+/// The scripted calls' settings: the silence rule and WebRTC's VAD, which their recordings'
+/// timings were set for (the real Smart Turn and Silero have their own tests below).
 fn config() -> SessionConfig {
-    SessionConfig {
+    let mut config = SessionConfig {
         max_answer_tokens: 40,
         max_speech: Duration::from_secs(6),
         seed: 7,
         ..SessionConfig::default()
-    }
+    };
+    config.turn.detection = TurnDetection::Silence;
+    config.vad = VadConfig::webrtc();
+    config
 }
 
 /// A compact name of each event but audio frames, in order.
@@ -1083,4 +1089,71 @@ fn a_backchannel_pauses_the_answer_then_it_plays_on_with_the_context_unchanged()
     assert_caches_in_step(&call);
     assert!(call.errors().is_empty(), "{:?}", call.errors());
     call.session.close().unwrap();
+}
+
+/// A clip of the spoken turn set (`tests/fixtures/turn/set`, 16 kHz) and where its prompt ends.
+fn turn_set_clip(name: &str) -> (Vec<f32>, Duration) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/turn/set");
+    let segments: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("segments.json")).unwrap()).unwrap();
+    let clip = segments
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["file"] == name)
+        .unwrap_or_else(|| panic!("{name} is not in segments.json"));
+    let end = Duration::from_secs_f64(clip["prompt_end"].as_f64().unwrap());
+    let mut reader = hound::WavReader::open(dir.join(name)).unwrap();
+    assert_eq!(reader.spec().sample_rate, RATE);
+    let samples = reader
+        .samples::<i16>()
+        .map(|s| s.unwrap() as f32 / 32768.0)
+        .collect();
+    (samples, end)
+}
+
+/// The defaults, Smart Turn and Silero, on the spoken set: a complete question (Smart Turn:
+/// 0.95 at its end) is answered speculatively, its first frame out at the confirmation; a
+/// question with a 0.6 s pause in the middle (0.02 in the pause) is answered only once it is
+/// over.
+#[test]
+fn smart_turn_answers_a_complete_question_and_waits_through_a_mid_sentence_pause() {
+    let defaults = SessionConfig {
+        max_answer_tokens: 20,
+        max_speech: Duration::from_secs(4),
+        seed: 7,
+        ..SessionConfig::default()
+    };
+    assert_eq!(defaults.turn.detection, TurnDetection::Smart);
+    for (clip, speculative) in [("complete_1.wav", true), ("pause_2.wav", false)] {
+        let (audio, prompt_end) = turn_set_clip(clip);
+        let mut call = Call::new(defaults.clone());
+        call.talk(&audio);
+        call.silence_until(Duration::from_secs(8), |c| c.answer_done(1));
+        assert!(call.answer_done(1), "{clip}: {:?}", kinds(&call, 1));
+        let turns: Vec<Duration> = call
+            .log
+            .iter()
+            .filter(|(_, e)| matches!(e, SessionEvent::UserTurn { .. }))
+            .map(|(at, _)| *at)
+            .collect();
+        assert_eq!(turns.len(), 1, "{clip}: one turn, taken after the prompt");
+        assert!(turns[0] > prompt_end, "{clip}: taken at {:?}", turns[0]);
+        let t = timings(&call, 1);
+        let confirmed = t.end_of_turn.unwrap();
+        eprintln!(
+            "{clip}: prompt end {prompt_end:?}, {t:?}, speculations {:?}",
+            call.session.probe.speculations()
+        );
+        if speculative {
+            let speculated = t.speculated_at.expect("answered speculatively");
+            assert!(
+                speculated > prompt_end && speculated <= confirmed,
+                "{clip}: {t:?}"
+            );
+            assert_eq!(t.first_audio_frame, Some(confirmed), "{clip}: {t:?}");
+        }
+        assert!(call.errors().is_empty(), "{:?}", call.errors());
+        call.session.close().unwrap();
+    }
 }

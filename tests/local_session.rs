@@ -19,10 +19,12 @@ use omnicall::engine::pacer::{FRAME, Pacer, PacerOutput};
 use omnicall::engine::session::{
     Control, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings,
 };
+use omnicall::engine::turn::TurnDetection;
 use omnicall::local::{
     AnswerOutcome, AudioIn, AudioOut, EchoMode, GateConfig, LocalOptions, LocalSummary,
     SessionFactory, StopCause, run_with_clock,
 };
+use omnicall::media::vad::VadConfig;
 use omnicall::model::config::{Config, ProcessorConfig};
 
 const VOICE_RATE: u32 = 24_000;
@@ -140,6 +142,11 @@ fn harness(
 ) -> SessionHandle {
     let (input, input_rx) = unbounded::<SessionInput>();
     let (events_tx, events) = unbounded::<SessionEvent>();
+    // The harness has no end-of-turn model: the silence rule, on the VAD these timings were
+    // set for (the engine's own tests cover Smart Turn and Silero).
+    let mut config = config;
+    config.turn.detection = TurnDetection::Silence;
+    config.vad = VadConfig::webrtc();
     std::thread::spawn(move || {
         let mut stage =
             InputStage::new(InputConfig::new(block_config(), &config), clock.clone()).unwrap();

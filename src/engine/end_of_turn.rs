@@ -12,6 +12,18 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::activity::WorkToken;
 
+/// Smart Turn v3.2, the sessions' end-of-turn model.
+impl EndOfTurn for crate::media::smart_turn::SmartTurn {
+    fn complete_probability(&mut self, audio_16k: &[f32]) -> Result<f32> {
+        crate::media::smart_turn::SmartTurn::complete_probability(self, audio_16k)
+    }
+}
+
+/// The factory of Smart Turn models (the weights are loaded once per process and shared).
+pub fn smart_turn() -> EndOfTurnFactory {
+    EndOfTurnFactory::new(|| Ok(Box::new(crate::media::smart_turn::SmartTurn::new()?)))
+}
+
 /// Sample rate of the audio an [`EndOfTurn`] model reads.
 pub const END_OF_TURN_RATE: u32 = 16_000;
 

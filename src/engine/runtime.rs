@@ -55,7 +55,7 @@ use super::activity::{Activity, WorkToken};
 use super::blocks::BlockConfig;
 use super::clock::{Clock, SimulatedClock};
 use super::context::Entry;
-use super::end_of_turn::{self, END_OF_TURN_RATE, EndOfTurnFactory, Prediction, PredictionRequest};
+use super::end_of_turn::{self, END_OF_TURN_RATE, Prediction, PredictionRequest, smart_turn};
 use super::input::{InputConfig, InputEvent, InputStage};
 use super::pacer::{FRAME, Pacer, PacerOutput};
 use super::session::{
@@ -636,15 +636,6 @@ fn start(
         threads,
     };
     Ok((handle, probe))
-}
-
-/// Smart Turn, the session's end-of-turn model.
-fn smart_turn() -> EndOfTurnFactory {
-    EndOfTurnFactory::new(|| {
-        anyhow::bail!(
-            "Smart Turn is not in this build yet (media::smart_turn): use --turn-detection silence"
-        )
-    })
 }
 
 fn ticker(shared: &Shared, next_tick: &AtomicU64, tx: Sender<WorkToken>) {

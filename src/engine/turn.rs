@@ -20,6 +20,8 @@
 
 use std::time::Duration;
 
+use crate::media::vad::{VadBackend, VadConfig};
+
 /// What the user and the model are doing, as shown to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -104,8 +106,7 @@ pub struct TurnConfig {
 impl Default for TurnConfig {
     fn default() -> Self {
         Self {
-            // Smart once Smart Turn is in the build (media::smart_turn, branch turnmodels).
-            detection: TurnDetection::Silence,
+            detection: TurnDetection::Smart,
             onset: Duration::from_millis(100),
             pre_roll: Duration::from_millis(200),
             end_of_turn_silence: Duration::from_millis(600),
@@ -489,10 +490,10 @@ pub enum VadChoice {
 pub struct TurnTakingArgs {
     /// How the end of the user's turn is decided: `smart` (Smart Turn's end-of-turn model with
     /// the VAD's silence, answers started speculatively) or `silence` (a fixed 600 ms).
-    #[arg(long, value_enum, default_value = "silence")]
+    #[arg(long, value_enum, default_value = "smart")]
     pub turn_detection: TurnDetectionArg,
-    /// Voice-activity detector.
-    #[arg(long, value_enum, default_value = "webrtc")]
+    /// Voice-activity detector: Silero VAD (neural, 32 ms frames) or WebRTC's.
+    #[arg(long, value_enum, default_value = "silero")]
     pub vad: VadChoice,
 }
 
@@ -505,18 +506,15 @@ pub enum TurnDetectionArg {
 
 impl TurnTakingArgs {
     /// Sets the session's turn-taking from the flags.
-    pub fn apply(&self, session: &mut super::session::SessionConfig) -> anyhow::Result<()> {
+    pub fn apply(&self, session: &mut super::session::SessionConfig) {
         session.turn.detection = match self.turn_detection {
             TurnDetectionArg::Smart => TurnDetection::Smart,
             TurnDetectionArg::Silence => TurnDetection::Silence,
         };
-        match self.vad {
-            VadChoice::Webrtc => {}
-            VadChoice::Silero => anyhow::bail!(
-                "--vad silero: Silero VAD is not in this build yet (media::silero); use --vad webrtc"
-            ),
-        }
-        Ok(())
+        session.vad = VadConfig::for_backend(match self.vad {
+            VadChoice::Silero => VadBackend::Silero,
+            VadChoice::Webrtc => VadBackend::WebRtc,
+        });
     }
 }
 

@@ -182,7 +182,7 @@ impl LocalArgs {
             seed: self.seed,
             ..defaults
         };
-        self.turn_taking.apply(&mut session)?;
+        self.turn_taking.apply(&mut session);
         Ok(LocalOptions {
             input,
             output,
