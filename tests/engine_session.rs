@@ -1157,3 +1157,67 @@ fn smart_turn_answers_a_complete_question_and_waits_through_a_mid_sentence_pause
         call.session.close().unwrap();
     }
 }
+
+/// The turn-taking figures on the whole spoken set, with the defaults (Smart Turn, Silero) on
+/// the simulated clock, so model compute takes no time: endpointing delay (end of the prompt →
+/// turn confirmed) and speculation on the complete questions, false cut-offs on the pause set
+/// (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "prints measurements; run with --ignored --nocapture"]
+fn turn_set_policy_figures() {
+    let defaults = SessionConfig {
+        max_answer_tokens: 30,
+        max_speech: Duration::from_secs(6),
+        seed: 7,
+        ..SessionConfig::default()
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/turn/set");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".wav"))
+        .collect();
+    names.sort();
+    let of = |kind: &str| -> Vec<String> {
+        names
+            .iter()
+            .filter(|n| n.starts_with(kind))
+            .cloned()
+            .collect()
+    };
+    for kind in ["complete", "pause"] {
+        let (mut cut_offs, mut delays, mut speculated) = (0, Vec::new(), 0);
+        for name in of(kind) {
+            let (audio, prompt_end) = turn_set_clip(&name);
+            let mut call = Call::new(defaults.clone());
+            call.talk(&audio);
+            call.silence_until(Duration::from_secs(6), |c| c.answer_done(1));
+            let first_turn = call
+                .log
+                .iter()
+                .find(|(_, e)| matches!(e, SessionEvent::UserTurn { .. }))
+                .map(|(at, _)| *at);
+            let cut_off = first_turn.is_some_and(|at| at < prompt_end);
+            cut_offs += usize::from(cut_off);
+            let t = timings(&call, 1);
+            let delay = t.end_of_turn.unwrap().as_secs_f64() - prompt_end.as_secs_f64();
+            delays.push(delay * 1e3);
+            speculated += usize::from(t.speculated_at.is_some());
+            println!(
+                "{name:18} end of turn {:+6.0} ms  speculations {:?}  false cut-off {cut_off}",
+                delay * 1e3,
+                call.session.probe.speculations()
+            );
+            call.session.close().unwrap();
+        }
+        delays.sort_by(f64::total_cmp);
+        println!(
+            "{kind}: {} clips, false cut-offs {cut_offs}, answered speculatively {speculated}, \
+             endpointing median {:.0} ms (min {:.0}, max {:.0})",
+            delays.len(),
+            delays[delays.len() / 2],
+            delays[0],
+            delays[delays.len() - 1]
+        );
+    }
+}
