@@ -1069,7 +1069,7 @@ mod tests {
         assert_eq!(stage.position(), ms(2000) - delay);
         assert_eq!(
             stage.stats().vad_frames,
-            (ms(2000) - delay).as_millis() as u64 / 20
+            ((ms(2000) - delay).as_millis() / stage.config().vad.frame.as_millis()) as u64
         );
         assert_eq!(stage.stats().speech_frames, 0);
     }
