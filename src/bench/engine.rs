@@ -413,11 +413,13 @@ fn session_config(model: &OmniModel, sizes: &EngineBenchSizes) -> SessionConfig 
         .as_ref()
         .and_then(|s| s.voices.names().first().map(|n| n.to_string()))
         .unwrap_or_else(|| BENCH_VOICE.into());
-    let mut turn = TurnConfig::default();
     // The scripted call's bursts are a voice-like signal, not words: Smart Turn has nothing to
     // judge in them and Silero does not hear them as speech, so the silence rule and WebRTC's
     // VAD take its turns.
-    turn.detection = TurnDetection::Silence;
+    let turn = TurnConfig {
+        detection: TurnDetection::Silence,
+        ..TurnConfig::default()
+    };
     SessionConfig {
         voice,
         turn,
