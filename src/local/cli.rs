@@ -103,6 +103,10 @@ pub struct LocalArgs {
         allow_negative_numbers = true
     )]
     pub barge_in_level: f32,
+    /// With the echo gate: how long after the model's voice stops the microphone stays gated
+    /// (the room's reverberation; longer covers pauses in the voice too).
+    #[arg(long, value_name = "MS", default_value_t = GateConfig::DEFAULT_TAIL.as_millis() as u64)]
+    pub gate_tail_ms: u64,
     /// The speaker's jitter buffer.
     #[arg(long, value_name = "MS", default_value_t = 60)]
     pub playback_buffer_ms: u64,
@@ -177,9 +181,11 @@ impl LocalArgs {
         };
         let gate = GateConfig {
             barge_in_level_dbfs: self.barge_in_level,
+            tail: Duration::from_millis(self.gate_tail_ms),
             ..GateConfig::default()
         };
-        gate.validate().context("--barge-in-level")?;
+        gate.validate()
+            .context("--barge-in-level / --gate-tail-ms")?;
         let canceller = CancellerConfig {
             noise_suppression: self.noise_suppression.on(),
             high_pass: self.high_pass.on(),
@@ -423,6 +429,7 @@ mod tests {
         assert!(bad(&["--camera-size", "640"]).contains("WIDTHxHEIGHT"));
         assert!(bad(&["--barge-in-level", "6"]).contains("barge-in-level"));
         assert!(bad(&["--answer-timeout", "0"]).contains("--answer-timeout"));
+        assert!(bad(&["--gate-tail-ms", "5000"]).contains("tail"));
         assert!(bad(&["--camera-fps", "0"]).contains("--camera-fps"));
     }
 }

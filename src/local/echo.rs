@@ -64,11 +64,15 @@ pub struct GateConfig {
     pub hold: Duration,
 }
 
+impl GateConfig {
+    pub const DEFAULT_TAIL: Duration = Duration::from_millis(150);
+}
+
 impl Default for GateConfig {
     fn default() -> Self {
         Self {
             barge_in_level_dbfs: -30.0,
-            tail: Duration::from_millis(150),
+            tail: Self::DEFAULT_TAIL,
             hold: Duration::from_millis(400),
         }
     }
