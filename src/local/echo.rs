@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::far_end::FarEndReader;
-use super::source::AudioPiece;
+use super::source::{AudioPiece, duration_to_samples, samples_to_duration};
 use crate::engine::clock::Clock;
 use crate::media::echo::{
     CancellerConfig, CancellerStats, EchoCanceller, EchoPath, EchoPathConfig, frame_len,
@@ -305,10 +305,6 @@ struct SimulatedEcho {
     start: Option<u64>,
 }
 
-fn index_at(t: Duration, rate: u32) -> u64 {
-    ((t.as_nanos() * rate as u128 + 500_000_000) / 1_000_000_000) as u64
-}
-
 impl SimulatedEcho {
     fn new(config: EchoPathConfig, far_rate: u32, mic_rate: u32) -> anyhow::Result<Self> {
         let resampler = (far_rate != mic_rate)
@@ -324,7 +320,8 @@ impl SimulatedEcho {
     }
 
     fn push_far_end(&mut self, at: Duration, block: &[f32]) -> anyhow::Result<()> {
-        self.start.get_or_insert(index_at(at, self.mic_rate));
+        self.start
+            .get_or_insert(duration_to_samples(at, self.mic_rate));
         let at_mic = match self.resampler.as_mut() {
             Some(resampler) => resampler.push(block)?,
             None => block.to_vec(),
@@ -358,6 +355,10 @@ struct CancellerStage {
     /// Microphone sample index of `pending[0]`.
     pending_start: u64,
 }
+
+/// Microphone pieces this close to where the previous one ended continue it (the session's
+/// input stage takes the same).
+const CONTIGUOUS: Duration = Duration::from_millis(2);
 
 /// What [`EchoStage`] does to the microphone.
 #[derive(Debug, Clone, PartialEq)]
@@ -445,7 +446,7 @@ impl EchoStage {
             self.canceller = Some(CancellerStage {
                 aec: EchoCanceller::new(mic_rate, far_rate, config)?,
                 pending: Vec::new(),
-                pending_start: index_at(piece.at, mic_rate),
+                pending_start: duration_to_samples(piece.at, mic_rate),
             });
         }
         self.blocks = Some(FarEndBlocks::new(reader, self.clock.clone(), piece.at));
@@ -465,7 +466,7 @@ impl EchoStage {
             );
         }
         let blocks = self.blocks.as_mut().expect("started");
-        let first = index_at(piece.at, rate);
+        let first = duration_to_samples(piece.at, rate);
         if let Some(simulation) = self.simulation.as_mut() {
             let end = first + piece.samples.len() as u64;
             while simulation.known_until().is_none_or(|known| known < end) {
@@ -477,11 +478,13 @@ impl EchoStage {
             return Ok(Some(piece));
         };
         let expected = canceller.pending_start + canceller.pending.len() as u64;
-        if first.abs_diff(expected) > 1 {
+        if first.abs_diff(expected) > duration_to_samples(CONTIGUOUS, rate) {
             // a gap in the microphone (a stalled device): the part frame before it is dropped
             canceller.pending.clear();
-            canceller.pending_start = first;
         }
+        // the piece's time wins over the count: the device's clock is slewed toward the
+        // system's by small steps, which the part frame before it follows
+        canceller.pending_start = first.saturating_sub(canceller.pending.len() as u64);
         canceller.pending.extend_from_slice(&piece.samples);
         let n = frame_len(rate);
         let whole = canceller.pending.len() / n * n;
@@ -490,9 +493,7 @@ impl EchoStage {
         }
         let out_start = canceller.pending_start;
         for k in 0..whole / n {
-            let frame_end = out_start + ((k + 1) * n) as u64;
-            let frame_end =
-                Duration::from_nanos((frame_end as u128 * 1_000_000_000 / rate as u128) as u64);
+            let frame_end = samples_to_duration(out_start + ((k + 1) * n) as u64, rate);
             while blocks.taken_until() < frame_end {
                 take_block(blocks, self.simulation.as_mut(), Some(&mut *canceller))?;
             }
@@ -503,7 +504,7 @@ impl EchoStage {
         let samples: Vec<f32> = canceller.pending.drain(..whole).collect();
         canceller.pending_start += whole as u64;
         Ok(Some(AudioPiece {
-            at: Duration::from_nanos((out_start as u128 * 1_000_000_000 / rate as u128) as u64),
+            at: samples_to_duration(out_start, rate),
             sample_rate: rate,
             samples,
         }))
@@ -546,8 +547,7 @@ mod tests {
         let mut out = Vec::new();
         let mut next_at = Duration::from_secs(1);
         for k in 0..(seconds * rate as f64) as usize / piece {
-            let at = Duration::from_secs(1)
-                + Duration::from_nanos((k * piece) as u64 * 1_000_000_000 / rate as u64);
+            let at = Duration::from_secs(1) + samples_to_duration((k * piece) as u64, rate);
             play(at);
             let processed = stage
                 .process(AudioPiece {
@@ -643,6 +643,30 @@ mod tests {
         assert!(reduction > 20.0, "only {reduction:.1} dB less echo");
         let delay = canceller.delay_ms.unwrap();
         assert!((50..=80).contains(&delay), "delay estimate {delay} ms");
+    }
+
+    #[test]
+    fn pieces_shorter_than_a_frame_slewed_by_the_device_clock_all_come_through() {
+        // 5 ms pieces at 48 kHz, each dated 0.25 ms early by the capture clock's slew
+        let (_writer, reader) = far_end_tap(48_000, Duration::ZERO);
+        let config = EchoStageConfig {
+            cancel: Some(CancellerConfig::default()),
+            simulate: None,
+        };
+        let mut stage = EchoStage::new(config, reader, late_clock()).unwrap();
+        let mut out = 0;
+        for k in 0..200u64 {
+            let piece = AudioPiece {
+                at: ms(1000) + Duration::from_micros(4_750 * k),
+                sample_rate: 48_000,
+                samples: vec![0.0; 240],
+            };
+            if let Some(p) = stage.process(piece).unwrap() {
+                assert_eq!(p.samples.len(), 480);
+                out += p.samples.len();
+            }
+        }
+        assert_eq!(out, 200 * 240);
     }
 
     #[test]

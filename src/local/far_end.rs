@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
+use super::source::{duration_to_samples, samples_to_duration};
+
 /// A piece of what played, from session time `at`.
 struct Played {
     at: Duration,
@@ -120,12 +122,12 @@ impl FarEndReader {
 
     /// The sample index of session time `t` on the timeline.
     pub fn index_of(&self, t: Duration) -> u64 {
-        ((t.as_nanos() * self.rate as u128 + 500_000_000) / 1_000_000_000) as u64
+        duration_to_samples(t, self.rate)
     }
 
     /// The session time of sample index `index`.
     pub fn time_of(&self, index: u64) -> Duration {
-        Duration::from_nanos((index as u128 * 1_000_000_000 / self.rate as u128) as u64)
+        samples_to_duration(index, self.rate)
     }
 
     /// Moves what the sink wrote onto the timeline.
