@@ -175,6 +175,7 @@ impl fmt::Debug for LocalOptions {
             .field("camera", &self.camera)
             .field("camera_settings", &self.camera_settings)
             .field("echo", &self.echo)
+            .field("simulate_echo", &self.simulate_echo)
             .field("session", &self.session)
             .field("playback_buffer", &self.playback_buffer)
             .field("verbose", &self.verbose)

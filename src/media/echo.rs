@@ -115,6 +115,8 @@ pub struct EchoCanceller {
     /// Where a processed frame goes before it is copied back (the module reads and writes
     /// separate buffers).
     scratch: Vec<f32>,
+    /// Where the module copies the far end it passes through (unused).
+    render_scratch: Vec<f32>,
     frames: u64,
 }
 
@@ -166,6 +168,7 @@ impl EchoCanceller {
             capture_rate,
             render_rate,
             scratch: vec![0.0; frame_len(capture_rate)],
+            render_scratch: vec![0.0; frame_len(render_rate)],
             frames: 0,
         })
     }
@@ -198,10 +201,8 @@ impl EchoCanceller {
     /// Takes 10 ms of what the loudspeaker plays.
     pub fn process_render(&mut self, frame: &[f32]) -> Result<(), CancellerError> {
         Self::check_frame("far-end", self.render_rate, frame)?;
-        // the module passes the far end through (it could process it); nothing is kept
-        let mut unused = vec![0.0; frame.len()];
         self.apm
-            .process_render_f32(&[frame], &mut [&mut unused])
+            .process_render_f32(&[frame], &mut [&mut self.render_scratch])
             .map_err(|e| CancellerError::Processing(e.to_string()))
     }
 
