@@ -175,8 +175,11 @@ fn a_quiet_interruption_stops_the_answer_with_the_canceller_but_not_with_the_gat
     let gain = (echo_level - QUIET_BELOW_ECHO_DB - active_level_db(&talk, RATE)) as f32;
     let quiet = scaled(&talk, gain);
     let quiet_level = active_level_db(&quiet, RATE);
-    // the end of turn comes 600 ms into the gap; the answer plays when the user speaks, 2.5 s in
-    let at = input_file(&input, 2.5, Some(&quiet));
+    // the end of turn comes 600 ms into the gap, the answer starts about a second later; the
+    // user speaks 3.5 s into the gap, once the canceller has heard a second or two of the voice
+    // (its linear filter converges over the first seconds of a call; until then its suppressor
+    // holds the echo down and muffles speech over it more)
+    let at = input_file(&input, 3.5, Some(&quiet));
 
     let aec = call(&dir, &input, "aec");
     // the premise: the interruption was at least 10 dB under the echo of the answer it cut
