@@ -157,6 +157,15 @@ fn without_echo_handling_the_model_interrupts_itself_and_the_canceller_stops_tha
     assert_eq!(aec.interrupted(), 0, "the echo got through: {}", aec.log);
     assert!(aec.log.contains("1 user turns"), "{}", aec.log);
     assert!(aec.log.contains("echo canceller (AEC3)"), "{}", aec.log);
+    // --verbose shows the canceller's state as it goes: it found the echo's delay
+    assert!(
+        aec.log
+            .lines()
+            .any(|line| line.contains("-- echo canceller: estimated delay")
+                && !line.contains("delay 0 ms")),
+        "{}",
+        aec.log
+    );
     // the whole answer was heard, and the canceller had work to do
     assert!(aec.log.contains("(answer to turn 1 done)"), "{}", aec.log);
     let answer = active_level_db(&aec.voice, OUT_RATE);
