@@ -150,7 +150,10 @@ fn low_latency_hold_back() -> StreamingOptions {
     }
 }
 
-const OPTION_SETS: [(&str, fn() -> StreamingOptions); 3] = [
+/// A named way to make streaming options.
+type OptionSet = (&'static str, fn() -> StreamingOptions);
+
+const OPTION_SETS: [OptionSet; 3] = [
     ("low_latency", StreamingOptions::low_latency),
     ("low_latency + hold back", low_latency_hold_back),
     ("reference", StreamingOptions::reference),
