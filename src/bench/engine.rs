@@ -106,8 +106,8 @@ pub fn input_stage_cost(blocks: &BlockConfig, seconds: u64) -> anyhow::Result<Ve
     rows.push(Measurement::new(
         "input: VAD",
         format!(
-            "WebRTC {:?}, {:?} frames, {speech} speech frames",
-            vad_config.aggressiveness, vad_config.frame
+            "{:?}, {:?} frames, {speech} speech frames",
+            vad_config.backend, vad_config.frame
         ),
         per_second(start.elapsed()),
         "ms CPU / s of call",

@@ -9,6 +9,8 @@ pub mod omni;
 pub mod pipeline;
 pub mod random_weights;
 pub mod sampling;
+pub mod silero_vad;
+pub mod smart_turn;
 pub mod speakers;
 pub mod talker;
 pub mod thinker;
