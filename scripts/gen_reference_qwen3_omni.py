@@ -274,9 +274,11 @@ def main():
             "tokenizer(prompt)")
     with torch.no_grad():
         pos, delta = thinker.get_rope_index(ids, attention_mask=torch.ones_like(ids))
-        rec.add("thinker_text.position_ids", pos, "rotary positions (3 rows t/h/w, equal for text)",
+        # The reference builds positions in floating point; they are whole numbers, stored as int64.
+        assert torch.equal(pos, pos.round()), "non-integral position ids"
+        rec.add("thinker_text.position_ids", pos.to(torch.int64), "rotary positions (3 rows t/h/w, equal for text)",
                 "thinker.get_rope_index(input_ids)")
-        rec.add("thinker_text.rope_deltas", delta, "max position + 1 - sequence length", "get_rope_index")
+        rec.add("thinker_text.rope_deltas", delta.to(torch.int64), "max position + 1 - sequence length", "get_rope_index")
         outputs = thinker(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
                           use_cache=False)
         hs = outputs.hidden_states

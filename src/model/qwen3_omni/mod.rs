@@ -1,0 +1,10 @@
+//! Qwen3-Omni (`model_type` "qwen3_omni_moe"), beside Qwen2.5-Omni: the Thinker's Qwen3-MoE
+//! text decoder and Code2Wav so far. Shared with Qwen2.5-Omni: the weight loading, the KV cache
+//! with truncation, the linear layers, the RoPE config fields; different and kept explicit
+//! here: the interleaved M-RoPE, q/k norms, the MoE feed-forward and the causal ConvNet decoder.
+
+pub mod attention;
+pub mod config;
+pub mod moe;
+pub mod rotary;
+pub mod thinker_text;

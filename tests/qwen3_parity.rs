@@ -1,0 +1,230 @@
+//! Parity of the Qwen3-Omni model layer with the HF transformers reference, stage by stage, on
+//! the fixtures of `scripts/gen_reference_qwen3_omni.py` (`$OMNICALL_QWEN3_REFERENCE_DIR`, else
+//! the committed `tests/fixtures/qwen3-omni`). A missing fixture key is a failure, never a skip;
+//! every size comes from the fixture's own config.json.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use omnicall::model::qwen3_omni::config::Config;
+use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn reference_dir() -> PathBuf {
+    match std::env::var_os("OMNICALL_QWEN3_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-omni"),
+    }
+}
+
+fn config() -> Config {
+    let path = reference_dir().join("model/config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    Config::from_json(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn weights() -> VarBuilder<'static> {
+    let path = reference_dir().join("model/model.safetensors");
+    // SAFETY: the fixture file is not modified while the tests map it.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu) }
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+struct Cases(HashMap<String, Tensor>);
+
+impl Cases {
+    fn load() -> Self {
+        let path = reference_dir().join("cases.safetensors");
+        Self(
+            candle_core::safetensors::load(&path, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())),
+        )
+    }
+
+    fn get(&self, key: &str) -> Tensor {
+        self.0
+            .get(key)
+            .unwrap_or_else(|| {
+                panic!(
+                    "fixture key {key} missing from {}",
+                    reference_dir().display()
+                )
+            })
+            .clone()
+    }
+
+    fn f32(&self, key: &str) -> Tensor {
+        self.get(key).to_dtype(DType::F32).unwrap()
+    }
+
+    fn i64s(&self, key: &str) -> Vec<i64> {
+        self.get(key)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+    }
+}
+
+fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims(), "shapes differ");
+    (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+    let diff = max_abs_diff(got, want);
+    assert!(
+        diff <= TOLERANCE,
+        "{what}: max abs diff {diff} > {TOLERANCE}"
+    );
+}
+
+fn thinker_text() -> ThinkerText {
+    let c = config();
+    ThinkerText::new(
+        &c.thinker_config.text_config,
+        c.thinker_config.tie_word_embeddings,
+        weights().pp("thinker"),
+    )
+    .unwrap()
+}
+
+fn prompt_ids(cases: &Cases) -> Tensor {
+    cases
+        .get("thinker_text.input_ids")
+        .to_dtype(DType::U32)
+        .unwrap()
+}
+
+#[test]
+fn qwen3_config_parses_and_validates() {
+    let c = config();
+    c.validate().unwrap();
+    assert_eq!(
+        c.thinker_config.text_config.head_dim(),
+        2 * c
+            .thinker_config
+            .text_config
+            .mrope_section()
+            .iter()
+            .sum::<usize>()
+    );
+}
+
+#[test]
+fn qwen3_text_position_ids_equal_the_reference() {
+    let cases = Cases::load();
+    let want = cases.get("thinker_text.position_ids"); // (3, 1, t)
+    let t = want.dim(2).unwrap();
+    let got = text_positions(0, t, &Device::Cpu).unwrap();
+    assert_eq!(
+        got.flatten_all().unwrap().to_vec1::<i64>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<i64>().unwrap()
+    );
+    // Text advances every row by one per token: the reference's rope delta is zero.
+    assert_eq!(cases.i64s("thinker_text.rope_deltas"), vec![0]);
+}
+
+#[test]
+fn qwen3_thinker_text_layers_and_logits_match() {
+    let cases = Cases::load();
+    let c = config();
+    let mut model = thinker_text();
+    let ids = prompt_ids(&cases);
+    let t = ids.dim(1).unwrap();
+    let embeds = model.embed(&ids).unwrap();
+    assert_close(
+        "inputs_embeds",
+        &embeds,
+        &cases.f32("thinker_text.inputs_embeds"),
+    );
+    let positions = text_positions(0, t, &Device::Cpu).unwrap();
+    let mut layers = Vec::new();
+    let hidden = model
+        .forward_hidden(&embeds, &positions, Some(&mut layers))
+        .unwrap();
+    let n = c.thinker_config.text_config.num_hidden_layers;
+    // The reference records every layer's output but the last (its final entry is after the norm).
+    for (i, got) in layers.iter().enumerate().take(n - 1) {
+        let key = format!("thinker_text.layer{i}_output");
+        assert_close(&key, got, &cases.f32(&key));
+    }
+    let logits = model.logits(&hidden).unwrap();
+    assert_close("logits", &logits, &cases.f32("thinker_text.logits"));
+}
+
+#[test]
+fn qwen3_thinker_text_greedy_decode_matches() {
+    let cases = Cases::load();
+    let mut model = thinker_text();
+    let ids = prompt_ids(&cases);
+    let want_ids = cases.i64s("thinker_text.generated_ids");
+    let want_logits = cases.f32("thinker_text.generation_step_logits"); // (1, steps, vocab)
+    let dev = Device::Cpu;
+    let t = ids.dim(1).unwrap();
+    let logits = model
+        .forward(&ids, &text_positions(0, t, &dev).unwrap())
+        .unwrap();
+    let mut step_logits = logits.i((.., t - 1, ..)).unwrap();
+    let mut got_ids = Vec::new();
+    for step in 0..want_ids.len() {
+        assert_close(
+            &format!("step {step} logits"),
+            &step_logits,
+            &want_logits.i((.., step, ..)).unwrap(),
+        );
+        let next = step_logits
+            .argmax(candle_core::D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()[0];
+        got_ids.push(next as i64);
+        let pos = model.cache_len() as i64;
+        let input = Tensor::new(&[[next]], &dev).unwrap();
+        step_logits = model
+            .forward(&input, &text_positions(pos, 1, &dev).unwrap())
+            .unwrap()
+            .i((.., 0, ..))
+            .unwrap();
+    }
+    assert_eq!(got_ids, want_ids);
+}
+
+#[test]
+fn qwen3_thinker_text_cache_truncation_replays_the_same_logits() {
+    let cases = Cases::load();
+    let mut model = thinker_text();
+    let ids = prompt_ids(&cases);
+    let t = ids.dim(1).unwrap();
+    let dev = Device::Cpu;
+    let full = model
+        .forward(&ids, &text_positions(0, t, &dev).unwrap())
+        .unwrap();
+    // Roll back to the first half and feed the rest again: the same logits come out.
+    let half = t / 2;
+    model.truncate_cache(half);
+    let rest = ids.narrow(1, half, t - half).unwrap();
+    let again = model
+        .forward(&rest, &text_positions(half as i64, t - half, &dev).unwrap())
+        .unwrap();
+    assert_close(
+        "replayed logits",
+        &again,
+        &full.narrow(1, half, t - half).unwrap(),
+    );
+}
