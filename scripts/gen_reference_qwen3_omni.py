@@ -122,7 +122,7 @@ class Recorder:
                  "`cases.json` holds the run's arguments and, per key, shape, dtype, meaning and the call.", "",
                  "Weights: every matrix N(0, 1/fan_in) (experts: fan_in = the expert's input size), norm gains "
                  "1 + N(0, 0.01), other vectors N(0, 0.01), from the seed; Code2Wav's last conv is scaled by "
-                 "0.05 so the clamp to [-1, 1] rarely bites.", "",
+                 "0.005 so the clamp to [-1, 1] rarely bites.", "",
                  "| key | shape | dtype | meaning | call |", "| --- | --- | --- | --- | --- |"]
         for k, m in self.meta.items():
             lines.append(f"| `{k}` | {m['shape']} | {m['dtype']} | {m['meaning']} | `{m['call']}` |")
@@ -227,7 +227,7 @@ def reinit_parameters(model, seed: int):
                 p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(p.dtype))
             else:
                 p.copy_((0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(p.dtype))
-        model.code2wav.decoder[-1].conv.weight.mul_(0.05)
+        model.code2wav.decoder[-1].conv.weight.mul_(0.005)
 
 
 def prompt(user_content: str) -> str:

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use omnicall::model::qwen3_omni::code2wav::Code2Wav;
 use omnicall::model::qwen3_omni::config::Config;
 use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
 
@@ -59,6 +60,14 @@ impl Cases {
 
     fn f32(&self, key: &str) -> Tensor {
         self.get(key).to_dtype(DType::F32).unwrap()
+    }
+
+    /// The run's settings and key descriptions of `cases.json`.
+    fn json() -> serde_json::Value {
+        let path = reference_dir().join("cases.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     fn i64s(&self, key: &str) -> Vec<i64> {
@@ -226,5 +235,59 @@ fn qwen3_thinker_text_cache_truncation_replays_the_same_logits() {
         "replayed logits",
         &again,
         &full.narrow(1, half, t - half).unwrap(),
+    );
+}
+
+fn code2wav() -> Code2Wav {
+    Code2Wav::new(&config().code2wav_config, weights().pp("code2wav")).unwrap()
+}
+
+fn fixture_codes(cases: &Cases) -> Tensor {
+    cases.get("code2wav.codes").to_dtype(DType::U32).unwrap()
+}
+
+#[test]
+fn qwen3_code2wav_stages_match() {
+    let cases = Cases::load();
+    let mut model = code2wav();
+    let codes = fixture_codes(&cases);
+    let embeds = model.embed(&codes).unwrap();
+    assert_close("embedded", &embeds, &cases.f32("code2wav.embedded"));
+    let hidden = model.pre_transform(&embeds).unwrap();
+    assert_close(
+        "pre_transformer",
+        &hidden,
+        &cases.f32("code2wav.pre_transformer"),
+    );
+    let up = model.upsample(&hidden).unwrap();
+    assert_close("upsampled", &up, &cases.f32("code2wav.upsampled"));
+    let wav = model.decode_upsampled(&up).unwrap();
+    assert_close("waveform", &wav, &cases.f32("code2wav.waveform"));
+}
+
+#[test]
+fn qwen3_code2wav_waveform_matches() {
+    let cases = Cases::load();
+    let wav = code2wav().forward(&fixture_codes(&cases)).unwrap();
+    assert_close("waveform", &wav, &cases.f32("code2wav.waveform"));
+}
+
+#[test]
+fn qwen3_code2wav_chunked_decode_matches() {
+    let cases = Cases::load();
+    let args = &Cases::json()["args"];
+    let chunk = args["c2w_chunk_size"]
+        .as_u64()
+        .expect("args.c2w_chunk_size") as usize;
+    let context = args["c2w_left_context"]
+        .as_u64()
+        .expect("args.c2w_left_context") as usize;
+    let wav = code2wav()
+        .chunked_decode(&fixture_codes(&cases), chunk, context)
+        .unwrap();
+    assert_close(
+        "chunked waveform",
+        &wav,
+        &cases.f32("code2wav.chunked_waveform"),
     );
 }

@@ -4,6 +4,8 @@
 //! here: the interleaved M-RoPE, q/k norms, the MoE feed-forward and the causal ConvNet decoder.
 
 pub mod attention;
+pub mod code2wav;
+pub mod code2wav_transformer;
 pub mod config;
 pub mod moe;
 pub mod rotary;
