@@ -320,6 +320,36 @@ def main():
                 f"chunked_decode with chunk_size {a.c2w_chunk_size}, left_context_size {a.c2w_left_context}",
                 "code2wav.chunked_decode(codes, chunk_size, left_context_size)")
 
+    # ---- code_predictor: one frame's residual codebooks from a Talker hidden state -------------------
+    talker = model.talker
+    cp = talker.code_predictor
+    g = torch.Generator().manual_seed(a.seed + 2)
+    groups = config.talker_config.num_code_groups
+    with torch.no_grad():
+        past_hidden = torch.randn(1, 1, config.talker_config.text_config.hidden_size, generator=g)
+        code0 = torch.randint(0, a.c2w_codebook_size, (1, 1), generator=g)
+        last_id_hidden = talker.get_input_embeddings()(code0)
+        rec.add("code_predictor.past_hidden", past_hidden, "a Talker last-layer hidden state (seeded normal)",
+                "torch.randn")
+        rec.add("code_predictor.code0", code0, "the frame's codebook-0 code (what the Talker chose)",
+                "torch.randint")
+        rec.add("code_predictor.code0_embedding", last_id_hidden, "talker.model.codec_embedding(code0)",
+                "talker.get_input_embeddings()(code0)")
+        res = cp.generate(inputs_embeds=torch.cat((past_hidden, last_id_hidden), dim=1),
+                          max_new_tokens=groups - 1, min_new_tokens=groups - 1, do_sample=False,
+                          output_hidden_states=True, output_logits=True, return_dict_in_generate=True,
+                          eos_token_id=None, pad_token_id=0)
+        rec.add("code_predictor.residual_codes", res.sequences, f"greedy codes of codebooks 1..{groups - 1}",
+                "talker.code_predictor.generate(inputs_embeds=[past_hidden, code0_embedding], do_sample=False)")
+        rec.add("code_predictor.step_logits", torch.stack(res.logits, dim=1),
+                "the logits that chose each residual code (lm_head[step])", "generate(output_logits=True)")
+        mids = [hid[0] for hid in res.hidden_states[1:]]
+        last = cp.get_input_embeddings()[-1](res.sequences[..., -1:])
+        rec.add("code_predictor.next_talker_input", torch.cat([last_id_hidden] + mids + [last], dim=1).sum(1, keepdim=True),
+                "sum of the frame's code embeddings (Talker codec embedding for code 0, the predictor's "
+                "codec_embedding[g-1] for code g): the Talker's next input before the text part is added",
+                "Qwen3OmniMoeTalkerForConditionalGeneration.prepare_inputs_for_generation")
+
     header = {
         "generator": "scripts/gen_reference_qwen3_omni.py",
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__,

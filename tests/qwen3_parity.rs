@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use omnicall::model::qwen3_omni::code_predictor::CodePredictor;
 use omnicall::model::qwen3_omni::code2wav::Code2Wav;
 use omnicall::model::qwen3_omni::config::Config;
 use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
@@ -289,5 +290,61 @@ fn qwen3_code2wav_chunked_decode_matches() {
         "chunked waveform",
         &wav,
         &cases.f32("code2wav.chunked_waveform"),
+    );
+}
+
+#[test]
+fn qwen3_code_predictor_greedy_residual_codes_match() {
+    let cases = Cases::load();
+    let c = config();
+    let vb = weights();
+    let mut predictor = CodePredictor::new(
+        &c.talker_config.code_predictor_config,
+        vb.pp("talker.code_predictor"),
+    )
+    .unwrap();
+    let talker_embedding = candle_nn::embedding(
+        c.talker_config.text_config.vocab_size,
+        c.talker_config.text_config.hidden_size,
+        vb.pp("talker.model.codec_embedding"),
+    )
+    .unwrap();
+    let code0 = cases
+        .get("code_predictor.code0")
+        .to_dtype(DType::U32)
+        .unwrap();
+    let code0_embedding = candle_core::Module::forward(&talker_embedding, &code0).unwrap();
+    assert_close(
+        "code0 embedding",
+        &code0_embedding,
+        &cases.f32("code_predictor.code0_embedding"),
+    );
+    let frame = predictor
+        .generate(
+            &cases.f32("code_predictor.past_hidden"),
+            &code0_embedding,
+            |logits| {
+                logits
+                    .argmax(candle_core::D::Minus1)?
+                    .flatten_all()?
+                    .to_vec1::<u32>()
+                    .map(|v| v[0])
+            },
+        )
+        .unwrap();
+    let want_logits = cases.f32("code_predictor.step_logits");
+    for (step, got) in frame.logits.iter().enumerate() {
+        assert_close(
+            &format!("residual step {step} logits"),
+            got,
+            &want_logits.i((.., step, ..)).unwrap(),
+        );
+    }
+    let got_codes: Vec<i64> = frame.codes.iter().map(|&c| c as i64).collect();
+    assert_eq!(got_codes, cases.i64s("code_predictor.residual_codes"));
+    assert_close(
+        "next talker input",
+        &frame.summed_embedding,
+        &cases.f32("code_predictor.next_talker_input"),
     );
 }

@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod code2wav;
 pub mod code2wav_transformer;
+pub mod code_predictor;
 pub mod config;
 pub mod moe;
 pub mod rotary;
