@@ -350,6 +350,28 @@ def main():
                 "codec_embedding[g-1] for code g): the Talker's next input before the text part is added",
                 "Qwen3OmniMoeTalkerForConditionalGeneration.prepare_inputs_for_generation")
 
+    # ---- talker: the projections from the Thinker and the MoE decoder with its codec head -------------
+    with torch.no_grad():
+        thinker_embeds = thinker.get_input_embeddings()(ids)
+        thinker_hidden = torch.randn(1, ids.shape[1], config.thinker_config.text_config.hidden_size, generator=g)
+        rec.add("talker.thinker_hidden", thinker_hidden, "stand-in Thinker hidden states (seeded normal)",
+                "torch.randn")
+        rec.add("talker.text_projection", talker.text_projection(thinker_embeds),
+                "text_projection of the Thinker's embeddings of thinker_text.input_ids",
+                "talker.text_projection(thinker.get_input_embeddings()(input_ids))")
+        rec.add("talker.hidden_projection", talker.hidden_projection(thinker_hidden),
+                "hidden_projection of talker.thinker_hidden", "talker.hidden_projection(thinker_hidden)")
+        steps = 12
+        talker_embeds = torch.randn(1, steps, config.talker_config.text_config.hidden_size, generator=g)
+        pos = torch.arange(steps).view(1, 1, -1).expand(3, 1, -1)
+        rec.add("talker.inputs_embeds", talker_embeds, "Talker input embeddings (seeded normal)", "torch.randn")
+        talker_out = talker.model(inputs_embeds=talker_embeds, position_ids=pos, use_cache=False,
+                           output_hidden_states=True)
+        rec.add("talker.last_hidden", talker_out.last_hidden_state, "talker.model output after its final norm at text "
+                "positions 0..n-1", "talker.model(inputs_embeds, position_ids)")
+        rec.add("talker.logits", talker.codec_head(talker_out.last_hidden_state), "codec_head logits at every position",
+                "talker.codec_head(last_hidden)")
+
     header = {
         "generator": "scripts/gen_reference_qwen3_omni.py",
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__,

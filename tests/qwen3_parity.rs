@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use omnicall::model::qwen3_omni::code_predictor::CodePredictor;
 use omnicall::model::qwen3_omni::code2wav::Code2Wav;
 use omnicall::model::qwen3_omni::config::Config;
+use omnicall::model::qwen3_omni::talker::Talker;
 use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
 
 const TOLERANCE: f32 = 1e-4;
@@ -346,5 +347,42 @@ fn qwen3_code_predictor_greedy_residual_codes_match() {
         "next talker input",
         &frame.summed_embedding,
         &cases.f32("code_predictor.next_talker_input"),
+    );
+}
+
+#[test]
+fn qwen3_talker_projections_and_codec_logits_match() {
+    let cases = Cases::load();
+    let c = config();
+    let vb = weights();
+    let mut talker = Talker::new(&c.talker_config, vb.pp("talker")).unwrap();
+    let thinker = thinker_text();
+    let thinker_embeds = thinker.embed(&prompt_ids(&cases)).unwrap();
+    assert_close(
+        "text_projection",
+        &talker.project_text(&thinker_embeds).unwrap(),
+        &cases.f32("talker.text_projection"),
+    );
+    assert_close(
+        "hidden_projection",
+        &talker
+            .project_hidden(&cases.f32("talker.thinker_hidden"))
+            .unwrap(),
+        &cases.f32("talker.hidden_projection"),
+    );
+    let embeds = cases.f32("talker.inputs_embeds");
+    let t = embeds.dim(1).unwrap();
+    let hidden = talker
+        .forward_hidden(&embeds, &text_positions(0, t, &Device::Cpu).unwrap())
+        .unwrap();
+    assert_close(
+        "talker last hidden",
+        &hidden,
+        &cases.f32("talker.last_hidden"),
+    );
+    assert_close(
+        "talker codec logits",
+        &talker.codec_logits(&hidden).unwrap(),
+        &cases.f32("talker.logits"),
     );
 }

@@ -389,6 +389,7 @@ pub struct TalkerTextConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: Option<usize>,
+    pub hidden_act: String,
     pub rms_norm_eps: f64,
     #[serde(flatten)]
     pub rope: RopeFields,
@@ -396,6 +397,8 @@ pub struct TalkerTextConfig {
     pub moe_intermediate_size: usize,
     pub shared_expert_intermediate_size: Option<usize>,
     pub num_experts_per_tok: usize,
+    /// transformers 5 writes this field under its attribute-map name `num_local_experts`.
+    #[serde(alias = "num_local_experts")]
     pub num_experts: usize,
     pub norm_topk_prob: bool,
     pub mlp_only_layers: Vec<usize>,
@@ -411,6 +414,7 @@ impl Default for TalkerTextConfig {
             num_attention_heads: 16,
             num_key_value_heads: 2,
             head_dim: None,
+            hidden_act: "silu".to_string(),
             rms_norm_eps: 1e-6,
             rope: RopeFields::default(),
             decoder_sparse_step: 1,
@@ -421,6 +425,31 @@ impl Default for TalkerTextConfig {
             norm_topk_prob: false,
             mlp_only_layers: Vec::new(),
         }
+    }
+}
+
+impl TalkerTextConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope.theta(1e6)
+    }
+
+    /// The interleaved (temporal, height, width) split, the reference's default `[24, 20, 20]`.
+    pub fn mrope_section(&self) -> Vec<usize> {
+        self.rope
+            .mrope_section()
+            .unwrap_or_else(|| vec![24, 20, 20])
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        !self.mlp_only_layers.contains(&layer)
+            && self.num_experts > 0
+            && self.decoder_sparse_step > 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 

@@ -9,5 +9,7 @@ pub mod code2wav_transformer;
 pub mod code_predictor;
 pub mod config;
 pub mod moe;
+pub mod moe_decoder;
 pub mod rotary;
+pub mod talker;
 pub mod thinker_text;
