@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use omnicall::model::loading::{ModelFamily, ModelFiles};
 use omnicall::model::qwen3_omni::code_predictor::CodePredictor;
 use omnicall::model::qwen3_omni::code2wav::Code2Wav;
 use omnicall::model::qwen3_omni::config::Config;
@@ -385,4 +386,26 @@ fn qwen3_talker_projections_and_codec_logits_match() {
         &talker.codec_logits(&hidden).unwrap(),
         &cases.f32("talker.logits"),
     );
+}
+
+#[test]
+fn qwen3_model_folder_is_recognised_by_its_model_type() {
+    let dir = reference_dir().join("model");
+    let files = ModelFiles::from_dir(&dir).unwrap();
+    assert_eq!(files.family().unwrap(), ModelFamily::Qwen3Omni);
+    let err = files.load_config().unwrap_err();
+    assert!(format!("{err:#}").contains("Qwen3-Omni"), "{err:#}");
+    let c = files.load_qwen3_omni_config().unwrap();
+    // The shared loader's checkpoint serves the Qwen3-Omni modules.
+    let vb =
+        files
+            .checkpoint()
+            .unwrap()
+            .var_builder(DType::F32, &Device::Cpu, "qwen3", &["thinker."]);
+    ThinkerText::new(
+        &c.thinker_config.text_config,
+        c.thinker_config.tie_word_embeddings,
+        vb.pp("thinker"),
+    )
+    .unwrap();
 }
