@@ -5,53 +5,33 @@
 //! through `lm_head[g - 1]`.
 
 use candle_core::{IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder, embedding, rms_norm};
+use candle_nn::{Embedding, VarBuilder, embedding};
 
 use crate::model::linear::{Linear, linear_no_bias};
-use crate::model::qwen3_omni::attention::{Attention, AttentionSpec};
+use crate::model::qwen3_omni::attention::AttentionSpec;
 use crate::model::qwen3_omni::config::CodePredictorConfig;
-use crate::model::qwen3_omni::moe::SwiGluMlp;
-use crate::model::qwen3_omni::rotary::Rotary;
+use crate::model::qwen3_omni::moe_decoder::{MoeDecoder, MoeDecoderSpec};
+use crate::model::qwen3_omni::thinker_text::text_positions;
 
-#[derive(Debug, Clone)]
-struct DecoderLayer {
-    self_attn: Attention,
-    mlp: SwiGluMlp,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
-}
-
-impl DecoderLayer {
-    fn new(c: &CodePredictorConfig, vb: VarBuilder) -> Result<Self> {
-        let spec = AttentionSpec {
-            hidden_size: c.hidden_size,
-            num_attention_heads: c.num_attention_heads,
-            num_key_value_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            rms_norm_eps: c.rms_norm_eps,
-            qk_norm: true,
-            sliding_window: None,
-        };
-        let h = c.hidden_size;
-        Ok(Self {
-            self_attn: Attention::new(&spec, vb.pp("self_attn"))?,
-            mlp: SwiGluMlp::new(h, c.intermediate_size, vb.pp("mlp"))?,
-            input_layernorm: rms_norm(h, c.rms_norm_eps, vb.pp("input_layernorm"))?,
-            post_attention_layernorm: rms_norm(
-                h,
-                c.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
-        })
-    }
-
-    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin)?)?;
-        &h + self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&h)?)?
+impl From<&CodePredictorConfig> for MoeDecoderSpec {
+    /// All layers dense; plain 1-D RoPE, i.e. every frequency on the temporal row.
+    fn from(c: &CodePredictorConfig) -> Self {
+        Self {
+            attention: AttentionSpec {
+                hidden_size: c.hidden_size,
+                num_attention_heads: c.num_attention_heads,
+                num_key_value_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                rms_norm_eps: c.rms_norm_eps,
+                qk_norm: true,
+                sliding_window: None,
+            },
+            moe: None,
+            dense_intermediate_size: c.intermediate_size,
+            sparse_layers: vec![false; c.num_hidden_layers],
+            rope_theta: c.rope.theta(10000.0),
+            mrope_section: vec![c.head_dim / 2, 0, 0],
+        }
     }
 }
 
@@ -71,11 +51,9 @@ pub struct ResidualFrame {
 /// `talker.code_predictor`.
 #[derive(Debug, Clone)]
 pub struct CodePredictor {
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    decoder: MoeDecoder,
     codec_embedding: Vec<Embedding>,
     lm_head: Vec<Linear>,
-    rotary: Rotary,
 }
 
 impl CodePredictor {
@@ -89,10 +67,7 @@ impl CodePredictor {
         let model = vb.pp("model");
         let residual = c.num_code_groups - 1;
         Ok(Self {
-            layers: (0..c.num_hidden_layers)
-                .map(|i| DecoderLayer::new(c, model.pp("layers").pp(i)))
-                .collect::<Result<Vec<_>>>()?,
-            norm: rms_norm(c.hidden_size, c.rms_norm_eps, model.pp("norm"))?,
+            decoder: MoeDecoder::new(&MoeDecoderSpec::from(c), model.clone())?,
             codec_embedding: (0..residual)
                 .map(|g| {
                     embedding(
@@ -105,23 +80,15 @@ impl CodePredictor {
             lm_head: (0..residual)
                 .map(|g| linear_no_bias(c.hidden_size, c.vocab_size, vb.pp("lm_head").pp(g)))
                 .collect::<Result<Vec<_>>>()?,
-            rotary: Rotary::new(c.head_dim, c.rope.theta(10000.0), vb.device())?,
         })
     }
 
+    /// The last position's hidden state (b, 1, hidden) after `embeds` (b, t, hidden).
     fn step(&mut self, embeds: &Tensor) -> Result<Tensor> {
-        let past = self
-            .layers
-            .first()
-            .map(|l| l.self_attn.cache().len())
-            .unwrap_or(0);
         let t = embeds.dim(1)?;
-        let (cos, sin) = self.rotary.cos_sin(past, t, embeds.dtype())?;
-        let mut x = embeds.clone();
-        for layer in self.layers.iter_mut() {
-            x = layer.forward(&x, &cos, &sin)?;
-        }
-        self.norm.forward(&x.i((.., t - 1..t, ..))?)
+        let positions = text_positions(self.decoder.cache_len() as i64, t, embeds.device())?;
+        let hidden = self.decoder.forward(embeds, &positions, None)?;
+        hidden.i((.., t - 1..t, ..))
     }
 
     /// The residual codes of one frame from `talker_hidden` (b, 1, hidden: the Talker's last
@@ -133,9 +100,7 @@ impl CodePredictor {
         code0_embedding: &Tensor,
         mut pick: impl FnMut(&Tensor) -> Result<u32>,
     ) -> Result<ResidualFrame> {
-        for layer in self.layers.iter_mut() {
-            layer.self_attn.cache_mut().clear();
-        }
+        self.decoder.clear_cache();
         let mut input = Tensor::cat(&[talker_hidden, code0_embedding], 1)?;
         let mut summed = code0_embedding.clone();
         let mut codes = Vec::with_capacity(self.lm_head.len());
@@ -150,9 +115,7 @@ impl CodePredictor {
             codes.push(code);
             logits.push(step_logits);
         }
-        for layer in self.layers.iter_mut() {
-            layer.self_attn.cache_mut().clear();
-        }
+        self.decoder.clear_cache();
         Ok(ResidualFrame {
             codes,
             logits,

@@ -229,22 +229,38 @@ impl TextConfig {
         self.rope.theta(1e6)
     }
 
-    /// The (temporal, height, width) split of half the head dim, the reference's default
-    /// `[24, 20, 20]` when the config names none.
     pub fn mrope_section(&self) -> Vec<usize> {
-        self.rope
-            .mrope_section()
-            .unwrap_or_else(|| vec![24, 20, 20])
+        mrope_section_or_default(&self.rope)
     }
 
-    /// Whether decoder layer `layer` has the sparse MoE block (else the dense MLP), as the
-    /// reference decides it.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        !self.mlp_only_layers.contains(&layer)
-            && self.num_experts > 0
-            && self.decoder_sparse_step > 0
-            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
+        is_sparse_layer(
+            layer,
+            &self.mlp_only_layers,
+            self.num_experts,
+            self.decoder_sparse_step,
+        )
     }
+}
+
+/// The (temporal, height, width) split of half the head dim, the reference's default
+/// `[24, 20, 20]` when the config names none.
+fn mrope_section_or_default(rope: &RopeFields) -> Vec<usize> {
+    rope.mrope_section().unwrap_or_else(|| vec![24, 20, 20])
+}
+
+/// Whether decoder layer `layer` has the sparse MoE block (else the dense MLP), as the
+/// reference decides it.
+fn is_sparse_layer(
+    layer: usize,
+    mlp_only_layers: &[usize],
+    num_experts: usize,
+    step: usize,
+) -> bool {
+    !mlp_only_layers.contains(&layer)
+        && num_experts > 0
+        && step > 0
+        && (layer + 1).is_multiple_of(step)
 }
 
 /// `Qwen3OmniMoeAudioEncoderConfig` (the AuT encoder).
@@ -438,18 +454,17 @@ impl TalkerTextConfig {
         self.rope.theta(1e6)
     }
 
-    /// The interleaved (temporal, height, width) split, the reference's default `[24, 20, 20]`.
     pub fn mrope_section(&self) -> Vec<usize> {
-        self.rope
-            .mrope_section()
-            .unwrap_or_else(|| vec![24, 20, 20])
+        mrope_section_or_default(&self.rope)
     }
 
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        !self.mlp_only_layers.contains(&layer)
-            && self.num_experts > 0
-            && self.decoder_sparse_step > 0
-            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
+        is_sparse_layer(
+            layer,
+            &self.mlp_only_layers,
+            self.num_experts,
+            self.decoder_sparse_step,
+        )
     }
 }
 

@@ -1,7 +1,8 @@
 //! The Qwen3-MoE decoder stack shared by the Thinker and the Talker (`*.model.layers`,
 //! `*.model.norm`): q/k-normed GQA attention with the interleaved multimodal rotary embedding,
 //! a sparse MoE (or, for `mlp_only_layers`, dense) feed-forward block, pre-norm residuals, and
-//! a KV cache that can be rolled back. The token embedding and head belong to each owner.
+//! a KV cache that can be rolled back. The token embedding and head belong to each owner. The
+//! code predictor uses it too, all layers dense and its RoPE one section (plain 1-D).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{RmsNorm, VarBuilder, rms_norm};
@@ -14,7 +15,8 @@ use crate::model::qwen3_omni::rotary::InterleavedMrope;
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeDecoderSpec {
     pub attention: AttentionSpec,
-    pub moe: MoeSpec,
+    /// The sparse block's shape; `None` for a stack without sparse layers.
+    pub moe: Option<MoeSpec>,
     /// Size of the dense MLP of the layers that are not sparse.
     pub dense_intermediate_size: usize,
     /// Per layer: sparse MoE (true) or dense MLP (false).
@@ -52,7 +54,10 @@ impl DecoderLayer {
         let h = spec.attention.hidden_size;
         let eps = spec.attention.rms_norm_eps;
         let mlp = if sparse {
-            FeedForward::Sparse(SparseMoe::new(&spec.moe, vb.pp("mlp"))?)
+            let Some(moe) = &spec.moe else {
+                candle_core::bail!("a sparse decoder layer needs the MoE block's shape");
+            };
+            FeedForward::Sparse(SparseMoe::new(moe, vb.pp("mlp"))?)
         } else {
             FeedForward::Dense(SwiGluMlp::new(
                 h,

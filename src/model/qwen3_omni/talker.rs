@@ -66,14 +66,14 @@ impl Talker {
                 qk_norm: true,
                 sliding_window: None,
             },
-            moe: MoeSpec {
+            moe: Some(MoeSpec {
                 hidden_size: t.hidden_size,
                 moe_intermediate_size: t.moe_intermediate_size,
                 num_experts: t.num_experts,
                 num_experts_per_tok: t.num_experts_per_tok,
                 norm_topk_prob: t.norm_topk_prob,
                 shared_expert_intermediate_size: t.shared_expert_intermediate_size,
-            },
+            }),
             dense_intermediate_size: t.intermediate_size,
             sparse_layers: (0..t.num_hidden_layers)
                 .map(|i| t.is_moe_layer(i))

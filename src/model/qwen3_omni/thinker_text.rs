@@ -22,14 +22,14 @@ impl From<&TextConfig> for MoeDecoderSpec {
                 qk_norm: true,
                 sliding_window: None,
             },
-            moe: MoeSpec {
+            moe: Some(MoeSpec {
                 hidden_size: c.hidden_size,
                 moe_intermediate_size: c.moe_intermediate_size,
                 num_experts: c.num_experts,
                 num_experts_per_tok: c.num_experts_per_tok,
                 norm_topk_prob: c.norm_topk_prob,
                 shared_expert_intermediate_size: None,
-            },
+            }),
             dense_intermediate_size: c.intermediate_size,
             sparse_layers: (0..c.num_hidden_layers)
                 .map(|i| c.is_moe_layer(i))
