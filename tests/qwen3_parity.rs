@@ -3,6 +3,8 @@
 //! the committed `tests/fixtures/qwen3-omni`). A missing fixture key is a failure, never a skip;
 //! every size comes from the fixture's own config.json.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -82,26 +84,9 @@ impl Cases {
     }
 }
 
-fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "shapes differ");
-    (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
+/// Within the parity tolerance everywhere, naming what was compared.
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
-    let diff = max_abs_diff(got, want);
-    assert!(
-        diff <= TOLERANCE,
-        "{what}: max abs diff {diff} > {TOLERANCE}"
-    );
+    common::assert_close(what, got, want, TOLERANCE);
 }
 
 fn thinker_text() -> ThinkerText {
