@@ -4,6 +4,7 @@
 //! the model), `engine` (the realtime session) and the transports that drive a session.
 
 pub mod bench;
+pub mod check;
 pub mod engine;
 pub mod local;
 pub mod media;

@@ -46,6 +46,44 @@ enum Command {
     Local(Box<LocalCommand>),
     /// Speed measurements.
     Bench(Box<BenchArgs>),
+    /// Parity with the reference, stage by stage, on a golden fixture folder: a table of each
+    /// comparison (max abs diff, tolerance, pass); exits non-zero on any failure.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// A fixture folder (cases.safetensors, cases.json, model/), as made by
+    /// tests/fixtures/reference/gen_reference.py.
+    #[arg(long, value_name = "DIR")]
+    reference: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Dtype of the Thinker, its encoders and the Talker: f32 or bf16 (token2wav runs in f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[command(flatten)]
+    kernels: KernelsArg,
+    /// Stages to run, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    stages: Vec<String>,
+}
+
+/// Which kernels the model's products use.
+#[derive(Args)]
+struct KernelsArg {
+    /// auto (the CPU bf16 decode kernel where it applies) or generic (candle's device-generic
+    /// products everywhere: what CUDA runs).
+    #[arg(long, env = "OMNICALL_KERNELS", default_value = "auto")]
+    kernels: omnicall::model::linear::Kernels,
+}
+
+impl KernelsArg {
+    fn apply(&self) {
+        let chosen = omnicall::model::linear::set_kernels(self.kernels);
+        tracing::debug!("kernels: {chosen:?}");
+    }
 }
 
 /// Where the model comes from and how it runs.
@@ -60,6 +98,8 @@ struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    kernels: KernelsArg,
 }
 
 #[derive(Args)]
@@ -85,6 +125,8 @@ struct LocalCommand {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    kernels: KernelsArg,
     #[command(flatten)]
     local: omnicall::local::cli::LocalArgs,
 }
@@ -218,6 +260,19 @@ struct ModelBenchArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Timed turns of the engine stage (each in a fresh session; medians and p90 reported).
+    #[arg(long, default_value_t = 1)]
+    turns: usize,
+    /// Also measure the KV cache growth over a call of this many seconds with a 640x480
+    /// camera and spoken answers (engine stage; 0: not measured).
+    #[arg(long, default_value_t = 0)]
+    call_seconds: u64,
+    /// Length of the engine stage's overhead call (the session threads' CPU outside the model
+    /// per second of call); default 60 s for test-sized models, not measured at full size.
+    #[arg(long)]
+    overhead_seconds: Option<u64>,
+    #[command(flatten)]
+    kernels: KernelsArg,
 }
 
 fn main() {
@@ -243,6 +298,7 @@ fn main() {
             BenchCommand::Call(args) => omnicall::bench::call::main(args),
             BenchCommand::Plot(args) => omnicall::bench::plot::main(args),
         },
+        Command::Check(args) => check(args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", error_chain(&e));
@@ -290,6 +346,7 @@ fn voice_names(model: &OmniModel) -> Vec<String> {
 }
 
 fn serve(args: ServeCommand) -> anyhow::Result<()> {
+    args.model.kernels.apply();
     let model = if args.random_weights {
         let config = config_from_spec(&args.model.model)?;
         tracing::info!("random weights of {}'s shapes", args.model.model);
@@ -318,6 +375,7 @@ fn local(args: LocalCommand) -> anyhow::Result<()> {
         print!("{}", omnicall::local::list_devices());
         return Ok(());
     }
+    args.kernels.apply();
     let model = load_model(
         args.model
             .as_deref()
@@ -334,6 +392,7 @@ fn chat(args: ChatArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
     if let Some(out) = &args.speak {
         check_writable(out)?;
     }
+    args.model.kernels.apply();
     let mut model = load_model(&args.model.model, &args.model.dtype, &args.model.device)?;
     if args.speak.is_some() {
         // Fail before any work: a checkpoint without a Talker, an unknown voice.
@@ -470,7 +529,57 @@ const BENCH_STAGES: &[&str] = &[
 /// Seconds of simulated call the engine-input stage runs.
 const ENGINE_INPUT_SECONDS: u64 = 60;
 
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    args.kernels.apply();
+    let options = omnicall::check::CheckOptions {
+        device: parse_device(&args.device)?,
+        dtype: parse_dtype(&args.dtype)?,
+    };
+    let fixtures = omnicall::check::Fixtures::open(&args.reference)?;
+    let stages: Vec<&str> = args.stages.iter().map(String::as_str).collect();
+    let mut report = omnicall::check::Report::default();
+    let started = std::time::Instant::now();
+    let names = if stages.is_empty() {
+        omnicall::check::STAGES.to_vec()
+    } else {
+        stages
+    };
+    for name in names {
+        let t = std::time::Instant::now();
+        let rows = omnicall::check::run_stage(&fixtures, &options, name);
+        let failed = rows.iter().filter(|r| !r.pass).count();
+        eprintln!(
+            "{name}: {} comparisons, {failed} failed ({:.1} s)",
+            rows.len(),
+            t.elapsed().as_secs_f64()
+        );
+        report.rows.extend(rows);
+    }
+    println!(
+        "parity with {} on {} in {:?}, kernels {:?}\n",
+        args.reference.display(),
+        args.device,
+        options.dtype,
+        omnicall::model::linear::kernels()
+    );
+    print!("{}", report.table());
+    let failures = report.failures().count();
+    println!(
+        "\n{} comparisons, {failures} failed, {:.1} s",
+        report.rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !report.passed() {
+        for row in report.failures() {
+            eprintln!("FAIL {}: {}", row.stage, row.message);
+        }
+        bail!("{failures} of {} comparisons failed", report.rows.len());
+    }
+    Ok(())
+}
+
 fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
+    args.kernels.apply();
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
     let config = config_from_spec(&args.config)?;
@@ -499,7 +608,19 @@ fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
             .and_then(|blocks| {
                 omnicall::bench::engine::input_stage_cost(&blocks, ENGINE_INPUT_SECONDS)
             }),
-            "engine" => omnicall::bench::engine::bench_engine(&config, dtype, &device),
+            "engine" => {
+                let defaults = omnicall::bench::engine::EngineBenchSizes::for_config(&config);
+                let seconds = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+                let sizes = omnicall::bench::engine::EngineBenchSizes {
+                    turns: args.turns,
+                    kv_call: seconds(args.call_seconds),
+                    overhead_call: args
+                        .overhead_seconds
+                        .map_or(defaults.overhead_call, seconds),
+                    ..defaults
+                };
+                omnicall::bench::engine::bench_engine_with(&config, dtype, &device, sizes)
+            }
             other => bail!("unknown bench stage {other:?}"),
         };
         rows.extend(measured.with_context(|| format!("bench stage {stage}"))?);

@@ -1,20 +1,113 @@
 //! Parity with the reference implementation (Hugging Face transformers) on the golden fixtures
-//! of `$OMNICALL_REFERENCE_DIR` (default: tests/fixtures/reference/a). One test per stage, named
-//! after it, so that `cargo test --test reference_parity STAGE` selects it. Nothing here knows a
-//! value of the tiny config: everything comes from the fixture folder.
+//! of `$OMNICALL_REFERENCE_DIR` (default: tests/fixtures/reference/a), through the comparisons
+//! of `omnicall::check` (the same ones `omnicall check` prints). One test per stage, named
+//! after it, so that `cargo test --test reference_parity STAGE` selects it; the `bf16_*` tests
+//! run the Thinker, the Talker and token2wav in bf16 on the CPU against the f32 reference,
+//! within the measured bf16 tolerances. `OMNICALL_KERNELS=generic` runs them all through the
+//! device-generic products a GPU takes (scripts/test.sh does both). Nothing here knows a value
+//! of the tiny config: everything comes from the fixture folder.
 
-#[path = "parity/audio.rs"]
-mod audio;
 mod common;
-#[path = "parity/pipeline.rs"]
-mod pipeline;
-#[path = "parity/rope.rs"]
-mod rope;
-#[path = "parity/talker.rs"]
-mod talker;
-#[path = "parity/thinker.rs"]
-mod thinker;
-#[path = "parity/token2wav.rs"]
-mod token2wav;
-#[path = "parity/vision.rs"]
-mod vision;
+
+use candle_core::{DType, Device};
+use omnicall::check::{CheckOptions, Fixtures, STAGES, run_stage};
+
+/// Runs one stage and fails naming every comparison that failed.
+fn check(stage: &str, dtype: DType) {
+    let dir = common::reference_dir();
+    let fixtures = Fixtures::open(&dir).unwrap_or_else(|e| panic!("{e:#}"));
+    let options = CheckOptions {
+        device: Device::Cpu,
+        dtype,
+    };
+    let rows = run_stage(&fixtures, &options, stage);
+    assert!(!rows.is_empty(), "{stage}: no comparisons");
+    let mut failures = Vec::new();
+    for row in &rows {
+        let diff = row.max_abs_diff.map_or("-".into(), |d| format!("{d:e}"));
+        let tol = row.tolerance.map_or("-".into(), |d| format!("{d:e}"));
+        eprintln!(
+            "{stage} {dtype:?}: {}: max abs diff {diff} (atol {tol}) {}",
+            row.what,
+            if row.pass { "ok" } else { "FAILED" }
+        );
+        if !row.pass {
+            failures.push(row.message.clone());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{stage} in {dtype:?}:\n{}",
+        failures.join("\n")
+    );
+}
+
+macro_rules! stages {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                check(stringify!($name), DType::F32);
+            }
+        )*
+
+        /// Every stage of the library has its test here.
+        #[test]
+        fn every_stage_has_a_test() {
+            let tested = [$(stringify!($name)),*];
+            assert_eq!(tested.as_slice(), STAGES);
+        }
+    };
+}
+
+stages!(
+    mel,
+    audio_encoder,
+    image_preprocess,
+    video_preprocess,
+    image_vision_encoder,
+    video_vision_encoder,
+    rope_index_text,
+    rope_index_audio,
+    rope_index_image,
+    rope_index_video,
+    rope_index_video_audio,
+    rope_index_talker,
+    chat_template_ids,
+    thinker_logits,
+    thinker_greedy,
+    thinker_av_logits,
+    talker_inputs,
+    talker_logits,
+    talker_greedy,
+    dit_probe,
+    dit_mel,
+    bigvgan_waveform,
+    token2wav_waveform,
+    pipeline_thinker_logits,
+    pipeline_thinker_av_logits,
+    pipeline_talker,
+    pipeline_waveform,
+);
+
+/// The Thinker in bf16: every layer and the logits of the audio+image prompt, and its greedy
+/// answer with the step logits.
+#[test]
+fn bf16_thinker() {
+    check("thinker_logits", DType::BF16);
+    check("thinker_greedy", DType::BF16);
+}
+
+/// The Talker in bf16: prefill logits and greedy codes from the reference's rows.
+#[test]
+fn bf16_talker() {
+    check("talker_logits", DType::BF16);
+    check("talker_greedy", DType::BF16);
+}
+
+/// The whole bf16 pipeline from the raw inputs to the waveform: a bf16 Thinker and Talker,
+/// then token2wav (f32, as the model runs it) on their codes.
+#[test]
+fn bf16_token2wav() {
+    check("pipeline_waveform", DType::BF16);
+}

@@ -183,13 +183,14 @@ fn turn_set() -> Vec<Clip> {
         .collect()
 }
 
-/// Media time (s) from which the detector says silence, for speech that really ends at `end`:
-/// the end of the last speech frame of the run that reaches `end`.
-fn speech_end_decision(decisions: &[VadDecision], end: f64) -> Option<f64> {
-    let end = Duration::from_secs_f64(end);
+/// Media time (s) from which the detector says silence, for speech that really ends at `end`
+/// (and starts again at `next`, if it does): the end of the last speech frame before `next`,
+/// looking at most 600 ms past `end`.
+fn speech_end_decision(decisions: &[VadDecision], end: f64, next: Option<f64>) -> Option<f64> {
+    let horizon = Duration::from_secs_f64(next.unwrap_or(f64::MAX).min(end + 0.6));
     let horizon = decisions
         .iter()
-        .position(|d| d.at >= end + Duration::from_millis(600))
+        .position(|d| d.end() > horizon)
         .unwrap_or(decisions.len());
     let last = decisions[..horizon].iter().rposition(|d| d.speech)?;
     Some(decisions[last].end().as_secs_f64())
@@ -263,8 +264,9 @@ fn turn_set_figures() {
             audio_seconds += audio.len() as f64 / 16_000.0;
             match clip.kind.as_str() {
                 "complete" | "pause" => {
-                    for &(_, end) in &clip.speech {
-                        match speech_end_decision(&decisions, end) {
+                    for (k, &(_, end)) in clip.speech.iter().enumerate() {
+                        let next = clip.speech.get(k + 1).map(|s| s.0);
+                        match speech_end_decision(&decisions, end, next) {
                             Some(at) => delays.push(((at - end) * 1000.0).round() as i64),
                             None => println!(
                                 "{backend:?}: no speech found before {end} s in {}",

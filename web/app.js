@@ -29,6 +29,8 @@ const stats = {
   audioLevel: 0,
   videoFramesSent: 0,
   videoCodec: null,
+  // Camera frames the Thinker took into the context, for the last turn with timings.
+  thinkerVideoFrames: 0,
   turnLatencies: [],
 };
 window.omnicallStats = stats;
@@ -225,6 +227,7 @@ function onMessage(raw) {
     case "answer_done":
       break;
     case "timings":
+      stats.thinkerVideoFrames = msg.video_frames || 0;
       turnOf(msg.turn).timings = msg;
       renderLatency(msg.turn);
       break;

@@ -1358,6 +1358,7 @@ mod tests {
             first_codec_token_ms: Some(speech_end + 700.0),
             first_waveform_chunk_ms: Some(speech_end + 750.0),
             first_audio_frame_ms: Some(speech_end + 800.0),
+            video_frames: 0,
         })
     }
 

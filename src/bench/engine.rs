@@ -353,6 +353,11 @@ pub struct EngineBenchSizes {
     /// Tokens of the random model's answers, and the longest spoken answer.
     pub max_answer_tokens: usize,
     pub max_speech: Duration,
+    /// Timed turns of the latency figure, each in a fresh session (medians are reported).
+    pub turns: usize,
+    /// Length of the call with a camera whose KV cache growth is measured (`None`: not
+    /// measured; it runs the vision encoder at the camera's size and every answer).
+    pub kv_call: Option<Duration>,
 }
 
 impl EngineBenchSizes {
@@ -367,6 +372,8 @@ impl EngineBenchSizes {
             latency_timeout: Duration::from_secs(if small { 60 } else { 1800 }),
             max_answer_tokens: 48,
             max_speech: Duration::from_secs(if small { 6 } else { 2 }),
+            turns: 1,
+            kv_call: None,
         }
     }
 }
@@ -384,7 +391,9 @@ pub fn bench_engine_with(
     sizes: EngineBenchSizes,
 ) -> Result<Vec<Measurement>> {
     config.validate().context("engine bench config")?;
-    let model = random_model(config, dtype, device).context("random model")?;
+    // The KV growth call sends camera frames: the vision tower needs its blocks then.
+    let model = random_model_with(config, dtype, device, sizes.kv_call.is_some())
+        .context("random model")?;
     let text = &config.thinker_config.text_config;
     let label = format!(
         "{} layers x {}, {dtype:?}, random weights",
@@ -404,6 +413,9 @@ pub fn bench_engine_on(
         rows.extend(engine_overhead(model, label, call, sizes)?);
     }
     rows.extend(first_frame_latency(model, label, sizes)?);
+    if let Some(call) = sizes.kv_call {
+        rows.extend(kv_growth(model, label, call, sizes)?);
+    }
     Ok(rows)
 }
 
@@ -542,12 +554,24 @@ pub fn engine_overhead(
 }
 
 /// End of turn to first output frame, by stage: the turn fed on simulated time, the clock
-/// following the wall clock from the end of the user's speech on.
+/// following the wall clock from the end of the user's speech on; `sizes.turns` turns, each in
+/// a fresh session, medians reported.
 pub fn first_frame_latency(
     model: &OmniModel,
     label: &str,
     sizes: &EngineBenchSizes,
 ) -> Result<Vec<Measurement>> {
+    let turns = sizes.turns.max(1);
+    let mut all = Vec::with_capacity(turns);
+    for i in 0..turns {
+        let t = timed_turn(model, sizes).with_context(|| format!("timed turn {}", i + 1))?;
+        all.push(t);
+    }
+    latency_rows(&all, label, sizes)
+}
+
+/// One spoken turn in a fresh session, its marks once the first frame is out.
+fn timed_turn(model: &OmniModel, sizes: &EngineBenchSizes) -> Result<TurnTimings> {
     let mut driver = Driver::spawn(model, session_config(model, sizes), sizes.latency_timeout)?;
     let piece = (MIC_RATE as u128 * TICK.as_millis() / 1000) as usize;
     let speech = speech_bursts(sizes.turn_speech.as_secs_f64(), 1e9, 0.0);
@@ -594,73 +618,209 @@ pub fn first_frame_latency(
     if !errors.is_empty() {
         bail!("the timed turn had errors: {errors:?}");
     }
-    let t = timings.context("the timed turn's marks")?;
-    latency_rows(&t, label, sizes)
+    timings.context("the timed turn's marks")
+}
+
+/// KV cache growth per minute of a call with a camera: a scripted call of `call` (speech
+/// bursts, a 640x480 camera at 30 fps sampled at the session's rate and pixel bounds, spoken
+/// answers) on simulated time; the Thinker's and the Talker's cache lengths before and after,
+/// in positions and bytes (K and V of every layer in the model's dtype).
+pub fn kv_growth(
+    model: &OmniModel,
+    label: &str,
+    call: Duration,
+    sizes: &EngineBenchSizes,
+) -> Result<Vec<Measurement>> {
+    let config = SessionConfig {
+        video_min_pixels: SessionConfig::default().video_min_pixels,
+        video_max_pixels: SessionConfig::default().video_max_pixels,
+        ..session_config(model, sizes)
+    };
+    let mut driver = Driver::spawn(model, config, Duration::from_secs(1800))?;
+    let before = driver.probe.context();
+    let (on, off) = (3.0, 6.0);
+    let mic = speech_bursts(call.as_secs_f64(), on, off);
+    let piece = (MIC_RATE as u128 * TICK.as_millis() / 1000) as usize;
+    let picture = Arc::new(camera_picture());
+    let mut next_frame = 0u64;
+    for chunk in mic.chunks(piece) {
+        let end = driver.clock.now() + TICK;
+        let frame_at = Duration::from_nanos(next_frame * 1_000_000_000 / CAMERA_FPS);
+        let frame = (frame_at < end).then(|| {
+            next_frame = (end.as_nanos() as u64 * CAMERA_FPS).div_ceil(1_000_000_000);
+            VideoInput {
+                at: frame_at,
+                width: CAMERA_SIZE.0,
+                height: CAMERA_SIZE.1,
+                rgb: picture.clone(),
+            }
+        });
+        driver.simulated_step(chunk, frame)?;
+    }
+    let after = driver.probe.context();
+    let turns = driver
+        .events
+        .iter()
+        .filter(|e| matches!(e, SessionEvent::UserTurn { .. }))
+        .count();
+    let errors = driver.errors();
+    driver.close()?;
+    if !errors.is_empty() {
+        bail!("the KV growth call had errors: {errors:?}");
+    }
+    let minutes = call.as_secs_f64() / 60.0;
+    let dtype_bytes = model.thinker.dtype().size_in_bytes();
+    let text = &model.config.thinker_config.text_config;
+    let thinker_head_dim = text
+        .head_dim
+        .unwrap_or(text.hidden_size / text.num_attention_heads.max(1));
+    let thinker_bytes =
+        2 * text.num_hidden_layers * text.num_key_value_heads * thinker_head_dim * dtype_bytes;
+    let talker = &model.config.talker_config;
+    let talker_bytes =
+        2 * talker.num_hidden_layers * talker.num_key_value_heads * talker.head_dim * dtype_bytes;
+    let setup = format!(
+        "{label}; {:.0} s call: {on:.0} s speech bursts, {}x{} camera at {CAMERA_FPS} fps, \
+         {turns} turns with spoken answers",
+        call.as_secs_f64(),
+        CAMERA_SIZE.0,
+        CAMERA_SIZE.1
+    );
+    let grown = |a: usize, b: usize| b.saturating_sub(a) as f64 / minutes;
+    let thinker_positions = grown(before.thinker_cache, after.thinker_cache);
+    let talker_positions = grown(
+        before.talker_cache.unwrap_or(0),
+        after.talker_cache.unwrap_or(0),
+    );
+    Ok(vec![
+        Measurement::new(
+            "engine: Thinker KV growth",
+            setup.clone(),
+            thinker_positions,
+            "positions / min of call",
+        ),
+        Measurement::new(
+            "engine: Thinker KV growth, bytes",
+            format!("{setup}; {thinker_bytes} bytes a position"),
+            thinker_positions * thinker_bytes as f64 / 1e6,
+            "MB / min of call",
+        ),
+        Measurement::new(
+            "engine: Talker KV growth, bytes",
+            format!("{setup}; {talker_bytes} bytes a position"),
+            talker_positions * talker_bytes as f64 / 1e6,
+            "MB / min of call",
+        ),
+    ])
+}
+
+/// A camera picture with some structure (a gradient), RGB at [`CAMERA_SIZE`].
+fn camera_picture() -> Vec<u8> {
+    let (w, h) = CAMERA_SIZE;
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            rgb.extend([(x * 255 / w) as u8, (y * 255 / h) as u8, 128]);
+        }
+    }
+    rgb
 }
 
 fn latency_rows(
-    t: &TurnTimings,
+    all: &[TurnTimings],
     label: &str,
     sizes: &EngineBenchSizes,
 ) -> Result<Vec<Measurement>> {
     let mark = |m: Option<Duration>, what: &str| m.with_context(|| format!("no {what} mark"));
-    let speech_end = mark(t.speech_end, "speech_end")?;
-    let end_of_turn = mark(t.end_of_turn, "end_of_turn")?;
-    let prefill = mark(t.prefill_done, "prefill_done")?;
-    let text = mark(t.first_text_token, "first_text_token")?;
-    let codec = mark(t.first_codec_token, "first_codec_token")?;
-    let wave = mark(t.first_waveform_chunk, "first_waveform_chunk")?;
-    let frame = mark(t.first_audio_frame, "first_audio_frame")?;
+    // Per turn: the marks in stage order.
+    let mut marks: Vec<[Duration; 7]> = Vec::new();
+    for t in all {
+        marks.push([
+            mark(t.speech_end, "speech_end")?,
+            mark(t.end_of_turn, "end_of_turn")?,
+            mark(t.prefill_done, "prefill_done")?,
+            mark(t.first_text_token, "first_text_token")?,
+            mark(t.first_codec_token, "first_codec_token")?,
+            mark(t.first_waveform_chunk, "first_waveform_chunk")?,
+            mark(t.first_audio_frame, "first_audio_frame")?,
+        ]);
+    }
+    let turns = marks.len();
     let setup = format!(
         "{label}; {:.1} s spoken turn (its blocks prefilled while it was spoken), wall clock \
-         from the end of speech",
-        sizes.turn_speech.as_secs_f64()
+         from the end of speech{}",
+        sizes.turn_speech.as_secs_f64(),
+        if turns > 1 {
+            format!("; median of {turns} turns, each in a fresh session")
+        } else {
+            String::new()
+        }
     );
-    let ms = |a: Duration, b: Duration| b.saturating_sub(a).as_secs_f64() * 1e3;
-    Ok(vec![
+    // The median over the turns of the time from mark `a` to mark `b`, and the p90.
+    let between = |a: usize, b: usize| -> Vec<f64> {
+        let mut v: Vec<f64> = marks
+            .iter()
+            .map(|m| m[b].saturating_sub(m[a]).as_secs_f64() * 1e3)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let median = |a: usize, b: usize| between(a, b)[turns / 2];
+    let mut rows = vec![
         Measurement::new(
             "engine: speech end -> end of turn",
             format!("{setup}; the silence rule"),
-            ms(speech_end, end_of_turn),
+            median(0, 1),
             "ms",
         ),
         Measurement::new(
             "engine: end of turn -> prefill done",
             format!("{setup}; last partial block + assistant header"),
-            ms(end_of_turn, prefill),
+            median(1, 2),
             "ms",
         ),
         Measurement::new(
             "engine: prefill done -> first text token",
             setup.clone(),
-            ms(prefill, text),
+            median(2, 3),
             "ms",
         ),
         Measurement::new(
             "engine: first text token -> first codec token",
             format!("{setup}; Talker after its mirrored prompt"),
-            ms(text, codec),
+            median(3, 4),
             "ms",
         ),
         Measurement::new(
             "engine: first codec token -> first waveform chunk",
             format!("{setup}; streaming token2wav, low-latency chunks"),
-            ms(codec, wave),
+            median(4, 5),
             "ms",
         ),
         Measurement::new(
             "engine: first waveform chunk -> first audio frame",
             format!("{setup}; pacer"),
-            ms(wave, frame),
+            median(5, 6),
             "ms",
         ),
         Measurement::new(
             "engine: end of turn -> first audio frame",
-            setup,
-            ms(end_of_turn, frame),
+            setup.clone(),
+            median(1, 6),
             "ms",
         ),
-    ])
+    ];
+    if turns > 1 {
+        let v = between(1, 6);
+        let p90 = v[((turns * 9).div_ceil(10)).saturating_sub(1).min(turns - 1)];
+        rows.push(Measurement::new(
+            "engine: end of turn -> first audio frame, p90",
+            setup,
+            p90,
+            "ms",
+        ));
+    }
+    Ok(rows)
 }
 
 /// The name of the random model's one voice.

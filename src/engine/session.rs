@@ -84,6 +84,9 @@ pub struct TurnTimings {
     pub first_waveform_chunk: Option<Duration>,
     /// The first 20 ms frame of the answer was released to the transport.
     pub first_audio_frame: Option<Duration>,
+    /// Camera frames the Thinker encoded into the turn's context (frames that came after an
+    /// audio-only first block are not shown to it).
+    pub video_frames_prefilled: usize,
 }
 
 /// What a session tells its transport.

@@ -110,6 +110,8 @@ struct OpenTurn {
     audio: TurnAudio,
     /// Decided at the first block: whether the turn's segment interleaves video.
     video: Option<bool>,
+    /// Camera frames encoded into the context so far.
+    video_frames: usize,
     failed: bool,
 }
 
@@ -302,6 +304,7 @@ impl ThinkerTask {
                     start,
                     audio: self.encoders.turn_audio()?,
                     video: None,
+                    video_frames: 0,
                     failed: false,
                 });
                 Ok(())
@@ -496,6 +499,9 @@ impl ThinkerTask {
                 })?;
                 self.context.push_video(&encoded.grids, turn, block.index)?;
                 self.pending_media.video.push(encoded.embeds);
+                if let Some(open) = self.open.as_mut() {
+                    open.video_frames += block.frames.len();
+                }
             }
             let open = self.open.as_mut().expect("open turn");
             let end = if block.last {
@@ -561,8 +567,10 @@ impl ThinkerTask {
         self.context
             .push_text(&self.assistant_header.clone(), EntryKind::Template, turn);
         let logits = self.prefill_pending(turn, true)?;
+        let video_frames = self.open.as_ref().map_or(0, |o| o.video_frames);
         self.shared.mark(turn, |t, now| {
             t.prefill_done.get_or_insert(now);
+            t.video_frames_prefilled = video_frames;
         });
         Ok(logits)
     }

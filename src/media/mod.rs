@@ -1,6 +1,8 @@
-//! Signal work around the model: features, image and video preparation, resampling, codecs, VAD.
+//! Signal work around the model: features, image and video preparation, resampling, codecs, VAD,
+//! echo cancellation.
 
 pub mod audio_file;
+pub mod echo;
 pub mod image;
 pub mod mel;
 pub mod offline;

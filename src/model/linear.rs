@@ -9,12 +9,16 @@
 //! input rows, and the sum rounded to bf16 once, as candle's own product does. Everything
 //! else (f32, CUDA, prefill-sized inputs) goes through `candle_nn::Linear` unchanged.
 //!
+//! [`Kernels::Generic`] (`OMNICALL_KERNELS=generic`, or `--kernels generic`) turns the CPU
+//! kernel off, so that the CPU runs the device-generic path a GPU takes and the parity tests
+//! check that path too.
+//!
 //! The inner loops are candle's own optimised CPU primitives (`BackendStorage::to_dtype` for the
 //! widening, `VecOps::vec_dot` for the f32 dot products, its barrier thread pool for the
 //! blocks) rather than loops written here: the dev profile compiles this crate unoptimised
 //! (only dependencies get opt-level 2), where a hand-written loop runs at well under 1 GB/s.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cpu::kernels::VecOps;
@@ -29,6 +33,49 @@ pub const MAX_GEMV_ROWS: usize = 8;
 /// Weight rows widened and dotted per work item: 128 rows of a 2048-wide matrix are 1 MiB of
 /// f32, which stays in a core's L2 between the widening and the dot products.
 const GEMV_BLOCK_ROWS: usize = 128;
+
+/// Which kernels the model's products use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The CPU kernels of this crate where they apply, candle's products elsewhere.
+    Auto,
+    /// candle's device-generic products everywhere: what CUDA runs.
+    Generic,
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Self::Auto),
+            "generic" => Ok(Self::Generic),
+            other => Err(format!("unknown kernels {other:?}: use auto or generic")),
+        }
+    }
+}
+
+/// The environment variable read (once) when [`set_kernels`] was not called first.
+pub const KERNELS_ENV: &str = "OMNICALL_KERNELS";
+
+static KERNELS: OnceLock<Kernels> = OnceLock::new();
+
+/// Chooses the kernels for the whole process, before the first product; later calls and
+/// calls after the first product keep the first choice (returned).
+pub fn set_kernels(kernels: Kernels) -> Kernels {
+    *KERNELS.get_or_init(|| kernels)
+}
+
+/// The process's kernels: [`set_kernels`]'s choice, else `OMNICALL_KERNELS` (`auto` when unset;
+/// an unknown value is reported once and means `auto`).
+pub fn kernels() -> Kernels {
+    *KERNELS.get_or_init(|| match std::env::var(KERNELS_ENV) {
+        Ok(value) => value.parse().unwrap_or_else(|e: String| {
+            tracing::warn!("{KERNELS_ENV}: {e}; using auto");
+            Kernels::Auto
+        }),
+        Err(_) => Kernels::Auto,
+    })
+}
 
 /// `y = x W^T + b`, a drop-in for `candle_nn::Linear`.
 #[derive(Debug, Clone)]
@@ -55,7 +102,8 @@ impl Linear {
     /// The product through [`Bf16Gemv`] when it applies, `None` otherwise.
     fn forward_gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let weight = self.inner.weight();
-        let applies = weight.device().is_cpu()
+        let applies = kernels() == Kernels::Auto
+            && weight.device().is_cpu()
             && weight.dtype() == DType::BF16
             && x.dtype() == DType::BF16
             && weight.rank() == 2
@@ -324,6 +372,14 @@ mod tests {
             assert_eq!(relative_max_diff(&got, &want)?, 0.0);
         }
         Ok(())
+    }
+
+    #[test]
+    fn kernels_parse_and_reject_unknown_names() {
+        assert_eq!("generic".parse::<Kernels>(), Ok(Kernels::Generic));
+        assert_eq!("AUTO".parse::<Kernels>(), Ok(Kernels::Auto));
+        let err = "fast".parse::<Kernels>().unwrap_err();
+        assert!(err.contains("fast") && err.contains("generic"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod linear;
 pub mod loading;
 pub mod omni;
 pub mod pipeline;
+pub mod qwen3_omni;
 pub mod random_weights;
 pub mod sampling;
 pub mod silero_vad;

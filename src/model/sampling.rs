@@ -2,7 +2,7 @@
 //! processors: repetition penalty (over every id so far), suppressed ids, temperature, top-k,
 //! top-p, then a seeded multinomial draw. Temperature 0 means greedy.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 /// How the next token is chosen.
@@ -78,31 +78,59 @@ impl Sampler {
     }
 
     /// Picks the next id from 1-D `logits`, penalising the ids of `history` and never
-    /// choosing an id of `suppress`.
+    /// choosing an id of `suppress`. The penalty and the suppression run on the logits' device
+    /// (only the ids go up); greedy decoding brings back just the chosen id, sampling the
+    /// probabilities (candle's sampler draws on the host).
     pub fn sample(&mut self, logits: &Tensor, history: &[u32], suppress: &[u32]) -> Result<u32> {
-        let logits = logits.flatten_all()?;
-        let logits = if self.options.repetition_penalty != 1.0 && !history.is_empty() {
-            candle_transformers::utils::apply_repeat_penalty(
-                &logits,
-                self.options.repetition_penalty,
-                history,
-            )?
-        } else {
-            logits.to_dtype(candle_core::DType::F32)?
-        };
-        let logits = if suppress.is_empty() {
-            logits
-        } else {
-            let mut values = logits.to_vec1::<f32>()?;
-            for &id in suppress {
-                if let Some(v) = values.get_mut(id as usize) {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-            Tensor::from_vec(values, logits.dims1()?, logits.device())?
-        };
+        let mut logits = logits.flatten_all()?.to_dtype(DType::F32)?;
+        if self.options.repetition_penalty != 1.0 && !history.is_empty() {
+            logits = repeat_penalty(&logits, self.options.repetition_penalty, history)?;
+        }
+        if !suppress.is_empty() {
+            logits = suppress_ids(&logits, suppress)?;
+        }
         self.processor.sample(&logits)
     }
+}
+
+/// The distinct ids of `ids` below `vocab`, as an index tensor on `device`.
+fn index_of(ids: &[u32], vocab: usize, device: &Device) -> Result<Option<Tensor>> {
+    let mut ids: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|&i| (i as usize) < vocab)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let n = ids.len();
+    Tensor::from_vec(ids, n, device).map(Some)
+}
+
+/// Hugging Face's repetition penalty: a positive logit of a seen id divided by `penalty`, a
+/// negative one multiplied (the same f32 operations as candle-transformers' host version).
+fn repeat_penalty(logits: &Tensor, penalty: f32, history: &[u32]) -> Result<Tensor> {
+    let Some(index) = index_of(history, logits.dim(0)?, logits.device())? else {
+        return Ok(logits.clone());
+    };
+    let seen = logits.index_select(&index, 0)?;
+    let penalty = Tensor::new(&[penalty], logits.device())?;
+    let penalised = seen.ge(0f32)?.where_cond(
+        &seen.broadcast_div(&penalty)?,
+        &seen.broadcast_mul(&penalty)?,
+    )?;
+    logits.scatter(&index, &penalised, 0)
+}
+
+/// `logits` with the ids of `suppress` set to minus infinity.
+fn suppress_ids(logits: &Tensor, suppress: &[u32]) -> Result<Tensor> {
+    let Some(index) = index_of(suppress, logits.dim(0)?, logits.device())? else {
+        return Ok(logits.clone());
+    };
+    let minus_inf = Tensor::full(f32::NEG_INFINITY, index.dim(0)?, logits.device())?;
+    logits.scatter(&index, &minus_inf, 0)
 }
 
 #[cfg(test)]
@@ -165,6 +193,28 @@ mod tests {
         let mut s = Sampler::new(opts);
         for _ in 0..20 {
             assert_eq!(s.sample(&l, &[], &[])?, 0);
+        }
+        Ok(())
+    }
+
+    /// The penalty on the device gives exactly candle-transformers' host result, ids out of
+    /// the vocabulary and repeated ids included; suppression leaves the other ids untouched.
+    #[test]
+    fn device_penalty_and_suppression_match_the_host_versions() -> Result<()> {
+        let l = Tensor::randn(0f32, 3.0, 300, &Device::Cpu)?;
+        let history = [5u32, 17, 5, 299, 1000, 0, 42, 42];
+        let want = candle_transformers::utils::apply_repeat_penalty(&l, 1.05, &history)?;
+        let got = repeat_penalty(&l, 1.05, &history)?;
+        assert_eq!(got.to_vec1::<f32>()?, want.to_vec1::<f32>()?);
+
+        let suppressed = suppress_ids(&l, &[3, 3, 7, 5000])?.to_vec1::<f32>()?;
+        let before = l.to_vec1::<f32>()?;
+        for (i, (a, b)) in suppressed.iter().zip(&before).enumerate() {
+            if i == 3 || i == 7 {
+                assert_eq!(*a, f32::NEG_INFINITY);
+            } else {
+                assert_eq!(a, b);
+            }
         }
         Ok(())
     }

@@ -71,6 +71,9 @@ pub struct TimingMarks {
     pub first_codec_token_ms: Option<f64>,
     pub first_waveform_chunk_ms: Option<f64>,
     pub first_audio_frame_ms: Option<f64>,
+    /// Camera frames the Thinker encoded into the turn's context.
+    #[serde(default)]
+    pub video_frames: usize,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -89,6 +92,7 @@ impl From<&TurnTimings> for TimingMarks {
             first_codec_token_ms: t.first_codec_token.map(ms),
             first_waveform_chunk_ms: t.first_waveform_chunk.map(ms),
             first_audio_frame_ms: t.first_audio_frame.map(ms),
+            video_frames: t.video_frames_prefilled,
         }
     }
 }

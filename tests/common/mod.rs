@@ -1,7 +1,6 @@
 //! Shared helpers of the integration tests: the reference fixtures and tolerance checks.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -35,38 +34,32 @@ pub fn model_weights() -> candle_nn::VarBuilder<'static> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Every tensor of `cases.safetensors`; a missing file is a failure, never a skip.
+/// The fixture folder's tensors and spec (`omnicall::check::Fixtures`); a missing file or key
+/// is a failure naming it, never a skip.
 pub struct Cases {
-    tensors: HashMap<String, Tensor>,
-    path: PathBuf,
+    fixtures: omnicall::check::Fixtures,
 }
 
 impl Cases {
     pub fn load() -> Self {
-        let path = reference_dir().join("cases.safetensors");
-        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-            .unwrap_or_else(|e| panic!("cannot read fixtures {}: {e}", path.display()));
-        Self { tensors, path }
+        let fixtures =
+            omnicall::check::Fixtures::open(&reference_dir()).unwrap_or_else(|e| panic!("{e:#}"));
+        Self { fixtures }
     }
 
     /// A fixture tensor; panics naming the key and the file when it is missing.
     pub fn get(&self, key: &str) -> Tensor {
-        self.tensors
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture key {key} missing from {}", self.path.display()))
-            .clone()
+        self.fixtures.get(key).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn f32(&self, key: &str) -> Tensor {
-        self.get(key).to_dtype(DType::F32).unwrap()
+        self.fixtures.f32(key).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn i64_vec(&self, key: &str) -> Vec<i64> {
-        self.get(key)
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
+        self.fixtures
+            .i64_vec(key)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// The spec / notes of `cases.json`.
@@ -76,31 +69,14 @@ impl Cases {
     }
 }
 
-/// Max absolute difference of two tensors of the same shape (shapes are asserted).
-pub fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "shape mismatch");
-    (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Asserts `got` is within `atol` of `want` everywhere, naming what was compared.
+/// Asserts `got` is within `atol` of `want` everywhere and finite on both sides (the library's
+/// check: a NaN anywhere fails, the worst element is named), saying what was compared.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
-    assert_eq!(
-        got.dims(),
-        want.dims(),
-        "{what}: shape {:?} vs reference {:?}",
-        got.dims(),
-        want.dims()
-    );
-    let diff = max_abs_diff(got, want);
-    assert!(diff <= atol, "{what}: max abs diff {diff:e} > {atol:e}");
-    eprintln!("{what}: max abs diff {diff:e} (atol {atol:e})");
+    match omnicall::check::compare::check_close(got, want, atol) {
+        Ok(diff) => eprintln!(
+            "{what}: max abs diff {:e} (atol {atol:e})",
+            diff.max_abs_diff
+        ),
+        Err(e) => panic!("{what}: {e}"),
+    }
 }
