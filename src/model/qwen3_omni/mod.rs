@@ -9,9 +9,9 @@
 //! ConvNet speech decoder that needs no window of future codes.
 
 pub mod attention;
-pub mod code_predictor;
 pub mod code2wav;
 pub mod code2wav_transformer;
+pub mod code_predictor;
 pub mod config;
 pub mod moe;
 pub mod moe_decoder;
