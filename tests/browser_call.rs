@@ -250,6 +250,30 @@ struct PageCall {
     lines: Vec<String>,
 }
 
+/// The fake microphone's file: Chromium loops it, so the prompt is followed by enough silence for
+/// the end of turn and the answer to come before the prompt speaks again (the end-of-turn model of
+/// a debug build is slow on 2 cores, and its policy then waits its longest silence).
+fn prompt_with_room_for_the_answer() -> PathBuf {
+    const SILENCE_SECONDS: u32 = 8;
+    let mut reader = hound::WavReader::open(media("hello16k.wav")).unwrap();
+    let spec = reader.spec();
+    let mut samples: Vec<i16> = reader.samples::<i16>().map(|s| s.unwrap()).collect();
+    samples.extend(std::iter::repeat_n(
+        0,
+        (spec.sample_rate * SILENCE_SECONDS) as usize * spec.channels as usize,
+    ));
+    let path = std::env::temp_dir().join(format!(
+        "omnicall-browser-prompt-{}.wav",
+        std::process::id()
+    ));
+    let mut writer = hound::WavWriter::create(&path, spec).unwrap();
+    for s in samples {
+        writer.write_sample(s).unwrap();
+    }
+    writer.finalize().unwrap();
+    path
+}
+
 /// Serves calls made by `factory`, and has Chromium call it with the fake camera and
 /// microphone: answered turns, a screenshot while the next answer plays, hang up.
 async fn call_from_chromium(
@@ -274,7 +298,7 @@ async fn call_from_chromium(
     let shot = tokio::task::spawn_blocking(move || {
         let browser = Browser::launch(
             &page_url,
-            &media("hello16k.wav"),
+            &prompt_with_room_for_the_answer(),
             &media("testsrc_96x64.y4m"),
         );
         let page = Page::attach(&browser, &page_url);
@@ -364,6 +388,12 @@ async fn browser_call_plays_the_model_and_shows_the_transcript() {
         call.lines
     );
     assert!(call.stats["audioPacketsReceived"].as_u64().unwrap() > 100);
+    // the camera reached the Thinker: frames encoded into the answered turn's context
+    assert!(
+        call.stats["thinkerVideoFrames"].as_u64().unwrap() > 0,
+        "no camera frame reached the Thinker: {}",
+        call.stats
+    );
     eventually(Duration::from_secs(20), "the hung-up call to end", || {
         server.calls().is_empty()
     })

@@ -1,6 +1,7 @@
 //! WAV files in place of the microphone and the speaker: the file source's pieces and their
 //! times on the session clock, WAV reading, the file sink's placement of the model's voice, and
-//! a whole call whose output lines up sample for sample with its input.
+//! a whole call whose output lines up sample for sample with its input; echo handling asked of
+//! a call that cannot have an echo is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,8 @@ use omnicall::local::echo::SpeakerActivity;
 use omnicall::local::sink::{AudioSink, VoiceFrame, WavSink};
 use omnicall::local::source::{AudioSource, FileSource, MonoClip, SourceEvent, read_wav_mono};
 use omnicall::local::{
-    AnswerOutcome, AudioIn, AudioOut, LocalOptions, SessionFactory, StopCause, run_with_clock,
+    AnswerOutcome, AudioIn, AudioOut, CancellerConfig, DeviceChoice, EchoMode, EchoPathConfig,
+    LocalOptions, SessionFactory, StopCause, run_with_clock,
 };
 
 fn ms(v: u64) -> Duration {
@@ -408,4 +410,47 @@ fn a_call_on_the_wall_clock_plays_the_file_in_real_time_and_lines_up() {
         );
     }
     let _ = std::fs::remove_file(&output_path);
+}
+
+#[test]
+fn echo_handling_without_a_played_output_or_a_simulated_echo_on_a_microphone_is_refused() {
+    let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/media/utterance_short.wav");
+    let factory: SessionFactory =
+        Arc::new(|_, _| panic!("the call must fail before the session starts"));
+    let refused = |options: LocalOptions| {
+        let clock: Arc<dyn Clock> = Arc::new(SimulatedClock::new());
+        let err = run_with_clock(options, clock, factory.clone()).unwrap_err();
+        format!("{err:#}")
+    };
+    let path = "40,-12".parse::<EchoPathConfig>().unwrap();
+    let err = refused(LocalOptions {
+        input: AudioIn::File(input.clone()),
+        output: AudioOut::Discard,
+        simulate_echo: Some(path),
+        transcript: None,
+        ..Default::default()
+    });
+    assert!(
+        err.contains("needs an output that plays the model's voice"),
+        "{err}"
+    );
+    let err = refused(LocalOptions {
+        input: AudioIn::File(input),
+        output: AudioOut::Discard,
+        echo: EchoMode::Cancel(CancellerConfig::default()),
+        transcript: None,
+        ..Default::default()
+    });
+    assert!(err.contains("the echo canceller needs an output"), "{err}");
+    let err = refused(LocalOptions {
+        input: AudioIn::Microphone(DeviceChoice::Named("no such microphone".into())),
+        output: AudioOut::Discard,
+        simulate_echo: Some(path),
+        transcript: None,
+        ..Default::default()
+    });
+    assert!(
+        err.contains("a simulated echo needs an input file"),
+        "{err}"
+    );
 }

@@ -8,21 +8,38 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::{
-    AnswerOutcome, AudioIn, AudioOut, CameraChoice, CameraSettings, DEFAULT_OUTPUT_FILE_RATE,
-    DeviceChoice, EchoMode, GateConfig, LocalOptions, LocalSummary, SessionFactory, StopCause,
-    StopHandle, list_devices, run, stop_on_ctrl_c,
+    AnswerOutcome, AudioIn, AudioOut, CameraChoice, CameraSettings, CancellerConfig,
+    DEFAULT_OUTPUT_FILE_RATE, DeviceChoice, EchoMode, EchoPathConfig, GateConfig, LocalOptions,
+    LocalSummary, SessionFactory, StopCause, StopHandle, list_devices, microphone_hears_speaker,
+    run, stop_on_ctrl_c,
 };
 use crate::engine::session::{ReplyMode, SessionConfig};
+use crate::engine::turn::TurnTakingArgs;
 
 /// How the microphone is kept from hearing the model's own voice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EchoArg {
-    /// The half-duplex gate when both the microphone and the speaker are devices.
+    /// The echo canceller when the microphone hears the speaker (both are devices, or
+    /// --simulate-echo); nothing for files.
     Auto,
-    /// The half-duplex gate.
+    /// WebRTC's echo canceller (AEC3): talk over the model at a normal voice.
+    Aec,
+    /// The half-duplex gate: the microphone is muted while the model speaks, unless loud.
     Gate,
     /// Nothing (headphones).
     Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    fn on(self) -> bool {
+        self == Self::On
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -62,6 +79,22 @@ pub struct LocalArgs {
     /// Echo handling for a loudspeaker.
     #[arg(long, value_enum, default_value_t = EchoArg::Auto)]
     pub echo: EchoArg,
+    /// With the echo canceller: WebRTC's noise suppressor on the microphone.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub noise_suppression: Switch,
+    /// With the echo canceller: WebRTC's high-pass filter on the microphone.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub high_pass: Switch,
+    /// With --input-file: feed the model's voice, as played, back into the input as a
+    /// loudspeaker would, DELAY_MS late and GAIN_DB louder (0: as loud as played, -20: a tenth
+    /// of the amplitude), through a short room response.
+    #[arg(
+        long,
+        value_name = "DELAY_MS,GAIN_DB",
+        requires = "input_file",
+        allow_hyphen_values = true
+    )]
+    pub simulate_echo: Option<EchoPathConfig>,
     /// With the echo gate: the level (dBFS, RMS over 10 ms) from which speech over the model's
     /// voice passes and can barge in.
     #[arg(
@@ -71,6 +104,10 @@ pub struct LocalArgs {
         allow_negative_numbers = true
     )]
     pub barge_in_level: f32,
+    /// With the echo gate: how long after the model's voice stops the microphone stays gated
+    /// (the room's reverberation; longer covers pauses in the voice too).
+    #[arg(long, value_name = "MS", default_value_t = GateConfig::DEFAULT_TAIL.as_millis() as u64)]
+    pub gate_tail_ms: u64,
     /// The speaker's jitter buffer.
     #[arg(long, value_name = "MS", default_value_t = 60)]
     pub playback_buffer_ms: u64,
@@ -100,6 +137,8 @@ pub struct LocalArgs {
     /// Do not read typed messages from stdin (read by default when it is a terminal).
     #[arg(long)]
     pub no_keyboard: bool,
+    #[command(flatten)]
+    pub turn_taking: TurnTakingArgs,
 }
 
 fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
@@ -145,16 +184,22 @@ impl LocalArgs {
         };
         let gate = GateConfig {
             barge_in_level_dbfs: self.barge_in_level,
+            tail: Duration::from_millis(self.gate_tail_ms),
             ..GateConfig::default()
         };
-        gate.validate().context("--barge-in-level")?;
+        gate.validate()
+            .context("--barge-in-level / --gate-tail-ms")?;
+        let canceller = CancellerConfig {
+            noise_suppression: self.noise_suppression.on(),
+            high_pass: self.high_pass.on(),
+        };
+        let hears_speaker = microphone_hears_speaker(&input, &output, self.simulate_echo.is_some());
         let echo = match self.echo {
             EchoArg::Off => EchoMode::Off,
             EchoArg::Gate => EchoMode::HalfDuplex(gate),
-            EchoArg::Auto => match (&input, &output) {
-                (AudioIn::Microphone(_), AudioOut::Speaker(_)) => EchoMode::HalfDuplex(gate),
-                _ => EchoMode::Off,
-            },
+            EchoArg::Aec => EchoMode::Cancel(canceller),
+            EchoArg::Auto if hears_speaker => EchoMode::Cancel(canceller),
+            EchoArg::Auto => EchoMode::Off,
         };
         let (width, height) = parse_size(&self.camera_size)?;
         if !(self.camera_fps.is_finite() && self.camera_fps > 0.0 && self.camera_fps <= 60.0) {
@@ -164,7 +209,7 @@ impl LocalArgs {
             bail!("--max-answer-tokens must be > 0");
         }
         let defaults = SessionConfig::default();
-        let session = SessionConfig {
+        let mut session = SessionConfig {
             voice: self.voice.clone(),
             system_prompt: self
                 .system_prompt
@@ -179,6 +224,7 @@ impl LocalArgs {
             seed: self.seed,
             ..defaults
         };
+        self.turn_taking.apply(&mut session);
         Ok(LocalOptions {
             input,
             output,
@@ -189,6 +235,7 @@ impl LocalArgs {
                 send_fps: self.camera_fps,
             },
             echo,
+            simulate_echo: self.simulate_echo,
             session,
             playback_buffer: Duration::from_millis(self.playback_buffer_ms),
             verbose: self.verbose,
@@ -246,6 +293,17 @@ pub fn describe_summary(summary: &LocalSummary) -> String {
             gate.gated.as_secs_f64(),
             gate.passed_over_speaker.as_secs_f64()
         ));
+    }
+    if let Some((config, stats)) = &summary.echo_stage {
+        if let Some(path) = config.simulate {
+            text.push_str(&format!("simulated echo: {path}\n"));
+        }
+        if let Some(canceller) = stats.canceller {
+            text.push_str(&format!(
+                "echo canceller (AEC3): {canceller} after {:.1} s of microphone\n",
+                canceller.frames as f64 / 100.0
+            ));
+        }
     }
     if let Some(camera) = &summary.camera {
         text.push_str(&format!(
@@ -312,19 +370,59 @@ mod tests {
     }
 
     #[test]
-    fn devices_get_the_gate_with_the_level_asked_for() {
-        let args = parse(&["--mic", "USB", "--barge-in-level", "-24", "--camera", "0"]).unwrap();
+    fn devices_get_the_echo_canceller_and_the_gate_on_request() {
+        let args = parse(&["--mic", "USB", "--camera", "0"]).unwrap();
         let options = args.options().unwrap();
         assert_eq!(
             options.input,
             AudioIn::Microphone(DeviceChoice::Named("USB".into()))
         );
         assert_eq!(options.output, AudioOut::Speaker(DeviceChoice::Default));
-        let EchoMode::HalfDuplex(gate) = options.echo else {
-            panic!("{:?}", options.echo);
+        assert_eq!(options.echo, EchoMode::Cancel(CancellerConfig::default()));
+        assert_eq!(options.camera, CameraChoice::Index(0));
+        let args = parse(&["--echo", "gate", "--barge-in-level", "-24"]).unwrap();
+        let EchoMode::HalfDuplex(gate) = args.options().unwrap().echo else {
+            panic!("no gate");
         };
         assert_eq!(gate.barge_in_level_dbfs, -24.0);
-        assert_eq!(options.camera, CameraChoice::Index(0));
+        let args = parse(&["--noise-suppression", "off", "--high-pass", "off"]).unwrap();
+        assert_eq!(
+            args.options().unwrap().echo,
+            EchoMode::Cancel(CancellerConfig {
+                noise_suppression: false,
+                high_pass: false
+            })
+        );
+    }
+
+    #[test]
+    fn a_simulated_echo_on_a_file_gets_the_echo_canceller_unless_told_otherwise() {
+        let args = parse(&["--input-file", "in.wav", "--simulate-echo", "40,-12"]).unwrap();
+        let options = args.options().unwrap();
+        let path = options.simulate_echo.unwrap();
+        assert_eq!(path.delay, Duration::from_millis(40));
+        assert_eq!(path.gain_db, -12.0);
+        assert_eq!(options.echo, EchoMode::Cancel(CancellerConfig::default()));
+        let args = parse(&[
+            "--input-file",
+            "in.wav",
+            "--simulate-echo",
+            "40,-12",
+            "--echo",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(args.options().unwrap().echo, EchoMode::Off);
+        // a microphone hears the real speaker
+        assert!(parse(&["--simulate-echo", "40,-12"]).is_err());
+        let bad = |value: &str| {
+            parse(&["--input-file", "in.wav", "--simulate-echo", value])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("40").contains("DELAY_MS,GAIN_DB"), "{}", bad("40"));
+        assert!(bad("2000,0").contains("over 500 ms"), "{}", bad("2000,0"));
+        assert!(bad("40,20").contains("gain"), "{}", bad("40,20"));
     }
 
     #[test]
@@ -335,6 +433,7 @@ mod tests {
         assert!(bad(&["--camera-size", "640"]).contains("WIDTHxHEIGHT"));
         assert!(bad(&["--barge-in-level", "6"]).contains("barge-in-level"));
         assert!(bad(&["--answer-timeout", "0"]).contains("--answer-timeout"));
+        assert!(bad(&["--gate-tail-ms", "5000"]).contains("tail"));
         assert!(bad(&["--camera-fps", "0"]).contains("--camera-fps"));
     }
 }

@@ -22,6 +22,7 @@ use cpal::{FromSample, SampleFormat, SizedSample};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
 
 use super::echo::SpeakerActivity;
+use super::far_end::{FarEndReader, FarEndWriter, far_end_tap};
 use super::sink::{AudioSink, SinkStats, VoiceFrame};
 use super::source::{AudioPiece, AudioSource, SourceEvent, SourceStats, samples_to_duration};
 use crate::engine::clock::Clock;
@@ -339,8 +340,8 @@ impl InstantMap {
     }
 }
 
-/// Dates microphone pieces on the session clock: by the device's sample count (so that the
-/// pieces are back to back, as the session's input stage expects), slowly slewed toward the
+/// Dates microphone pieces (and what the speaker plays) on the session clock: by the device's
+/// sample count (so that the pieces are back to back, as the session's input stage expects), slowly slewed toward the
 /// capture times the callbacks report (the device clock drifts from the system clock), and
 /// reset when the two part by more than `JUMP` (the device stalled or lost audio).
 #[derive(Debug, Clone)]
@@ -860,6 +861,10 @@ struct SpeakerCallback {
     scratch: Vec<f32>,
     activity: Arc<SpeakerActivity>,
     map: InstantMap,
+    /// Everything played (voice and silence), dated back to back by the device's sample count.
+    far_end: FarEndWriter,
+    stamp: CaptureClock,
+    next_sample: u64,
 }
 
 impl SpeakerCallback {
@@ -874,10 +879,14 @@ impl SpeakerCallback {
         for (frame, &x) in data.chunks_exact_mut(self.channels).zip(&self.scratch) {
             frame.fill(T::from_sample(x));
         }
+        // the device's reported output latency dates what is played
+        let timestamp = info.timestamp();
+        let ahead = timestamp.playback.duration_since(timestamp.callback);
+        let start = self.map.session_time(Instant::now()) + ahead;
+        let played_at = self.stamp.stamp(self.next_sample, start);
+        self.next_sample += frames as u64;
+        self.far_end.write(played_at, &self.scratch[..frames]);
         if let Some((first, end)) = span {
-            let timestamp = info.timestamp();
-            let ahead = timestamp.playback.duration_since(timestamp.callback);
-            let start = self.map.session_time(Instant::now()) + ahead;
             let at = |k: usize| start + samples_to_duration(k as u64, self.rate);
             self.activity.record(at(first), at(end));
         }
@@ -912,6 +921,7 @@ pub struct SpeakerSink {
     /// The current answer, and its resampler from the voice's rate.
     turn: Option<u64>,
     resampler: Option<StreamResampler>,
+    far_end: Option<FarEndReader>,
     stats: SinkStats,
 }
 
@@ -940,6 +950,8 @@ impl SpeakerSink {
         let (queue, playout) =
             jitter_buffer((prebuffer.as_secs_f64() * rate as f64).round() as usize);
         let (error_tx, errors) = bounded(64);
+        // the callback writes ahead of the time it plays at: nothing to wait for
+        let (far_end_writer, far_end) = far_end_tap(rate, Duration::ZERO);
         let callback = SpeakerCallback {
             playout,
             channels,
@@ -947,6 +959,9 @@ impl SpeakerSink {
             scratch: Vec::with_capacity(POOL_CAPACITY),
             activity,
             map: InstantMap::now(clock),
+            far_end: far_end_writer,
+            stamp: CaptureClock::new(rate),
+            next_sample: 0,
         };
         let error_callback = move |e: cpal::Error| {
             let _ = error_tx.try_send(e);
@@ -1006,6 +1021,7 @@ impl SpeakerSink {
             errors,
             turn: None,
             resampler: None,
+            far_end: Some(far_end),
             stats: SinkStats::default(),
         })
     }
@@ -1104,6 +1120,10 @@ impl AudioSink for SpeakerSink {
             overflow: samples_to_duration(self.queue.overflow(), self.rate),
             ..self.stats
         }
+    }
+
+    fn take_far_end(&mut self) -> Option<FarEndReader> {
+        self.far_end.take()
     }
 }
 

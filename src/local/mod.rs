@@ -6,11 +6,12 @@
 //! the model's voice in 20 ms frames (to a [`sink::AudioSink`]), text and state (to the
 //! [`transcript::Transcript`]). A microphone and a WAV file are the same
 //! [`source::AudioSource`]; a speaker and a WAV file the same [`sink::AudioSink`], so files
-//! exercise the device path. A loudspeaker's echo is kept from barging in by the half-duplex
-//! gate ([`echo`]).
+//! exercise the device path. A loudspeaker's echo is kept from barging in by the echo canceller
+//! or the half-duplex gate ([`echo`]), which read what the sink plays through [`far_end`]; a
+//! file input can be given a simulated echo of it.
 //!
 //! Threads: the caller's thread runs the event loop (and owns the sink), a feeder thread moves
-//! audio from the source through the gate into the session, the camera has its own, and an
+//! audio from the source through the echo handling into the session, the camera has its own, and an
 //! optional keyboard thread reads typed messages. A file input ends the run once the file is
 //! over and the session is idle again (every turn answered or cut, nothing left to play).
 
@@ -18,6 +19,7 @@ pub mod camera;
 pub mod cli;
 pub mod device;
 pub mod echo;
+pub mod far_end;
 pub mod runner;
 pub mod sink;
 pub mod source;
@@ -31,10 +33,11 @@ use std::time::Duration;
 
 use crate::engine::clock::{Clock, SystemClock};
 use crate::engine::session::{SessionConfig, SessionHandle, TurnTimings};
+pub use crate::media::echo::{CancellerConfig, CancellerStats, EchoPathConfig};
 
 pub use camera::{CameraChoice, CameraInfo, CameraSettings};
 pub use device::{DeviceChoice, SoundDevices};
-pub use echo::{EchoMode, GateConfig, GateStats};
+pub use echo::{EchoMode, EchoStageConfig, EchoStageStats, GateConfig, GateStats};
 pub use runner::{AnswerOutcome, AnswerRecord, LocalSummary, StopCause, UserTurnRecord};
 pub use sink::SinkStats;
 pub use source::SourceStats;
@@ -63,6 +66,16 @@ pub enum AudioOut {
     },
     /// Nowhere (a transcript-only run).
     Discard,
+}
+
+/// Whether the microphone hears what the output plays: a microphone and a speaker (devices),
+/// or a simulated echo. `EchoMode::Auto` cancels the echo then.
+pub fn microphone_hears_speaker(input: &AudioIn, output: &AudioOut, simulated_echo: bool) -> bool {
+    simulated_echo
+        || matches!(
+            (input, output),
+            (AudioIn::Microphone(_), AudioOut::Speaker(_))
+        )
 }
 
 /// The rate of output files unless told otherwise: Qwen2.5-Omni speaks at 24 kHz; voice at
@@ -114,6 +127,9 @@ pub struct LocalOptions {
     pub camera: CameraChoice,
     pub camera_settings: CameraSettings,
     pub echo: EchoMode,
+    /// With a file input: the model's voice, as played, fed back into the input through a
+    /// simulated loudspeaker-to-microphone path.
+    pub simulate_echo: Option<EchoPathConfig>,
     pub session: SessionConfig,
     /// The speaker's jitter buffer: an answer starts playing once this much of it is queued.
     pub playback_buffer: Duration,
@@ -138,6 +154,7 @@ impl Default for LocalOptions {
             camera: CameraChoice::None,
             camera_settings: CameraSettings::default(),
             echo: EchoMode::Auto,
+            simulate_echo: None,
             session: SessionConfig::default(),
             playback_buffer: Duration::from_millis(60),
             verbose: false,
@@ -158,6 +175,7 @@ impl fmt::Debug for LocalOptions {
             .field("camera", &self.camera)
             .field("camera_settings", &self.camera_settings)
             .field("echo", &self.echo)
+            .field("simulate_echo", &self.simulate_echo)
             .field("session", &self.session)
             .field("playback_buffer", &self.playback_buffer)
             .field("verbose", &self.verbose)

@@ -11,7 +11,10 @@ use crossbeam_channel::{Receiver, Sender, select};
 
 use super::camera::CameraCapture;
 use super::device::{MicSource, SpeakerSink};
-use super::echo::{EchoMode, GateConfig, GateStats, HalfDuplexGate, SpeakerActivity};
+use super::echo::{
+    EchoMode, EchoStage, EchoStageConfig, EchoStageStats, GateStats, HalfDuplexGate,
+    SpeakerActivity,
+};
 use super::sink::{AudioSink, DiscardSink, SinkStats, VoiceFrame, VoicePlacer, WavSink};
 use super::source::{AudioSource, FileSource, SourceEvent, SourceStats, samples_to_duration};
 use super::transcript::Transcript;
@@ -21,6 +24,7 @@ use crate::engine::session::{
     AudioInput, Control, ReplyMode, SessionEvent, SessionHandle, TurnTimings,
 };
 use crate::engine::turn::TurnState;
+use crate::media::echo::CancellerConfig;
 
 /// Why a call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +97,8 @@ pub struct LocalSummary {
     pub sink: SinkStats,
     /// What the half-duplex gate did, when it was on.
     pub gate: Option<GateStats>,
+    /// The echo canceller's and the simulated echo's settings and what they did, when on.
+    pub echo_stage: Option<(EchoStageConfig, EchoStageStats)>,
     pub video_frames_sent: u64,
 }
 
@@ -106,6 +112,14 @@ enum FeederReport {
 struct FeederStats {
     source: SourceStats,
     gate: Option<GateStats>,
+    echo_stage: Option<EchoStageStats>,
+}
+
+/// What the feeder does to the microphone before the session hears it: the echo stage
+/// (simulated echo, echo canceller), then the gate.
+struct MicPath {
+    echo: Option<EchoStage>,
+    gate: Option<HalfDuplexGate>,
 }
 
 /// A typed line from the keyboard.
@@ -159,7 +173,7 @@ struct Feeder {
 
 fn spawn_feeder(
     mut source: Box<dyn AudioSource>,
-    mut gate: Option<HalfDuplexGate>,
+    mut mic: MicPath,
     activity: Arc<SpeakerActivity>,
     session: SessionHandle,
 ) -> anyhow::Result<Feeder> {
@@ -175,7 +189,7 @@ fn spawn_feeder(
             .spawn(move || {
                 feed(
                     &mut *source,
-                    gate.as_mut(),
+                    &mut mic,
                     &activity,
                     &session,
                     &stop,
@@ -194,7 +208,7 @@ fn spawn_feeder(
 
 fn feed(
     source: &mut dyn AudioSource,
-    mut gate: Option<&mut HalfDuplexGate>,
+    mic: &mut MicPath,
     activity: &SpeakerActivity,
     session: &SessionHandle,
     stop: &AtomicBool,
@@ -211,23 +225,36 @@ fn feed(
             }
         };
         match event {
-            SourceEvent::Audio(mut piece) => {
+            SourceEvent::Audio(piece) => {
                 if stop.load(Ordering::Acquire) {
                     return;
                 }
-                if let Some(gate) = gate.as_deref_mut() {
-                    gate.process(piece.at, piece.sample_rate, &mut piece.samples, activity);
-                }
-                let pushed = session.push_audio(AudioInput {
-                    at: piece.at,
-                    sample_rate: piece.sample_rate,
-                    samples: piece.samples,
-                });
-                if !pushed {
-                    let _ = reports.send(FeederReport::Failed(
-                        "the session stopped taking audio".into(),
-                    ));
-                    return;
+                let piece = match mic.echo.as_mut() {
+                    None => Some(piece),
+                    Some(echo) => match echo.process(piece) {
+                        Ok(processed) => processed,
+                        Err(e) => {
+                            let _ = reports.send(FeederReport::Failed(format!("echo: {e:#}")));
+                            return;
+                        }
+                    },
+                };
+                // (the canceller holds back audio short of a whole 10 ms frame)
+                if let Some(mut piece) = piece {
+                    if let Some(gate) = mic.gate.as_mut() {
+                        gate.process(piece.at, piece.sample_rate, &mut piece.samples, activity);
+                    }
+                    let pushed = session.push_audio(AudioInput {
+                        at: piece.at,
+                        sample_rate: piece.sample_rate,
+                        samples: piece.samples,
+                    });
+                    if !pushed {
+                        let _ = reports.send(FeederReport::Failed(
+                            "the session stopped taking audio".into(),
+                        ));
+                        return;
+                    }
                 }
             }
             SourceEvent::Nothing => {}
@@ -237,7 +264,8 @@ fn feed(
         }
         if let Ok(mut s) = stats.lock() {
             s.source = source.stats();
-            s.gate = gate.as_deref().map(HalfDuplexGate::stats);
+            s.gate = mic.gate.as_ref().map(HalfDuplexGate::stats);
+            s.echo_stage = mic.echo.as_ref().map(EchoStage::stats);
         }
     }
 }
@@ -340,6 +368,7 @@ impl Call {
             }
             SessionEvent::Timings(timings) => self.timings.push(timings),
             SessionEvent::Error(message) => self.session_errors.push(message),
+            SessionEvent::Paused { .. } | SessionEvent::Resumed { .. } => {}
         }
         Ok(())
     }
@@ -402,17 +431,52 @@ fn open_sink(
     })
 }
 
-/// The gate the options ask for: `Auto` gates a microphone playing against a speaker.
-fn echo_gate(options: &LocalOptions) -> anyhow::Result<Option<HalfDuplexGate>> {
-    let config = match &options.echo {
-        EchoMode::Off => return Ok(None),
-        EchoMode::HalfDuplex(config) => config.clone(),
-        EchoMode::Auto => match (&options.input, &options.output) {
-            (AudioIn::Microphone(_), AudioOut::Speaker(_)) => GateConfig::default(),
-            _ => return Ok(None),
-        },
+/// The echo handling the options ask for: the gate, the canceller's settings. `Auto` cancels
+/// the echo when the microphone hears the speaker (both are devices, or the echo is
+/// simulated).
+fn echo_handling(
+    options: &LocalOptions,
+) -> anyhow::Result<(Option<HalfDuplexGate>, Option<CancellerConfig>)> {
+    let hears_speaker = super::microphone_hears_speaker(
+        &options.input,
+        &options.output,
+        options.simulate_echo.is_some(),
+    );
+    Ok(match &options.echo {
+        EchoMode::Off => (None, None),
+        EchoMode::HalfDuplex(config) => (
+            Some(HalfDuplexGate::new(config.clone()).context("echo gate")?),
+            None,
+        ),
+        EchoMode::Cancel(config) => (None, Some(*config)),
+        EchoMode::Auto if hears_speaker => (None, Some(CancellerConfig::default())),
+        EchoMode::Auto => (None, None),
+    })
+}
+
+/// The echo stage the options ask for, reading what `sink` plays.
+fn echo_stage(
+    options: &LocalOptions,
+    cancel: Option<CancellerConfig>,
+    sink: &mut dyn AudioSink,
+    clock: &Arc<dyn Clock>,
+) -> anyhow::Result<Option<EchoStage>> {
+    let config = EchoStageConfig {
+        cancel,
+        simulate: options.simulate_echo,
     };
-    Ok(Some(HalfDuplexGate::new(config).context("echo gate")?))
+    let what = match (&config.cancel, &config.simulate) {
+        (None, None) => return Ok(None),
+        (Some(_), _) => "the echo canceller",
+        (None, Some(_)) => "a simulated echo",
+    };
+    let far_end = sink.take_far_end().with_context(|| {
+        format!(
+            "{what} needs an output that plays the model's voice (a speaker or --output-file),              not {}",
+            sink.describe()
+        )
+    })?;
+    Ok(Some(EchoStage::new(config, far_end, clock.clone())?))
 }
 
 fn check_options(options: &LocalOptions) -> anyhow::Result<()> {
@@ -427,6 +491,12 @@ fn check_options(options: &LocalOptions) -> anyhow::Result<()> {
     }
     if options.max_duration.is_some_and(|d| d.is_zero()) {
         bail!("the maximum duration must be > 0");
+    }
+    if options.simulate_echo.is_some() && !matches!(options.input, AudioIn::File(_)) {
+        bail!(
+            "a simulated echo needs an input file (--input-file): a microphone hears the real \
+             speaker"
+        );
     }
     if let Some(path) = options.camera.path()
         && !path.exists()
@@ -451,10 +521,12 @@ pub fn run_with_clock(
     factory: SessionFactory,
 ) -> anyhow::Result<LocalSummary> {
     check_options(&options)?;
-    let gate = echo_gate(&options)?;
+    let (gate, cancel) = echo_handling(&options)?;
     let activity = Arc::new(SpeakerActivity::new());
     let source = open_source(&options, &clock)?;
-    let sink = open_sink(&options, &clock, &activity)?;
+    let mut sink = open_sink(&options, &clock, &activity)?;
+    let echo = echo_stage(&options, cancel, &mut *sink, &clock)?;
+    let mic = MicPath { echo, gate };
     let input = source.describe();
     let output = sink.describe();
     let transcript = Transcript::new(
@@ -479,7 +551,7 @@ pub fn run_with_clock(
         timings: Vec::new(),
         session_errors: Vec::new(),
     };
-    let result = converse(&mut call, &options, source, gate, activity);
+    let result = converse(&mut call, &options, source, mic, activity);
     // whatever happened, the session is closed and the output file is finished
     session.close();
     let ended_at = clock.now();
@@ -503,7 +575,7 @@ fn converse(
     call: &mut Call,
     options: &LocalOptions,
     mut source: Box<dyn AudioSource>,
-    gate: Option<HalfDuplexGate>,
+    mic: MicPath,
     activity: Arc<SpeakerActivity>,
 ) -> anyhow::Result<LocalSummary> {
     const TICK: Duration = Duration::from_millis(10);
@@ -514,7 +586,7 @@ fn converse(
         .note(origin, &format!("input: {}", source.describe()));
     call.transcript
         .note(origin, &format!("output: {}", call.sink.describe()));
-    if let Some(gate) = &gate {
+    if let Some(gate) = &mic.gate {
         call.transcript.note(
             origin,
             &format!(
@@ -523,9 +595,30 @@ fn converse(
             ),
         );
     }
+    let echo_config = mic.echo.as_ref().map(|echo| echo.config().clone());
+    if let Some(config) = &echo_config {
+        if let Some(path) = config.simulate {
+            call.transcript.note(
+                origin,
+                &format!(
+                    "simulated echo: the model's voice as played, {path}, through a short room \
+                     response, added to the input"
+                ),
+            );
+        }
+        if let Some(cancel) = config.cancel {
+            call.transcript.note(
+                origin,
+                &format!("echo: WebRTC AEC3 echo canceller ({cancel})"),
+            );
+        }
+    }
+    if echo_config.is_none() && mic.gate.is_none() {
+        call.transcript.note(origin, "echo: no echo handling");
+    }
     call.sink.start(origin)?;
     source.start(origin)?;
-    let feeder = spawn_feeder(source, gate, activity, call.session.clone())?;
+    let feeder = spawn_feeder(source, mic, activity, call.session.clone())?;
     let stop_feeder = StopOnDrop(feeder.stop.clone());
     let camera = match options.camera.path() {
         Some(_) => {
@@ -551,9 +644,11 @@ fn converse(
     };
     // Long enough for the input stage to hear the end of the file's last turn: its end-of-turn
     // silence, plus the VAD's hangover and the input's wait for late audio.
-    let settle = options.session.turn.end_of_turn_silence + Duration::from_secs(1);
+    let settle = options.session.turn.longest_silence() + Duration::from_secs(1);
     let events = call.session.events.clone();
     let mut input_ended: Option<Duration> = None;
+    // the canceller's state goes into a verbose transcript once a second
+    let mut next_echo_report = origin + ECHO_REPORT_EVERY;
     let stopped = loop {
         select! {
             recv(events) -> event => match event {
@@ -579,6 +674,14 @@ fn converse(
             bail!("{failure}");
         }
         let now = clock.now();
+        if options.verbose && now >= next_echo_report {
+            next_echo_report = now + ECHO_REPORT_EVERY;
+            let stats = feeder.stats.lock().ok().and_then(|s| s.echo_stage);
+            if let Some(canceller) = stats.and_then(|s| s.canceller) {
+                call.transcript
+                    .note(now, &format!("echo canceller: {canceller}"));
+            }
+        }
         if options.stop.is_stopped() {
             break StopCause::Requested;
         }
@@ -622,9 +725,13 @@ fn converse(
         source: feeder_stats.source,
         sink: SinkStats::default(),
         gate: feeder_stats.gate,
+        echo_stage: echo_config.zip(feeder_stats.echo_stage),
         video_frames_sent: camera.as_ref().map_or(0, CameraCapture::frames_sent),
     })
 }
+
+/// How often a verbose transcript shows the echo canceller's state.
+const ECHO_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// Stops the feeder when the event loop ends, on every path.
 struct StopOnDrop(Arc<AtomicBool>);

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::echo::SpeakerActivity;
+use super::far_end::{FarEndReader, FarEndWriter, far_end_tap};
 use super::source::samples_to_duration;
 use crate::media::resample::{MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, StreamResampler};
 
@@ -57,6 +58,11 @@ pub trait AudioSink {
     /// Ends the output at session time `end`.
     fn finish(&mut self, end: Duration) -> anyhow::Result<()>;
     fn stats(&self) -> SinkStats;
+    /// The reading end of what this sink plays, for the echo canceller or a simulated echo
+    /// (once; `None` for a sink that plays nothing).
+    fn take_far_end(&mut self) -> Option<FarEndReader> {
+        None
+    }
 }
 
 /// Dates the frames of the session's voice on the session clock. The session releases the
@@ -118,6 +124,9 @@ pub struct WavSink {
     written: u64,
     run: Option<Run>,
     activity: Arc<SpeakerActivity>,
+    /// Every voice sample written, at its time (the silence between is the timeline's default).
+    far_end: FarEndWriter,
+    far_end_reader: Option<FarEndReader>,
     stats: SinkStats,
 }
 
@@ -148,6 +157,8 @@ impl WavSink {
         };
         let writer = hound::WavWriter::create(path, spec)
             .with_context(|| format!("cannot create the output WAV file {}", path.display()))?;
+        // a frame is placed up to the placer's jitter before it arrives
+        let (far_end, far_end_reader) = far_end_tap(rate, VoicePlacer::JITTER);
         Ok(Self {
             path: path.to_path_buf(),
             writer: Some(writer),
@@ -156,6 +167,8 @@ impl WavSink {
             written: 0,
             run: None,
             activity,
+            far_end,
+            far_end_reader: Some(far_end_reader),
             stats: SinkStats::default(),
         })
     }
@@ -185,6 +198,8 @@ impl WavSink {
             self.written += 1;
         }
         let skip = (self.written - at).min(samples.len() as u64) as usize;
+        let played_at = self.origin + samples_to_duration(self.written, self.rate);
+        self.far_end.write(played_at, &samples[skip..]);
         for &x in &samples[skip..] {
             writer.write_sample((x.clamp(-1.0, 1.0) * 32767.0).round() as i16)?;
         }
@@ -296,6 +311,10 @@ impl AudioSink for WavSink {
 
     fn stats(&self) -> SinkStats {
         self.stats
+    }
+
+    fn take_far_end(&mut self) -> Option<FarEndReader> {
+        self.far_end_reader.take()
     }
 }
 

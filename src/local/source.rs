@@ -65,6 +65,11 @@ pub(crate) fn samples_to_duration(samples: u64, rate: u32) -> Duration {
     Duration::from_nanos((samples as u128 * 1_000_000_000 / rate.max(1) as u128) as u64)
 }
 
+/// The index of the sample at `t` in a stream at `rate` that starts at time zero (rounded).
+pub(crate) fn duration_to_samples(t: Duration, rate: u32) -> u64 {
+    ((t.as_nanos() * rate as u128 + 500_000_000) / 1_000_000_000) as u64
+}
+
 /// A WAV file read whole as mono (channels averaged) at its own rate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MonoClip {
