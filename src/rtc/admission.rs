@@ -2,12 +2,13 @@
 //! refuses the offer that would push the calls in progress past real time.
 //!
 //! The cost is measured, not configured: a [`LoadMeter`] samples the process's CPU time every
-//! second ([`ProcessUsage`]), and the busy cores over the last [`LoadMeter::WINDOW`] divided by
-//! the calls that ran through it is the cost of one call. The rule ([`decide`]) admits a call
-//! when the busy cores plus one call's cost (and that of every call admitted too recently to
-//! show in the measurement yet) stay within the budget, `cores × max_load`. Until a first cost
-//! is known, calls are admitted one at a time, each once the one before has been measured.
-//! `max_calls` stays an upper bound either way.
+//! second ([`ProcessUsage`]), and the busy cores over a [`LoadMeter::WINDOW`] in which the same
+//! calls ran throughout, divided by their number, is the cost of one call (averaged over such
+//! windows). The rule ([`decide`]) admits a call when the calls running plus the new one, each
+//! at that cost, stay within the budget, `cores × max_load`. (The busy cores of the last window
+//! are not the projection's base: they lag, still counting a call that just ended.) Until a
+//! first cost is known, calls are admitted one at a time, each once the one before has been
+//! measured. `max_calls` stays an upper bound either way.
 //!
 //! Whatever else runs on the machine is not in the process's CPU time: on a shared machine,
 //! give the server fewer cores (`--capacity-cores`) than the machine has.
@@ -165,16 +166,15 @@ pub fn decide(
         }
         return Ok(());
     };
-    let projected = load.busy_cores + cost * (load.unmeasured_calls + 1) as f64;
+    let projected = cost * (load.calls + 1) as f64;
     if projected > capacity.budget() {
         return Err(Refusal {
             reason: RefusalReason::Capacity,
             message: format!(
-                "the server is at capacity: {} calls keep {:.2} of its {:.2} cores busy and one \
-                 more needs about {cost:.2}, which would put the calls in progress behind real \
-                 time; try again later",
+                "the server is at capacity: {} calls at {cost:.2} cores each, and one more, \
+                 need {projected:.2} of its {:.2} cores, which would put the calls in progress \
+                 behind real time; try again later",
                 load.calls,
-                load.busy_cores,
                 capacity.budget()
             ),
             retry_after: RETRY_AFTER,
@@ -233,7 +233,9 @@ impl LoadMeter {
             && n > 0
             && s.admitted.is_empty()
         {
-            s.call_cost = Some(busy / n as f64);
+            let cost = busy / n as f64;
+            // one window is noisy (a prefill, a vocoder burst): average them
+            s.call_cost = Some(s.call_cost.map_or(cost, |c| 0.5 * c + 0.5 * cost));
         }
     }
 
@@ -295,7 +297,7 @@ mod tests {
 
     #[test]
     fn a_call_that_would_not_fit_is_refused() {
-        // measured: 3 calls keep 1.2 cores busy, 0.4 a call; budget 1.7
+        // measured: 0.4 cores a call; budget 1.7: a fourth call fits (1.6), a fifth not (2.0)
         let load = LoadEstimate {
             busy_cores: 1.2,
             call_cost: Some(0.4),
@@ -303,30 +305,23 @@ mod tests {
             unmeasured_calls: 0,
         };
         assert_eq!(decide(&load, Some(&two_cores()), 16), Ok(()));
-        let fuller = LoadEstimate {
-            busy_cores: 1.6,
-            calls: 4,
+        // the lagging busy cores of a call that just ended do not count
+        let after_a_hang_up = LoadEstimate {
+            busy_cores: 1.69,
             ..load
         };
+        assert_eq!(decide(&after_a_hang_up, Some(&two_cores()), 16), Ok(()));
+        let fuller = LoadEstimate { calls: 4, ..load };
         let refusal = decide(&fuller, Some(&two_cores()), 16).unwrap_err();
         assert_eq!(refusal.reason, RefusalReason::Capacity);
         assert!(
             refusal
                 .message
-                .contains("4 calls keep 1.60 of its 1.70 cores"),
+                .contains("4 calls at 0.40 cores each, and one more, need 2.00 of its 1.70 cores"),
             "{}",
             refusal.message
         );
         assert_eq!(refusal.retry_after, RETRY_AFTER);
-        // a call admitted a moment ago counts at the learned cost before it shows in the load
-        let pending = LoadEstimate {
-            unmeasured_calls: 1,
-            ..load
-        };
-        assert_eq!(
-            decide(&pending, Some(&two_cores()), 16).unwrap_err().reason,
-            RefusalReason::Capacity
-        );
     }
 
     #[test]
