@@ -11,6 +11,11 @@
 #   --turns N          measured turns (default 5)
 #   --warmup N         turns before them, left out of the figures (default 1)
 #   --barge-in-at S    start the next prompt S seconds into each answer; measure how fast it stops
+#   --set KIND         prompts from the spoken turn set (tests/fixtures/turn/set/KIND_*.wav: complete,
+#                      pause) instead of scripts/make_prompts.sh; false cut-offs are counted per turn
+#   --over KIND        with --barge-in-at: speak the set's KIND clips (backchannel, interruption) over
+#                      the answers; the summary counts the answers resumed and cut, and the pause
+#                      latency (onset to the server's pause) and the silence after the onset
 #   --video FILE       also stream a Y4M or MP4 (H.264) file as the camera
 #   --out DIR          where the results go (default target/latency)
 #   --port P           server port on 127.0.0.1 (default 8089)
@@ -32,6 +37,8 @@ out=target/latency
 port=8089
 profile=dev
 serve_extra=()
+set_kind=
+over_kind=
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model=(--model "${2:?--model needs a value}"); shift 2 ;;
@@ -44,7 +51,9 @@ while [ $# -gt 0 ]; do
     --port) port=${2:?}; shift 2 ;;
     --release) profile=release; shift ;;
     --) shift; serve_extra=("$@"); break ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --set) set_kind=${2:?--set needs complete or pause}; shift 2 ;;
+    --over) over_kind=${2:?--over needs backchannel or interruption}; shift 2 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "latency: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -62,9 +71,21 @@ else
 fi
 
 mkdir -p "$out"
-mapfile -t prompts < <(scripts/make_prompts.sh "$out/prompts")
+turn_set=tests/fixtures/turn/set
+if [ -n "$set_kind" ]; then
+  prompts=("$turn_set/$set_kind"_*.wav)
+  [ -e "${prompts[0]}" ] || { echo "latency: no $turn_set/${set_kind}_*.wav" >&2; exit 1; }
+else
+  mapfile -t prompts < <(scripts/make_prompts.sh "$out/prompts")
+fi
 prompt_args=()
 for p in "${prompts[@]}"; do prompt_args+=(--prompt "$p"); done
+if [ -n "$over_kind" ]; then
+  [ ${#barge_in[@]} -gt 0 ] || { echo "latency: --over needs --barge-in-at" >&2; exit 2; }
+  over=("$turn_set/$over_kind"_*.wav)
+  [ -e "${over[0]}" ] || { echo "latency: no $turn_set/${over_kind}_*.wav" >&2; exit 1; }
+  for p in "${over[@]}"; do prompt_args+=(--over "$p"); done
+fi
 
 url="http://127.0.0.1:$port"
 if curl -sf -o /dev/null "$url/v1/info"; then

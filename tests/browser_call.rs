@@ -364,6 +364,12 @@ async fn browser_call_plays_the_model_and_shows_the_transcript() {
         call.lines
     );
     assert!(call.stats["audioPacketsReceived"].as_u64().unwrap() > 100);
+    // the camera reached the Thinker: frames encoded into the answered turn's context
+    assert!(
+        call.stats["thinkerVideoFrames"].as_u64().unwrap() > 0,
+        "no camera frame reached the Thinker: {}",
+        call.stats
+    );
     eventually(Duration::from_secs(20), "the hung-up call to end", || {
         server.calls().is_empty()
     })

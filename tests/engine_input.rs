@@ -14,8 +14,9 @@ use omnicall::engine::input::{
     InputBlock, InputConfig, InputError, InputEvent, InputStage, StopReason,
 };
 use omnicall::engine::session::{AudioInput, SessionConfig, VideoInput};
-use omnicall::engine::turn::TurnState;
+use omnicall::engine::turn::{TurnDetection, TurnState};
 use omnicall::media::resample::resample;
+use omnicall::media::vad::VadConfig;
 use omnicall::model::config::{Config, ProcessorConfig};
 
 const MIC_RATE: u32 = 48_000;
@@ -41,8 +42,13 @@ fn block_config() -> BlockConfig {
     .unwrap()
 }
 
+/// The stage's mechanics under the silence rule and WebRTC's VAD, which these recordings'
+/// timings were set for (the end-of-turn model is the session's: `tests/engine_session.rs`).
 fn input_config() -> InputConfig {
-    InputConfig::new(block_config(), &SessionConfig::default())
+    let mut config = InputConfig::new(block_config(), &SessionConfig::default());
+    config.turn.detection = TurnDetection::Silence;
+    config.vad = VadConfig::webrtc();
+    config
 }
 
 /// A 16 kHz test recording.
@@ -653,7 +659,7 @@ fn run_disturbed(disturb: bool) -> Call {
         for (at, chunk) in order {
             call.audio(*at, MIC_RATE, chunk);
         }
-        if disturb && end == ms(2400) {
+        if disturb && end == ms(4400) {
             // a burst of stale frames from a reconnecting camera, and a re-sent piece
             for j in 0..40u64 {
                 call.video(ms(100 + j));
@@ -708,7 +714,7 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
     call.record(audible);
     assert_eq!(call.stage.state(), TurnState::Speaking);
 
-    // a cough while the model speaks is not a barge-in
+    // a cough while the model speaks is not a barge-in: the answer pauses, then resumes
     let mut cough = load("cough.wav");
     cough.extend(silence(16_000, ms(800)));
     let at = call.stream(at, MIC_RATE, &to_mic(&cough), 0.0);
@@ -717,6 +723,17 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
         !call
             .events()
             .any(|e| matches!(e, InputEvent::StopAnswer { .. }))
+    );
+    let paused = call
+        .events()
+        .position(|e| matches!(e, InputEvent::AnswerPaused { turn: Some(t), .. } if *t == turn));
+    let resumed = call
+        .events()
+        .position(|e| matches!(e, InputEvent::AnswerResumed { turn: Some(t), .. } if *t == turn));
+    assert!(paused.expect("paused") < resumed.expect("resumed"));
+    assert_eq!(
+        (call.stage.stats().pauses, call.stage.stats().resumes),
+        (1, 1)
     );
 
     // the user talks over the answer
@@ -747,6 +764,16 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
             _ => None,
         })
         .expect("speech detected");
+    let (pause, pause_clock) = new
+        .iter()
+        .find_map(|l| match l.event {
+            InputEvent::AnswerPaused { turn: paused, at } => {
+                assert_eq!(paused, Some(turn));
+                Some((at, l.clock))
+            }
+            _ => None,
+        })
+        .expect("paused");
     let (stop, stop_clock, stop_index) = new
         .iter()
         .enumerate()
@@ -764,9 +791,11 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
         })
         .expect("barge-in");
     assert!(speech_at >= onset - ms(40) && speech_at <= onset + ms(80));
-    // the VAD onset decision: the frame where the speech run reached barge_in_onset
-    assert_eq!(stop, speech_at + turn_config.barge_in_onset);
-    // stopped by the push that completed that frame: within one frame of the decision, plus
+    // paused at the VAD onset decision (the end of its first speech frame); stopped once the
+    // speech over it reached barge_in_speech
+    assert_eq!(pause, speech_at + vad_frame);
+    assert!(stop >= speech_at + turn_config.interruption.barge_in_speech);
+    // paused by the push that completed that frame: within one frame of the decision, plus
     // the resampler's lag behind the clock
     let lag = positions
         .iter()
@@ -777,9 +806,10 @@ fn speech_over_the_answer_stops_it_within_a_frame() {
         .unwrap();
     assert!(lag <= ms(40), "resampler lag {lag:?}");
     assert!(
-        stop_clock <= stop + vad_frame + lag,
-        "stop out at {stop_clock:?}, decided at {stop:?}"
+        pause_clock <= pause + vad_frame + lag,
+        "pause out at {pause_clock:?}, decided at {pause:?}"
     );
+    assert!(stop_clock <= stop + vad_frame + lag);
     assert!(matches!(
         new[stop_index + 1].event,
         InputEvent::TurnStarted { .. }

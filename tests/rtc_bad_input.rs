@@ -201,71 +201,6 @@ async fn bad_offers_are_refused_with_the_reason() {
 }
 
 /// Waits for an `error` message containing `needle`.
-async fn expect_error(call: &mut CallClient, needle: &str) -> String {
-    let msg = call
-        .wait_for_message(
-            T,
-            |m| matches!(m, ServerMessage::Error { message } if message.contains(needle)),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("no error mentioning {needle:?}: {e}"));
-    let ServerMessage::Error { message } = msg.message else {
-        unreachable!()
-    };
-    message
-}
-
-/// An H.264 sequence parameter set (Baseline) declaring `width` x `height`.
-fn sps(width: u32, height: u32) -> Vec<u8> {
-    let mut bits: Vec<bool> = vec![];
-    let mut put = |value: u32, n: u32| {
-        for i in (0..n).rev() {
-            bits.push((value >> i) & 1 == 1);
-        }
-    };
-    let ue = |put: &mut dyn FnMut(u32, u32), v: u32| {
-        let x = v + 1;
-        let len = 32 - x.leading_zeros();
-        put(0, len - 1);
-        put(x, len);
-    };
-    put(66, 8); // profile_idc
-    put(0xc0, 8); // constraint flags
-    put(31, 8); // level
-    ue(&mut put, 0); // seq_parameter_set_id
-    ue(&mut put, 0); // log2_max_frame_num_minus4
-    ue(&mut put, 0); // pic_order_cnt_type
-    ue(&mut put, 0); // log2_max_pic_order_cnt_lsb_minus4
-    ue(&mut put, 1); // max_num_ref_frames
-    put(0, 1); // gaps_in_frame_num_value_allowed_flag
-    ue(&mut put, width / 16 - 1);
-    ue(&mut put, height / 16 - 1);
-    put(1, 1); // frame_mbs_only_flag
-    put(1, 1); // direct_8x8_inference_flag
-    put(0, 1); // frame_cropping_flag
-    put(0, 1); // vui_parameters_present_flag
-    put(1, 1); // rbsp stop bit
-    while !bits.len().is_multiple_of(8) {
-        bits.push(false);
-    }
-    let rbsp: Vec<u8> = bits
-        .chunks(8)
-        .map(|b| b.iter().fold(0u8, |acc, &bit| (acc << 1) | bit as u8))
-        .collect();
-    // NAL header, then the payload with emulation prevention
-    let mut nal = vec![0x67];
-    let mut zeros = 0;
-    for b in rbsp {
-        if zeros >= 2 && b <= 3 {
-            nal.push(3);
-            zeros = 0;
-        }
-        zeros = if b == 0 { zeros + 1 } else { 0 };
-        nal.push(b);
-    }
-    nal
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_media_is_dropped_while_a_healthy_call_goes_on() {
     init_tracing();
@@ -302,7 +237,7 @@ async fn garbage_media_is_dropped_while_a_healthy_call_goes_on() {
             .await
             .unwrap();
     }
-    let e = expect_error(&mut vp8, "invalid opus packet").await;
+    let e = expect_error(T, &mut vp8, "invalid opus packet").await;
     assert!(e.starts_with("audio: "), "{e}");
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     // a payload descriptor that runs past its end
@@ -310,7 +245,7 @@ async fn garbage_media_is_dropped_while_a_healthy_call_goes_on() {
         .send_raw_video_payload(&[0x90, 0x80, 0x80], true, 3_000)
         .await
         .unwrap();
-    expect_error(&mut vp8, "bad VP8 RTP payload").await;
+    expect_error(T, &mut vp8, "bad VP8 RTP payload").await;
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     // a key frame header declaring 16000x16000 pixels
     let mut huge = vec![0x50, 0x02, 0x00, 0x9d, 0x01, 0x2a];
@@ -321,12 +256,12 @@ async fn garbage_media_is_dropped_while_a_healthy_call_goes_on() {
         .send_video_frame(&huge, Duration::from_millis(33))
         .await
         .unwrap();
-    let e = expect_error(&mut vp8, "exceeds the limit").await;
+    let e = expect_error(T, &mut vp8, "exceeds the limit").await;
     assert!(e.contains("VP8 frame of 16000x16000"), "{e}");
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     // garbage on the data channel
     vp8.send_text("{not json").await.unwrap();
-    expect_error(&mut vp8, "bad control message").await;
+    expect_error(T, &mut vp8, "bad control message").await;
     // after all that, real media on the same call still goes through
     let ivf = read_ivf(media("testsrc_96x64.ivf")).unwrap();
     let mut enc = OpusEncoder::new(48_000).unwrap();
@@ -350,7 +285,7 @@ async fn garbage_media_is_dropped_while_a_healthy_call_goes_on() {
         .await
         .unwrap();
     let mut au = vec![0, 0, 0, 1];
-    au.extend(sps(8192, 8192));
+    au.extend(h264_sps(8192, 8192));
     au.extend([
         0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80, 0, 0, 0, 1, 0x65, 0x88, 0x84, 0x21,
     ]);
@@ -358,14 +293,14 @@ async fn garbage_media_is_dropped_while_a_healthy_call_goes_on() {
         .send_video_frame(&au, Duration::from_millis(33))
         .await
         .unwrap();
-    let e = expect_error(&mut h264, "exceeds the limit").await;
+    let e = expect_error(T, &mut h264, "exceeds the limit").await;
     assert!(e.contains("H.264 frame of 8192x8192"), "{e}");
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     h264.media()
         .send_raw_video_payload(&[0x78, 0x00, 0x09, 0x41], true, 3_000)
         .await
         .unwrap();
-    expect_error(&mut h264, "STAP-A").await;
+    expect_error(T, &mut h264, "STAP-A").await;
 
     // the healthy call never noticed
     talk.await.unwrap();

@@ -437,16 +437,6 @@ async fn calls_run_side_by_side_up_to_the_limit() {
     .await;
 }
 
-/// Threads the transport started for these calls (named `oc-..-{first 8 of the id}`).
-fn call_threads(ids: &[&str]) -> Vec<String> {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_string())
-        .filter(|name| name.starts_with("oc-") && ids.iter().any(|id| name.ends_with(&id[..8])))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_guards_the_call_endpoints() {
     init_tracing();

@@ -16,6 +16,8 @@ const stats = {
   userTurns: 0,
   assistantTextDeltas: 0,
   assistantText: "",
+  pauses: 0,
+  resumes: 0,
   errors: [],
   micLevel: 0,
   maxMicLevel: 0,
@@ -27,6 +29,8 @@ const stats = {
   audioLevel: 0,
   videoFramesSent: 0,
   videoCodec: null,
+  // Camera frames the Thinker took into the context, for the last turn with timings.
+  thinkerVideoFrames: 0,
   turnLatencies: [],
 };
 window.omnicallStats = stats;
@@ -203,9 +207,27 @@ function onMessage(raw) {
       }
       break;
     }
+    case "paused": {
+      // speech over the answer: its voice stops while the server tells a barge-in from a
+      // backchannel
+      const s = $("model-state");
+      s.textContent = "paused";
+      s.className = "model-state paused";
+      stats.pauses += 1;
+      break;
+    }
+    case "resumed": {
+      const s = $("model-state");
+      const state = stats.modelState || "speaking";
+      s.textContent = state.replace("_", " ");
+      s.className = "model-state " + state;
+      stats.resumes += 1;
+      break;
+    }
     case "answer_done":
       break;
     case "timings":
+      stats.thinkerVideoFrames = msg.video_frames || 0;
       turnOf(msg.turn).timings = msg;
       renderLatency(msg.turn);
       break;

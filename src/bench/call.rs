@@ -106,6 +106,11 @@ pub struct CallArgs {
     /// answer stops.
     #[arg(long)]
     pub barge_in_at: Option<f64>,
+    /// With --barge-in-at: speak this (WAV; repeat the flag for several, used in turn) over
+    /// each answer instead of the next prompt: a backchannel the answer should survive
+    /// (`resumed`) or an interruption that should cut it (`cut`).
+    #[arg(long = "over", requires = "barge_in_at")]
+    pub over: Vec<PathBuf>,
     /// Bearer token of the server.
     #[arg(long)]
     pub token: Option<String>,
@@ -163,6 +168,8 @@ pub struct CallBenchOptions {
     pub turns: usize,
     pub warmup: usize,
     pub barge_in_at: Option<Duration>,
+    /// Spoken over the answers (with `barge_in_at`) in place of the next prompt.
+    pub over: Vec<PathBuf>,
     pub gap: Duration,
     pub answer_timeout: Duration,
     pub speech_threshold: f32,
@@ -184,6 +191,7 @@ impl CallBenchOptions {
             turns: 5,
             warmup: 1,
             barge_in_at: None,
+            over: Vec::new(),
             gap: Duration::from_millis(1_500),
             answer_timeout: Duration::from_secs(60),
             speech_threshold: 0.01,
@@ -225,6 +233,7 @@ impl CallArgs {
                 .barge_in_at
                 .map(|s| seconds("--barge-in-at", s))
                 .transpose()?,
+            over: self.over,
             gap: seconds("--gap", self.gap)?,
             answer_timeout: seconds("--answer-timeout", self.answer_timeout)?,
             speech_threshold: self.speech_threshold,
@@ -261,6 +270,31 @@ pub struct TurnRow {
     /// In [`STAGES`] order.
     pub stages: [Option<f64>; 8],
     pub barge_in: Option<f64>,
+    /// From the onset of the next prompt to the server's pause of this answer (`paused`).
+    pub pause: Option<f64>,
+    /// How speech over this answer ended it: resumed or cut.
+    pub interruption: Option<InterruptionOutcome>,
+    /// The server took a turn while this prompt was still being spoken: it answered inside a
+    /// pause (the client knows where its prompt ends).
+    pub false_cutoff: bool,
+}
+
+/// What speech over an answer did to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptionOutcome {
+    /// Paused, then played on (a backchannel or a noise).
+    Resumed,
+    /// Stopped (a barge-in).
+    Cut,
+}
+
+impl InterruptionOutcome {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Resumed => "resumed",
+            Self::Cut => "cut",
+        }
+    }
 }
 
 impl TurnRow {
@@ -310,7 +344,10 @@ pub fn csv_header() -> String {
     let mut cols = vec!["turn".to_string(), "server_turn".into(), "prompt".into()];
     cols.extend(STAGES.iter().map(|s| format!("{s}_ms")));
     cols.push("barge_in_ms".into());
+    cols.push("pause_ms".into());
     cols.push("clock_uncertainty_ms".into());
+    cols.push("interruption".into());
+    cols.push("false_cutoff".into());
     cols.join(",")
 }
 
@@ -339,7 +376,10 @@ impl CallBenchReport {
             ];
             cols.extend(r.stages.iter().map(|v| cell(*v)));
             cols.push(cell(r.barge_in));
+            cols.push(cell(r.pause));
             cols.push(format!("{:.2}", self.clock.uncertainty_ms));
+            cols.push(r.interruption.map(|o| o.name()).unwrap_or_default().into());
+            cols.push(u8::from(r.false_cutoff).to_string());
             out.push_str(&cols.join(","));
             out.push('\n');
         }
@@ -359,6 +399,8 @@ impl CallBenchReport {
         if self.barge_in_at.is_some() {
             let values = self.rows.iter().filter_map(|r| r.barge_in).collect();
             columns.push(("barge_in".into(), values));
+            let values = self.rows.iter().filter_map(|r| r.pause).collect();
+            columns.push(("pause".into(), values));
         }
         columns
             .into_iter()
@@ -393,6 +435,27 @@ impl CallBenchReport {
                 out,
                 "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
                 s.stage, s.count, s.min, s.median, s.p90, s.max
+            );
+        }
+        let false_cutoffs = self.rows.iter().filter(|r| r.false_cutoff).count();
+        let _ = writeln!(
+            out,
+            "\nFalse cut-offs (a turn taken while the prompt was still spoken): {false_cutoffs} \
+             of {} turns.",
+            self.rows.len()
+        );
+        if self.barge_in_at.is_some() {
+            let count = |o| {
+                self.rows
+                    .iter()
+                    .filter(|r| r.interruption == Some(o))
+                    .count()
+            };
+            let _ = writeln!(
+                out,
+                "Speech over the answers: {} resumed, {} cut.",
+                count(InterruptionOutcome::Resumed),
+                count(InterruptionOutcome::Cut)
             );
         }
         let _ = writeln!(
@@ -587,6 +650,8 @@ struct CallLog {
     offer_sent: f64,
     prompts: Vec<String>,
     played: Vec<Played>,
+    /// What was spoken over the answer to each prompt (`--over`), by prompt.
+    over: Vec<Option<Played>>,
     loud: Vec<LoudPacket>,
     messages: Vec<Message>,
     packets: u64,
@@ -622,6 +687,35 @@ impl CallLog {
             }
             _ => None,
         })
+    }
+
+    /// Whether the server took a spoken turn while the prompt was being spoken.
+    fn turn_taken_during(&self, played: Played) -> bool {
+        self.messages.iter().any(|m| {
+            matches!(m.message, ServerMessage::UserTurn { text: None, .. })
+                && m.at > played.onset
+                && m.at < played.end
+        })
+    }
+
+    /// When the answer of `turn` was first paused after `after` (server stamp, ms), and how
+    /// the pause ended.
+    fn pause_after(&self, turn: u64, after: f64) -> Option<(f64, Option<InterruptionOutcome>)> {
+        let paused = self.messages.iter().position(|m| {
+            matches!(m.message, ServerMessage::Paused { turn: t } if t == turn) && m.at >= after
+        })?;
+        let outcome = self.messages[paused..]
+            .iter()
+            .find_map(|m| match m.message {
+                ServerMessage::Resumed { turn: t } if t == turn => {
+                    Some(InterruptionOutcome::Resumed)
+                }
+                ServerMessage::Interrupted { turn: t, .. } if t == turn => {
+                    Some(InterruptionOutcome::Cut)
+                }
+                _ => None,
+            });
+        Some((self.messages[paused].t_ms, outcome))
     }
 
     fn interrupted(&self, turn: u64) -> bool {
@@ -685,6 +779,8 @@ fn analyse(
         let label = k + 1 - warmup;
         let played = log.played[k];
         let next = log.played.get(k + 1);
+        // what was spoken over this answer: an `--over` utterance, or the next prompt
+        let cutter = log.over.get(k).copied().flatten().or(next.copied());
         let server_turn = log.user_turn_after(played.end, next.map(|n| n.end));
         let mut stages = [None; 8];
         match server_turn.and_then(|n| log.timings(n)) {
@@ -727,8 +823,13 @@ fn analyse(
                 None
             }
         };
-        let barge_in = if barge_in {
-            barge_in_latency(log, label, server_turn, first, next, warnings)
+        let pause = match (barge_in, server_turn, cutter) {
+            (true, Some(turn), Some(cutter)) => log.pause_after(turn, cutter.onset),
+            _ => None,
+        };
+        let interruption = pause.and_then(|(_, outcome)| outcome);
+        let barge_in = if barge_in && interruption != Some(InterruptionOutcome::Resumed) {
+            barge_in_latency(log, label, server_turn, first, cutter.as_ref(), warnings)
         } else {
             None
         };
@@ -738,6 +839,9 @@ fn analyse(
             prompt: log.prompts.get(k).cloned().unwrap_or_default(),
             stages,
             barge_in,
+            pause: pause.map(|(at, _)| at + clock.estimate_ms - cutter.map_or(0.0, |c| c.onset)),
+            interruption,
+            false_cutoff: log.turn_taken_during(played),
         });
     }
     Ok((rows, clock))
@@ -833,6 +937,23 @@ impl Recorder {
 
     /// Speaks a prompt into the call; returns when all of it was sent.
     async fn play(&mut self, prompt: &Prompt) -> anyhow::Result<Played> {
+        let played = self.speak(prompt).await?;
+        self.log.prompts.push(prompt.name.clone());
+        self.log.played.push(played);
+        self.log.over.push(None);
+        Ok(played)
+    }
+
+    /// Speaks `prompt` over the answer to the last prompt.
+    async fn play_over(&mut self, prompt: &Prompt) -> anyhow::Result<Played> {
+        let played = self.speak(prompt).await?;
+        if let Some(last) = self.log.over.last_mut() {
+            *last = Some(played);
+        }
+        Ok(played)
+    }
+
+    async fn speak(&mut self, prompt: &Prompt) -> anyhow::Result<Played> {
         let (tx, mut rx) = oneshot::channel();
         self.mic
             .send(Utterance {
@@ -840,13 +961,9 @@ impl Recorder {
                 played: tx,
             })
             .map_err(|_| anyhow::anyhow!("the microphone stopped"))?;
-        self.log.prompts.push(prompt.name.clone());
         loop {
             match rx.try_recv() {
-                Ok(played) => {
-                    self.log.played.push(played);
-                    return Ok(played);
-                }
+                Ok(played) => return Ok(played),
                 Err(oneshot::error::TryRecvError::Empty) => {
                     self.pump(Duration::from_millis(20)).await?
                 }
@@ -1013,6 +1130,11 @@ pub async fn run_call_bench(options: CallBenchOptions) -> anyhow::Result<CallBen
         .iter()
         .map(|p| load_prompt(p, options.speech_threshold))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let over = options
+        .over
+        .iter()
+        .map(|p| load_prompt(p, options.speech_threshold))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let video = match &options.video {
         Some(v) => {
             let (frames, file_fps) = read_video(&v.path)?;
@@ -1058,7 +1180,7 @@ pub async fn run_call_bench(options: CallBenchOptions) -> anyhow::Result<CallBen
         mic: mic_tx,
         audible_threshold: options.audible_threshold,
     };
-    let run = drive(&mut recorder, &options, &prompts).await;
+    let run = drive(&mut recorder, &options, &prompts, &over).await;
 
     // stop the microphone and the camera, hang up, then judge
     if let Some(camera) = camera {
@@ -1123,6 +1245,7 @@ async fn drive(
     rec: &mut Recorder,
     options: &CallBenchOptions,
     prompts: &[Prompt],
+    over: &[Prompt],
 ) -> anyhow::Result<()> {
     let total = options.warmup + options.turns;
     let mut queue: VecDeque<&Prompt> = prompts.iter().cycle().take(total + 1).collect();
@@ -1144,6 +1267,32 @@ async fn drive(
                     tracing::warn!("{}: no complete answer in time", turn_name(k));
                 }
                 tracing::info!("{} done", turn_name(k));
+                rec.wait_until(rec.now() + gap, |_, _| false).await?;
+            }
+        }
+        Some(barge_in_at) if !over.is_empty() => {
+            let mut over = over.iter().cycle();
+            for k in 0..total {
+                let played = rec.play(next_prompt()?).await?;
+                let end = played.end;
+                let until = end + ms(options.answer_timeout);
+                rec.wait_until(until, |log, _| log.first_loud_after(end).is_some())
+                    .await?;
+                let Some(first) = rec.log.first_loud_after(end) else {
+                    tracing::warn!("{}: no answer to speak over", turn_name(k));
+                    continue;
+                };
+                rec.wait_until(first.first + ms(barge_in_at), |_, _| false)
+                    .await?;
+                tracing::info!("{}: speaking over the answer", turn_name(k));
+                let spoken = rec
+                    .play_over(over.next().context("no --over prompt")?)
+                    .await?;
+                // the answer plays on (or is cut, and what was said over it is answered)
+                rec.wait_answer(end, options.answer_timeout).await?;
+                if rec.log.user_turn_after(spoken.onset, None).is_some() {
+                    rec.wait_answer(spoken.end, options.answer_timeout).await?;
+                }
                 rec.wait_until(rec.now() + gap, |_, _| false).await?;
             }
         }
@@ -1203,11 +1352,13 @@ mod tests {
             turn,
             speech_end_ms: Some(speech_end),
             end_of_turn_ms: Some(speech_end + 500.0),
+            speculated_at_ms: None,
             prefill_done_ms: Some(speech_end + 600.0),
             first_text_token_ms: Some(speech_end + 650.0),
             first_codec_token_ms: Some(speech_end + 700.0),
             first_waveform_chunk_ms: Some(speech_end + 750.0),
             first_audio_frame_ms: Some(speech_end + 800.0),
+            video_frames: 0,
         })
     }
 
@@ -1375,7 +1526,8 @@ mod tests {
             lines[0],
             "turn,server_turn,prompt,speech_end_ms,end_of_turn_ms,prefill_done_ms,\
              first_text_token_ms,first_codec_token_ms,first_waveform_chunk_ms,\
-             first_audio_frame_ms,voice_to_voice_ms,barge_in_ms,clock_uncertainty_ms"
+             first_audio_frame_ms,voice_to_voice_ms,barge_in_ms,pause_ms,clock_uncertainty_ms,\
+             interruption,false_cutoff"
         );
         assert_eq!(lines.len(), 3);
         assert!(
@@ -1383,7 +1535,7 @@ mod tests {
             "{}",
             lines[1]
         );
-        assert!(lines[1].ends_with(",852.0,,1.02") || lines[1].ends_with(",852.0,,1.03"));
+        assert!(lines[1].ends_with(",852.0,,,1.02,,0") || lines[1].ends_with(",852.0,,,1.03,,0"));
         let summary = report.summary();
         assert_eq!(summary.len(), 8);
         let v2v = &summary[7];
@@ -1437,6 +1589,7 @@ mod tests {
             turns: 1,
             warmup: 0,
             barge_in_at: Some(-1.0),
+            over: vec![],
             token: None,
             voice: None,
             gap: 1.0,

@@ -35,6 +35,7 @@ use crate::engine::runtime::{
 use crate::engine::session::{
     AudioInput, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings, VideoInput,
 };
+use crate::engine::turn::{TurnConfig, TurnDetection};
 use crate::media::resample::StreamResampler;
 use crate::media::vad::{VadConfig, VoiceDetector};
 use crate::model::chat::ChatTokenizer;
@@ -106,18 +107,20 @@ pub fn input_stage_cost(blocks: &BlockConfig, seconds: u64) -> anyhow::Result<Ve
     rows.push(Measurement::new(
         "input: VAD",
         format!(
-            "WebRTC {:?}, {:?} frames, {speech} speech frames",
-            vad_config.aggressiveness, vad_config.frame
+            "{:?}, {:?} frames, {speech} speech frames",
+            vad_config.backend, vad_config.frame
         ),
         per_second(start.elapsed()),
         "ms CPU / s of call",
     ));
 
     let clock = Arc::new(SimulatedClock::new());
-    let mut stage = InputStage::new(
-        InputConfig::new(blocks.clone(), &SessionConfig::default()),
-        clock.clone(),
-    )?;
+    // The stage alone has no end-of-turn model: the silence rule ends its turns; Silero does
+    // not hear the voice-like signal as speech, WebRTC's VAD does.
+    let mut input = InputConfig::new(blocks.clone(), &SessionConfig::default());
+    input.turn.detection = TurnDetection::Silence;
+    input.vad = VadConfig::webrtc();
+    let mut stage = InputStage::new(input, clock.clone())?;
     let picture = Arc::new(vec![128u8; CAMERA_SIZE.0 * CAMERA_SIZE.1 * 3]);
     let (mut turns, mut block_count) = (0, 0);
     let mut count = |events: Vec<InputEvent>, stage: &mut InputStage| {
@@ -422,8 +425,17 @@ fn session_config(model: &OmniModel, sizes: &EngineBenchSizes) -> SessionConfig 
         .as_ref()
         .and_then(|s| s.voices.names().first().map(|n| n.to_string()))
         .unwrap_or_else(|| BENCH_VOICE.into());
+    // The scripted call's bursts are a voice-like signal, not words: Smart Turn has nothing to
+    // judge in them and Silero does not hear them as speech, so the silence rule and WebRTC's
+    // VAD take its turns.
+    let turn = TurnConfig {
+        detection: TurnDetection::Silence,
+        ..TurnConfig::default()
+    };
     SessionConfig {
         voice,
+        turn,
+        vad: VadConfig::webrtc(),
         system_prompt: "You are a helpful assistant.".into(),
         max_answer_tokens: sizes.max_answer_tokens,
         max_speech: sizes.max_speech,

@@ -293,7 +293,7 @@ fn bench_token2wav(
                 "codec tokens",
             ));
         }
-        let (max, rel) = waveform_distance(&streamed, &offline);
+        let (max, rel) = waveform_distance(&streamed, &offline)?;
         out.push(Measurement::new(
             &format!("token2wav streaming ({name}) vs offline"),
             format!("{stream_setup}, random weights, same noise, max abs {max:.2e}"),

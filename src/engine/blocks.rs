@@ -159,6 +159,7 @@ pub struct AssemblerStats {
     pub late_video_frames: u64,
 }
 
+#[derive(Clone)]
 pub struct BlockAssembler<F> {
     config: BlockConfig,
     /// Samples of audio after a block's end that must have arrived before it closes.

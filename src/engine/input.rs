@@ -35,6 +35,9 @@ use crate::media::vad::{VadConfig, VadDecision, VadError, VoiceDetector};
 /// A block of a user turn: audio at the model's rate and the camera frames sampled for it.
 pub type InputBlock = Block<VideoInput>;
 
+/// The most of a turn's audio the end-of-turn model is shown (Smart Turn reads the last 8 s).
+pub const END_OF_TURN_AUDIO: Duration = Duration::from_secs(8);
+
 /// Settings of an [`InputStage`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputConfig {
@@ -116,10 +119,13 @@ pub enum InputEvent {
     },
     /// A full block of the open turn closed: prefill it.
     Block { turn: u64, block: InputBlock },
-    /// The spoken turn ended: the speech stopped at `speech_end`, the silence rule decided at
-    /// `decided_at`; its blocks tile `from..end` (`end` is `speech_end` + post-roll, or the
+    /// The spoken turn ended: the speech stopped at `speech_end`, the end-of-turn rule decided
+    /// at `decided_at`; its blocks tile `from..end` (`end` is `speech_end` + post-roll, or the
     /// end of the last full block if that closed later). Prefill `final_block` (the partial
     /// last block, flagged `last`; `None` when the turn ends on a block boundary) and answer.
+    /// A `speculative` end is followed by `TurnConfirmed` (release the answer) or by
+    /// `SpeculationDropped` (roll back to before this event: the turn goes on, its blocks
+    /// held meanwhile follow).
     TurnEnded {
         turn: u64,
         from: Duration,
@@ -129,7 +135,28 @@ pub enum InputEvent {
         final_block: Option<InputBlock>,
         /// Frames in all the turn's blocks (padding included).
         video_frames: usize,
+        speculative: bool,
     },
+    /// A speculative end of `turn` starts: what follows up to its `TurnEnded` (and the answer)
+    /// is rolled back if it is dropped.
+    SpeculationStarted { turn: u64, at: Duration },
+    /// The speculative end of `turn` is confirmed at `at`.
+    TurnConfirmed { turn: u64, at: Duration },
+    /// The user went on speaking: the speculative answer to `turn` is dropped.
+    SpeculationDropped { turn: u64, at: Duration },
+    /// Ask the end-of-turn model about the open turn's audio so far (the last
+    /// [`END_OF_TURN_AUDIO`] of it, at the model's rate); hand the probability to
+    /// [`InputStage::end_of_turn_prediction`] with `pause`.
+    PredictEndOfTurn {
+        turn: u64,
+        pause: u64,
+        audio: Vec<f32>,
+        at: Duration,
+    },
+    /// Speech over the answer to `turn`: stop playing it for now.
+    AnswerPaused { turn: Option<u64>, at: Duration },
+    /// It was not a barge-in: play the answer on from where it paused.
+    AnswerResumed { turn: Option<u64>, at: Duration },
     /// The spoken turn is dropped (too little speech, or a typed message replaced it): discard
     /// what was prefilled of it.
     TurnCancelled { turn: u64, at: Duration },
@@ -202,6 +229,13 @@ pub struct InputStats {
     pub turns_cancelled: u64,
     pub blocks: u64,
     pub barge_ins: u64,
+    /// End-of-turn predictions asked for, answers started speculatively and dropped again.
+    pub predictions: u64,
+    pub speculations: u64,
+    pub speculations_dropped: u64,
+    /// Answers paused by speech over them, and resumed (not barge-ins).
+    pub pauses: u64,
+    pub resumes: u64,
 }
 
 /// One stretch of contiguous audio at one rate and its resampler.
@@ -226,6 +260,19 @@ struct OpenTurn {
     from: Duration,
     assembler: BlockAssembler<VideoInput>,
     video_frames: usize,
+    /// The last [`END_OF_TURN_AUDIO`] of its audio, for the end-of-turn model.
+    recent: VecDeque<f32>,
+    /// Blocks closed while a speculative end was under way: sent if it is dropped.
+    held_blocks: Vec<InputBlock>,
+    speculating: bool,
+}
+
+impl OpenTurn {
+    fn hear(&mut self, samples: &[f32], keep: usize) {
+        self.recent.extend(samples);
+        let excess = self.recent.len().saturating_sub(keep);
+        self.recent.drain(..excess);
+    }
 }
 
 /// The input stage of one session; see the module doc.
@@ -270,9 +317,8 @@ impl InputStage {
             )));
         }
         // Enough for the pre-roll of a turn decided after the longest onset and the smoothing.
-        let t = &config.turn;
-        let history_len = t.pre_roll
-            + t.onset.max(t.barge_in_onset)
+        config.turn.validate().map_err(InputError::Config)?;
+        let history_len = config.turn.lookback()
             + config.vad.frame * (config.vad.smoothing_frames as u32 + 2)
             + Duration::from_millis(500);
         let history_samples = duration_to_samples(history_len, rate) as usize;
@@ -644,8 +690,10 @@ impl InputStage {
             let excess = self.history.len().saturating_sub(self.history_samples);
             self.history.drain(..excess);
             self.history_start += excess as u64;
+            let keep = duration_to_samples(END_OF_TURN_AUDIO, self.rate) as usize;
             if let Some(open) = self.open.as_mut() {
                 open.assembler.push_audio(at, piece);
+                open.hear(piece, keep);
             }
             self.written += piece.len() as u64;
             self.close_blocks(events);
@@ -663,10 +711,14 @@ impl InputStage {
             for block in open.assembler.advance_to(now) {
                 open.video_frames += block.frames.len();
                 self.stats.blocks += 1;
-                events.push(InputEvent::Block {
-                    turn: open.id,
-                    block,
-                });
+                if open.speculating {
+                    open.held_blocks.push(block);
+                } else {
+                    events.push(InputEvent::Block {
+                        turn: open.id,
+                        block,
+                    });
+                }
             }
         }
     }
@@ -690,15 +742,41 @@ impl InputStage {
         let actions = self.turns.on(TurnInput::Voice {
             speech: decision.speech,
             at: decision.at,
+            frame: decision.duration,
         });
+        self.act_all(actions, decision.end(), StopReason::BargeIn, events)
+    }
+
+    fn act_all(
+        &mut self,
+        actions: Vec<TurnAction>,
+        at: Duration,
+        reason: StopReason,
+        events: &mut Vec<InputEvent>,
+    ) -> Result<(), InputError> {
         for action in actions {
             if let TurnAction::StartUserTurn { from } = action {
-                self.start_turn(from, decision.end(), events)?;
+                self.start_turn(from, at, events)?;
             } else {
-                self.act(action, decision.end(), StopReason::BargeIn, events);
+                self.act(action, at, reason, events);
             }
         }
         Ok(())
+    }
+
+    /// The end-of-turn model's answer for `pause` (asked by a `PredictEndOfTurn` event).
+    pub fn end_of_turn_prediction(
+        &mut self,
+        pause: u64,
+        probability: f32,
+    ) -> Result<Vec<InputEvent>, InputError> {
+        let mut events = Vec::new();
+        let actions = self
+            .turns
+            .on(TurnInput::EndOfTurnPrediction { pause, probability });
+        let at = self.position();
+        self.act_all(actions, at, StopReason::BargeIn, &mut events)?;
+        Ok(events)
     }
 
     /// Carries out what the turn machine decided (all but starting a turn).
@@ -730,7 +808,55 @@ impl InputStage {
             TurnAction::EndUserTurn {
                 speech_end,
                 decided_at,
-            } => self.end_turn(speech_end, decided_at, events),
+            } => self.end_turn(speech_end, decided_at, false, events),
+            TurnAction::SpeculateEndOfTurn {
+                speech_end,
+                decided_at,
+            } => self.end_turn(speech_end, decided_at, true, events),
+            TurnAction::ConfirmEndOfTurn { at } => {
+                if let Some(open) = self.open.take() {
+                    self.answering = Some(open.id);
+                    events.push(InputEvent::TurnConfirmed { turn: open.id, at });
+                }
+            }
+            TurnAction::DropSpeculation => {
+                if let Some(open) = self.open.as_mut() {
+                    self.stats.speculations_dropped += 1;
+                    open.speculating = false;
+                    events.push(InputEvent::SpeculationDropped { turn: open.id, at });
+                    for block in open.held_blocks.drain(..) {
+                        events.push(InputEvent::Block {
+                            turn: open.id,
+                            block,
+                        });
+                    }
+                }
+            }
+            TurnAction::PredictEndOfTurn { pause } => {
+                if let Some(open) = self.open.as_ref() {
+                    self.stats.predictions += 1;
+                    events.push(InputEvent::PredictEndOfTurn {
+                        turn: open.id,
+                        pause,
+                        audio: open.recent.iter().copied().collect(),
+                        at,
+                    });
+                }
+            }
+            TurnAction::PauseAnswer => {
+                self.stats.pauses += 1;
+                events.push(InputEvent::AnswerPaused {
+                    turn: self.answering,
+                    at,
+                });
+            }
+            TurnAction::ResumeAnswer => {
+                self.stats.resumes += 1;
+                events.push(InputEvent::AnswerResumed {
+                    turn: self.answering,
+                    at,
+                });
+            }
             TurnAction::State(state) => events.push(InputEvent::State { state, at }),
         }
     }
@@ -752,10 +878,12 @@ impl InputStage {
             self.config.block_lookahead,
         )?;
         let first = duration_to_samples(from, self.rate).max(self.history_start);
+        let mut recent = VecDeque::new();
         if first < self.written {
             let offset = (first - self.history_start) as usize;
             let audio = self.history.make_contiguous();
             assembler.push_audio(samples_to_duration(first, self.rate), &audio[offset..]);
+            recent.extend(&audio[offset..]);
         }
         for frame in self.frames.values() {
             assembler.push_video(frame.at, frame.clone());
@@ -766,19 +894,46 @@ impl InputStage {
             from,
             assembler,
             video_frames: 0,
+            recent,
+            held_blocks: Vec::new(),
+            speculating: false,
         });
         self.close_blocks(events);
         Ok(())
     }
 
+    /// Ends the open turn; a `speculative` end finishes a copy of its blocks and leaves it
+    /// open (its later blocks held) until the end is confirmed or dropped.
     fn end_turn(
         &mut self,
         speech_end: Duration,
         decided_at: Duration,
+        speculative: bool,
         events: &mut Vec<InputEvent>,
     ) {
-        let Some(open) = self.open.take() else {
-            return;
+        let open = if speculative {
+            match self.open.as_mut() {
+                Some(open) => {
+                    self.stats.speculations += 1;
+                    open.speculating = true;
+                    events.push(InputEvent::SpeculationStarted {
+                        turn: open.id,
+                        at: decided_at,
+                    });
+                    OpenTurn {
+                        assembler: open.assembler.clone(),
+                        recent: VecDeque::new(),
+                        held_blocks: Vec::new(),
+                        ..*open
+                    }
+                }
+                None => return,
+            }
+        } else {
+            match self.open.take() {
+                Some(open) => open,
+                None => return,
+            }
         };
         // A block that closed between the end of speech and the decision stays whole.
         let end = (speech_end + self.config.post_roll)
@@ -789,7 +944,9 @@ impl InputStage {
         let mut video_frames = open.video_frames;
         for block in blocks {
             video_frames += block.frames.len();
-            self.stats.blocks += 1;
+            if !speculative {
+                self.stats.blocks += 1;
+            }
             events.push(InputEvent::Block {
                 turn: open.id,
                 block,
@@ -799,7 +956,9 @@ impl InputStage {
             video_frames += block.frames.len();
             self.stats.blocks += 1;
         }
-        self.answering = Some(open.id);
+        if !speculative {
+            self.answering = Some(open.id);
+        }
         events.push(InputEvent::TurnEnded {
             turn: open.id,
             from: open.from,
@@ -808,6 +967,7 @@ impl InputStage {
             end,
             final_block,
             video_frames,
+            speculative,
         });
     }
 
@@ -909,7 +1069,7 @@ mod tests {
         assert_eq!(stage.position(), ms(2000) - delay);
         assert_eq!(
             stage.stats().vad_frames,
-            (ms(2000) - delay).as_millis() as u64 / 20
+            ((ms(2000) - delay).as_millis() / stage.config().vad.frame.as_millis()) as u64
         );
         assert_eq!(stage.stats().speech_frames, 0);
     }

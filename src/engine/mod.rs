@@ -5,6 +5,7 @@ pub mod activity;
 pub mod blocks;
 pub mod clock;
 pub mod context;
+pub mod end_of_turn;
 pub mod heard;
 pub mod input;
 pub mod pacer;

@@ -42,6 +42,8 @@ struct State {
     complete: bool,
     released: u64,
     next_due: Option<Duration>,
+    /// Nothing is released while held (a speculative answer, or one paused by speech).
+    held: bool,
     shutdown: bool,
     /// Producers waiting in `wait_until_played` (uncounted while they wait).
     parked: i64,
@@ -53,6 +55,11 @@ impl State {
     /// The answer still plays: neither stopped nor reported finished.
     fn live(&self) -> bool {
         self.answer & (1 << 63) == 0
+    }
+
+    /// The answer plays and is not held.
+    fn playing(&self) -> bool {
+        self.live() && !self.held
     }
 }
 
@@ -157,6 +164,27 @@ impl Pacer {
         self.shared.wake_parked(&mut s);
     }
 
+    /// Holds the current answer: no frame is released until [`Pacer::release`]; producers
+    /// go on filling it (up to their lead).
+    pub fn hold(&self) {
+        self.shared.state.lock().expect("pacer lock").held = true;
+    }
+
+    /// Plays the held answer on: the next frame goes out at once, the schedule restarts from
+    /// there.
+    pub fn release(&self) {
+        let mut s = self.shared.state.lock().expect("pacer lock");
+        if s.held {
+            s.held = false;
+            self.shared.wake.notify_all();
+        }
+    }
+
+    /// Whether the current answer is held.
+    pub fn held(&self) -> bool {
+        self.shared.state.lock().expect("pacer lock").held
+    }
+
     /// Appends samples of the answer `answer` (ignored if that answer was stopped).
     pub fn push(&self, answer: u64, samples: &[f32]) {
         let mut s = self.shared.state.lock().expect("pacer lock");
@@ -242,8 +270,9 @@ impl Pacer {
         }
         let n = self.shared.frame_samples;
         let now = self.shared.clock.now();
-        let frame_due = s.live() && s.pending.len() >= n && s.next_due.is_none_or(|due| due <= now);
-        let report_due = s.live() && s.complete && s.pending.is_empty();
+        let frame_due =
+            s.playing() && s.pending.len() >= n && s.next_due.is_none_or(|due| due <= now);
+        let report_due = s.playing() && s.complete && s.pending.is_empty();
         !(frame_due || report_due)
     }
 }
@@ -274,6 +303,10 @@ fn run(shared: &Shared) {
         if guard.shutdown {
             return;
         }
+        if guard.held {
+            guard = shared.wake.wait(guard).expect("pacer lock");
+            continue;
+        }
         if guard.pending.len() >= n {
             let answer = guard.answer;
             let now = shared.clock.now();
@@ -285,8 +318,8 @@ fn run(shared: &Shared) {
             if guard.shutdown {
                 return;
             }
-            // A stop or a new answer during the sleep cancels this frame.
-            if guard.answer != answer || guard.pending.len() < n {
+            // A stop, a new answer or a hold during the sleep cancels this frame.
+            if guard.answer != answer || guard.pending.len() < n || guard.held {
                 continue;
             }
             let pcm: Vec<f32> = guard.pending.drain(..n).collect();
@@ -417,6 +450,46 @@ mod tests {
         assert!(!producer.join().unwrap());
         assert!(activity.wait_zero(std::time::Duration::from_secs(5)));
         assert!(!pacer.wait_until_played(3, 1), "not the answer playing");
+    }
+
+    #[test]
+    fn a_held_answer_waits_then_plays_on_from_where_it_stopped() {
+        let clock = Arc::new(SimulatedClock::new());
+        let (tx, rx) = unbounded();
+        let pacer = Pacer::new(clock.clone(), 24000, tx);
+        pacer.begin(5);
+        pacer.hold();
+        pacer.push(5, &vec![0.3; 480 * 3]);
+        pacer.finish(5);
+        for _ in 0..5 {
+            clock.advance(FRAME);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(
+            frames(&rx).is_empty(),
+            "nothing while held, not even the end"
+        );
+        assert!(pacer.quiescent());
+        pacer.release();
+        let now = clock.now();
+        assert!(matches!(wait_for(&rx), PacerOutput::Frame { index: 0, at, .. } if at == now));
+        // held again after one frame: the rest waits, and is not counted as heard
+        pacer.hold();
+        clock.advance(FRAME);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(frames(&rx).is_empty());
+        assert_eq!(pacer.released(), 1);
+        pacer.release();
+        assert!(matches!(wait_for(&rx), PacerOutput::Frame { index: 1, .. }));
+        clock.advance(FRAME);
+        assert!(matches!(wait_for(&rx), PacerOutput::Frame { index: 2, .. }));
+        assert_eq!(
+            wait_for(&rx),
+            PacerOutput::Finished {
+                answer: 5,
+                frames: 3
+            }
+        );
     }
 
     #[test]

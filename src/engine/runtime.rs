@@ -55,6 +55,7 @@ use super::activity::{Activity, WorkToken};
 use super::blocks::BlockConfig;
 use super::clock::{Clock, SimulatedClock};
 use super::context::Entry;
+use super::end_of_turn::{self, END_OF_TURN_RATE, Prediction, PredictionRequest, smart_turn};
 use super::input::{InputConfig, InputEvent, InputStage};
 use super::pacer::{FRAME, Pacer, PacerOutput};
 use super::session::{
@@ -63,6 +64,7 @@ use super::session::{
 };
 use super::talker_task::{self, TalkerMsg};
 use super::thinker_task::{self, ThinkerMsg, ThinkerReport};
+use super::turn::TurnDetection;
 use super::vocoder_task;
 use crate::media::mel::LogMel;
 use crate::model::omni::OmniModel;
@@ -92,6 +94,11 @@ pub(crate) struct Shared {
     talker_cache: AtomicU64,
     /// CPU time of the model's calls, when profiled.
     profile: Option<ModelTime>,
+    /// The text of a speculative answer, held until its turn is confirmed (or dropped).
+    held_text: Mutex<Option<(u64, Vec<SessionEvent>)>>,
+    /// Speculative answers started and dropped so far.
+    speculations: AtomicU64,
+    speculations_dropped: AtomicU64,
 }
 
 /// Which part of the model a timed call belongs to.
@@ -184,7 +191,32 @@ impl Shared {
     }
 
     pub fn emit(&self, event: SessionEvent) {
+        if let SessionEvent::AssistantText { turn, .. } = &event {
+            let mut held = self.held_text.lock().expect("held text lock");
+            if let Some((_, events)) = held.as_mut().filter(|(t, _)| t == turn) {
+                events.push(event);
+                return;
+            }
+        }
         let _ = self.events.send(event);
+    }
+
+    /// Holds the answer text of `turn` from now on.
+    fn hold_text(&self, turn: u64) {
+        *self.held_text.lock().expect("held text lock") = Some((turn, Vec::new()));
+    }
+
+    /// Sends the held text of `turn` (`release`) or forgets it, and stops holding.
+    fn end_hold(&self, turn: u64, release: bool) {
+        let mut held = self.held_text.lock().expect("held text lock");
+        if held.as_ref().is_some_and(|(t, _)| *t == turn) {
+            let (_, events) = held.take().expect("held text");
+            if release {
+                for event in events {
+                    let _ = self.events.send(event);
+                }
+            }
+        }
     }
 
     pub fn error(&self, error: impl std::fmt::Display) {
@@ -351,6 +383,14 @@ impl SessionProbe {
             .cloned()
     }
 
+    /// Speculative answers started so far, and how many of them were dropped.
+    pub fn speculations(&self) -> (u64, u64) {
+        (
+            self.shared.speculations.load(Ordering::SeqCst),
+            self.shared.speculations_dropped.load(Ordering::SeqCst),
+        )
+    }
+
     /// The Thinker's context as its thread last published it.
     pub fn context(&self) -> ContextView {
         let mut view = self.shared.view.lock().expect("view lock").clone();
@@ -420,6 +460,19 @@ fn start(
     )
     .context("session blocks")?;
     let mel = LogMel::new(&model.processor.feature_extractor).context("log-mel settings")?;
+    let end_of_turn = match config.turn.detection {
+        TurnDetection::Silence => None,
+        TurnDetection::Smart => {
+            anyhow::ensure!(
+                blocks.sample_rate == END_OF_TURN_RATE,
+                "smart turn detection reads {END_OF_TURN_RATE} Hz audio, this model's is {} Hz: \
+                 use the silence rule",
+                blocks.sample_rate
+            );
+            let factory = config.end_of_turn.clone().unwrap_or_else(smart_turn);
+            Some(factory.make().context("loading the end-of-turn model")?)
+        }
+    };
     let mut input_config = InputConfig::new(blocks.clone(), &config);
     input_config.block_lookahead =
         Duration::from_secs_f64((mel.n_fft() / 2) as f64 / blocks.sample_rate as f64);
@@ -459,6 +512,9 @@ fn start(
         probed,
         talker_cache: AtomicU64::new(u64::MAX),
         profile: (profile && thread_cpu().is_some()).then(ModelTime::default),
+        held_text: Mutex::new(None),
+        speculations: AtomicU64::new(0),
+        speculations_dropped: AtomicU64::new(0),
     });
 
     let mut threads = Vec::new();
@@ -519,6 +575,18 @@ fn start(
         Box::new(move || thinker.run(thinker_rx, startup)),
     )?);
 
+    let (predict_tx, predict_rx) = unbounded();
+    let (prediction_tx, prediction_rx) = unbounded();
+    if let Some(model) = end_of_turn {
+        let errors = shared.clone();
+        threads.push(spawn_thread(
+            "session-turn",
+            Box::new(move || {
+                end_of_turn::run(model, predict_rx, prediction_tx, |e| errors.error(e))
+            }),
+        )?);
+    }
+
     let (tick_tx, tick_rx) = unbounded();
     let next_tick = Arc::new(AtomicU64::new((clock.now() + TICK).as_nanos() as u64));
     {
@@ -547,10 +615,13 @@ fn start(
         sample_rate,
         processed: processed.clone(),
         answers: Vec::new(),
+        speculation: None,
+        confirmed: None,
+        predict: predict_tx,
     };
     threads.push(spawn_thread(
         "session-control",
-        Box::new(move || control.run(input_rx, tick_rx, pacer_rx, report_rx)),
+        Box::new(move || control.run(input_rx, tick_rx, pacer_rx, report_rx, prediction_rx)),
     )?);
 
     let handle = SessionHandle {
@@ -590,6 +661,16 @@ struct Answer {
     voice: bool,
 }
 
+/// A speculative answer, until its turn is confirmed or dropped.
+#[derive(Debug, Default)]
+struct Speculation {
+    turn: u64,
+    /// The `UserTurn` event to send when confirmed.
+    user_turn: Option<SessionEvent>,
+    /// A text answer that was complete before the confirmation.
+    done: bool,
+}
+
 /// The control thread's state.
 struct ControlLoop {
     stage: InputStage,
@@ -603,6 +684,11 @@ struct ControlLoop {
     processed: Arc<AtomicU64>,
     /// Answers started and not yet done or stopped (at most one in practice).
     answers: Vec<Answer>,
+    speculation: Option<Speculation>,
+    /// A speculative answer confirmed by the events being handled (and whether it is done).
+    confirmed: Option<(u64, bool)>,
+    /// Questions for the end-of-turn thread (unanswered without one: silence rule).
+    predict: Sender<(PredictionRequest, WorkToken)>,
 }
 
 impl ControlLoop {
@@ -612,6 +698,7 @@ impl ControlLoop {
         ticks: Receiver<WorkToken>,
         pacer: Receiver<PacerOutput>,
         reports: Receiver<(ThinkerReport, WorkToken)>,
+        predictions: Receiver<(Prediction, WorkToken)>,
     ) {
         loop {
             select! {
@@ -636,6 +723,15 @@ impl ControlLoop {
                 recv(reports) -> report => {
                     if let Ok((report, token)) = report {
                         self.on_report(report);
+                        drop(token);
+                    }
+                }
+                recv(predictions) -> prediction => {
+                    if let Ok((prediction, token)) = prediction {
+                        if let Some(p) = prediction.probability {
+                            let result = self.stage.end_of_turn_prediction(prediction.pause, p);
+                            self.after_stage(result);
+                        }
                         drop(token);
                     }
                 }
@@ -743,6 +839,49 @@ impl ControlLoop {
         for event in events {
             match event {
                 InputEvent::VoiceActivity { .. } => {}
+                InputEvent::PredictEndOfTurn { pause, audio, .. } => {
+                    let request = PredictionRequest { pause, audio };
+                    let _ = self.predict.send((request, self.shared.activity.token()));
+                }
+                InputEvent::SpeculationStarted { turn, .. } => {
+                    self.shared.speculations.fetch_add(1, Ordering::SeqCst);
+                    self.shared.hold_text(turn);
+                    self.speculation = Some(Speculation {
+                        turn,
+                        ..Default::default()
+                    });
+                    self.send_thinker(ThinkerMsg::Speculate { turn });
+                }
+                InputEvent::TurnConfirmed { turn, at } => self.confirm(turn, at),
+                InputEvent::SpeculationDropped { turn, .. } => {
+                    // No frame or text of it reaches the user; its work is stale.
+                    self.shared
+                        .speculations_dropped
+                        .fetch_add(1, Ordering::SeqCst);
+                    self.shared.pacer.stop();
+                    self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+                    self.shared.end_hold(turn, false);
+                    self.shared
+                        .timings
+                        .lock()
+                        .expect("timings lock")
+                        .remove(&turn);
+                    self.answers.retain(|a| a.turn != turn);
+                    self.speculation = None;
+                    self.send_thinker(ThinkerMsg::DropSpeculation { turn });
+                }
+                InputEvent::AnswerPaused { turn, .. } => {
+                    self.shared.pacer.hold();
+                    if let Some(turn) = turn {
+                        self.shared.emit(SessionEvent::Paused { turn });
+                    }
+                }
+                InputEvent::AnswerResumed { turn, .. } => {
+                    self.shared.pacer.release();
+                    if let Some(turn) = turn {
+                        self.shared.emit(SessionEvent::Resumed { turn });
+                    }
+                }
                 InputEvent::State { state, .. } => self.shared.emit(SessionEvent::State(state)),
                 InputEvent::StopAnswer { turn, .. } => {
                     // No frame after this line.
@@ -777,14 +916,30 @@ impl ControlLoop {
                     end,
                     final_block,
                     video_frames,
+                    speculative,
                 } => {
-                    self.shared.emit(SessionEvent::UserTurn {
+                    let user_turn = SessionEvent::UserTurn {
                         turn,
                         audio: end.saturating_sub(from),
                         video_frames,
                         text: None,
-                    });
+                    };
                     self.start_answer(turn, Some(speech_end), decided_at);
+                    match self
+                        .speculation
+                        .as_mut()
+                        .filter(|s| speculative && s.turn == turn)
+                    {
+                        Some(speculation) => {
+                            speculation.user_turn = Some(user_turn);
+                            self.shared.pacer.hold();
+                            self.shared.mark(turn, |t, now| {
+                                t.end_of_turn = None;
+                                t.speculated_at = Some(decided_at.min(now));
+                            });
+                        }
+                        None => self.shared.emit(user_turn),
+                    }
                     let epoch = self.shared.epoch();
                     let voice = self.answer_voice(turn);
                     self.send_thinker(ThinkerMsg::TurnEnded {
@@ -816,6 +971,7 @@ impl ControlLoop {
                 }
             }
         }
+        self.release_confirmed();
     }
 
     fn on_pacer(&mut self, output: PacerOutput) {
@@ -847,7 +1003,37 @@ impl ControlLoop {
 
     fn on_report(&mut self, report: ThinkerReport) {
         match report {
-            ThinkerReport::TextAnswerDone { turn } => self.answer_done(turn),
+            ThinkerReport::TextAnswerDone { turn } => {
+                match self.speculation.as_mut().filter(|s| s.turn == turn) {
+                    Some(speculation) => speculation.done = true,
+                    None => self.answer_done(turn),
+                }
+            }
+        }
+    }
+
+    /// The speculative answer to `turn` is the answer: out with what it holds.
+    fn confirm(&mut self, turn: u64, at: Duration) {
+        let Some(speculation) = self.speculation.take_if(|s| s.turn == turn) else {
+            return;
+        };
+        if let Some(user_turn) = speculation.user_turn {
+            self.shared.emit(user_turn);
+        }
+        let at = at.min(self.shared.clock.now());
+        self.shared.mark(turn, |t, _| t.end_of_turn = Some(at));
+        // released once the decision's other events (the state change) are out
+        self.confirmed = Some((turn, speculation.done));
+    }
+
+    /// Releases what a confirmed speculative answer holds.
+    fn release_confirmed(&mut self) {
+        if let Some((turn, done)) = self.confirmed.take() {
+            self.shared.end_hold(turn, true);
+            self.shared.pacer.release();
+            if done {
+                self.answer_done(turn);
+            }
         }
     }
 

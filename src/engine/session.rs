@@ -11,6 +11,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
+use super::end_of_turn::EndOfTurnFactory;
 use super::turn::{TurnConfig, TurnState};
 use crate::media::vad::VadConfig;
 use crate::media::video::{OFFICIAL_VIDEO_MAX_PIXELS, OFFICIAL_VIDEO_MIN_PIXELS};
@@ -71,8 +72,11 @@ pub struct TurnTimings {
     pub turn: u64,
     /// The user's speech stopped (first silent VAD frame of the end-of-turn run).
     pub speech_end: Option<Duration>,
-    /// The end-of-turn rule decided the turn was over.
+    /// The end-of-turn rule decided the turn was over (for a speculative answer: when the end
+    /// was confirmed).
     pub end_of_turn: Option<Duration>,
+    /// The answer was started speculatively, before the end of turn was confirmed.
+    pub speculated_at: Option<Duration>,
     /// The last partial block and the assistant header were prefilled.
     pub prefill_done: Option<Duration>,
     pub first_text_token: Option<Duration>,
@@ -80,6 +84,9 @@ pub struct TurnTimings {
     pub first_waveform_chunk: Option<Duration>,
     /// The first 20 ms frame of the answer was released to the transport.
     pub first_audio_frame: Option<Duration>,
+    /// Camera frames the Thinker encoded into the turn's context (frames that came after an
+    /// audio-only first block are not shown to it).
+    pub video_frames_prefilled: usize,
 }
 
 /// What a session tells its transport.
@@ -115,6 +122,15 @@ pub enum SessionEvent {
         heard: Duration,
         kept_text: String,
     },
+    /// Speech over the answer of `turn`: its voice is paused until the engine has told a
+    /// barge-in (then `Interrupted`) from a backchannel or a noise (then `Resumed`).
+    Paused {
+        turn: u64,
+    },
+    /// The paused answer of `turn` plays on from where it paused.
+    Resumed {
+        turn: u64,
+    },
     /// The answer of `turn` is complete.
     AnswerDone {
         turn: u64,
@@ -131,6 +147,8 @@ pub struct SessionConfig {
     pub system_prompt: String,
     pub reply_mode: ReplyMode,
     pub turn: TurnConfig,
+    /// The end-of-turn model of `TurnDetection::Smart` (`None`: Smart Turn).
+    pub end_of_turn: Option<EndOfTurnFactory>,
     /// Voice activity detection on the user's audio (WebRTC's VAD: aggressiveness, frame
     /// length, majority smoothing).
     pub vad: VadConfig,
@@ -159,6 +177,7 @@ impl Default for SessionConfig {
             system_prompt: SPEECH_SYSTEM_PROMPT.into(),
             reply_mode: ReplyMode::Voice,
             turn: TurnConfig::default(),
+            end_of_turn: None,
             vad: VadConfig::default(),
             max_context: 32768,
             video_fps: 2.0,

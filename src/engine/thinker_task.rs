@@ -70,6 +70,14 @@ pub(crate) enum ThinkerMsg {
     TurnCancelled {
         turn: u64,
     },
+    /// A speculative end of `turn` starts here: remember the state to come back to.
+    Speculate {
+        turn: u64,
+    },
+    /// The speculative answer to `turn` is dropped: back to where `Speculate` found things.
+    DropSpeculation {
+        turn: u64,
+    },
     Typed {
         turn: u64,
         text: String,
@@ -94,6 +102,7 @@ pub(crate) enum ThinkerReport {
 }
 
 /// The user turn being prefilled.
+#[derive(Clone)]
 struct OpenTurn {
     turn: u64,
     /// Context index of its first entry.
@@ -101,7 +110,19 @@ struct OpenTurn {
     audio: TurnAudio,
     /// Decided at the first block: whether the turn's segment interleaves video.
     video: Option<bool>,
+    /// Camera frames encoded into the context so far.
+    video_frames: usize,
     failed: bool,
+}
+
+/// Where a speculative answer began: the conversation and the open turn as they were.
+struct Snapshot {
+    turn: u64,
+    context: Context,
+    open: Option<OpenTurn>,
+    /// `forgotten` then: if the context policy forgot entries since, the caches cannot go
+    /// back to this point.
+    forgotten: u64,
 }
 
 /// The last answer, until the next user turn: what a stop cuts.
@@ -142,6 +163,9 @@ pub(crate) struct ThinkerTask {
     samples_per_code: usize,
     /// Media embeddings of the entries laid out and not yet prefilled, in order.
     pending_media: PendingMedia,
+    snapshot: Option<Snapshot>,
+    /// Ranges the context policy has forgotten so far.
+    forgotten: u64,
 }
 
 #[derive(Default)]
@@ -215,6 +239,8 @@ impl ThinkerTask {
             reserve,
             samples_per_code,
             model,
+            snapshot: None,
+            forgotten: 0,
         })
     }
 
@@ -266,6 +292,7 @@ impl ThinkerTask {
         match msg {
             ThinkerMsg::TurnStarted { turn } => {
                 self.last = None;
+                self.snapshot = None;
                 if let Some(open) = self.open.take() {
                     self.roll_back(open.start);
                 }
@@ -277,6 +304,7 @@ impl ThinkerTask {
                     start,
                     audio: self.encoders.turn_audio()?,
                     video: None,
+                    video_frames: 0,
                     failed: false,
                 });
                 Ok(())
@@ -288,6 +316,16 @@ impl ThinkerTask {
                 }
                 Ok(())
             }
+            ThinkerMsg::Speculate { turn } => {
+                self.snapshot = Some(Snapshot {
+                    turn,
+                    context: self.context.clone(),
+                    open: self.open.clone(),
+                    forgotten: self.forgotten,
+                });
+                Ok(())
+            }
+            ThinkerMsg::DropSpeculation { turn } => self.drop_speculation(turn),
             ThinkerMsg::TurnEnded {
                 turn,
                 final_block,
@@ -314,6 +352,7 @@ impl ThinkerTask {
                 voice,
             } => {
                 self.last = None;
+                self.snapshot = None;
                 if let Some(open) = self.open.take() {
                     self.roll_back(open.start);
                 }
@@ -379,6 +418,37 @@ impl ThinkerTask {
         }
     }
 
+    /// Goes back to where the speculative answer to `turn` began: the context as it was (token
+    /// for token, position for position), both caches truncated to it, the open turn with its
+    /// audio stream as it was.
+    fn drop_speculation(&mut self, turn: u64) -> Result<()> {
+        let Some(snapshot) = self.snapshot.take_if(|s| s.turn == turn) else {
+            return Ok(());
+        };
+        self.last = None;
+        self.pending_media = PendingMedia::default();
+        if snapshot.forgotten != self.forgotten {
+            // The final prefill made the context policy forget entries: the turn cannot be
+            // taken back to where it was, so it is dropped as a whole.
+            let start = snapshot
+                .open
+                .as_ref()
+                .map_or(self.context.len(), |o| o.start);
+            self.open = snapshot.open.map(|o| OpenTurn { failed: true, ..o });
+            self.roll_back(start.min(self.context.len()));
+            bail!(
+                "turn {turn}: the context was full when its answer was started early; \
+                 the turn is dropped (raise max_context)"
+            );
+        }
+        let len = snapshot.context.len();
+        self.context = snapshot.context;
+        self.model.thinker.truncate_cache(len);
+        self.talker(TalkerMsg::Truncate(len));
+        self.open = snapshot.open;
+        Ok(())
+    }
+
     /// Forgets the context from entry `len` on, in both caches.
     fn roll_back(&mut self, len: usize) {
         self.pending_media = PendingMedia::default();
@@ -429,6 +499,9 @@ impl ThinkerTask {
                 })?;
                 self.context.push_video(&encoded.grids, turn, block.index)?;
                 self.pending_media.video.push(encoded.embeds);
+                if let Some(open) = self.open.as_mut() {
+                    open.video_frames += block.frames.len();
+                }
             }
             let open = self.open.as_mut().expect("open turn");
             let end = if block.last {
@@ -494,8 +567,10 @@ impl ThinkerTask {
         self.context
             .push_text(&self.assistant_header.clone(), EntryKind::Template, turn);
         let logits = self.prefill_pending(turn, true)?;
+        let video_frames = self.open.as_ref().map_or(0, |o| o.video_frames);
         self.shared.mark(turn, |t, now| {
             t.prefill_done.get_or_insert(now);
+            t.video_frames_prefilled = video_frames;
         });
         Ok(logits)
     }
@@ -534,6 +609,7 @@ impl ThinkerTask {
             };
         for range in plan {
             tracing::debug!(?range, "context policy: forgetting entries");
+            self.forgotten += 1;
             if let Some(open) = self.open.as_mut() {
                 if range.end <= open.start {
                     open.start -= range.len();

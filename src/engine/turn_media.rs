@@ -94,6 +94,7 @@ impl MediaEncoders {
 }
 
 /// The audio of one turn on its way to embeddings.
+#[derive(Clone)]
 pub struct TurnAudio {
     mel: MelStream,
     stream: AudioEncoderStream,

@@ -14,6 +14,7 @@ use super::{
     run, stop_on_ctrl_c,
 };
 use crate::engine::session::{ReplyMode, SessionConfig};
+use crate::engine::turn::TurnTakingArgs;
 
 /// How the microphone is kept from hearing the model's own voice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -136,6 +137,8 @@ pub struct LocalArgs {
     /// Do not read typed messages from stdin (read by default when it is a terminal).
     #[arg(long)]
     pub no_keyboard: bool,
+    #[command(flatten)]
+    pub turn_taking: TurnTakingArgs,
 }
 
 fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
@@ -206,7 +209,7 @@ impl LocalArgs {
             bail!("--max-answer-tokens must be > 0");
         }
         let defaults = SessionConfig::default();
-        let session = SessionConfig {
+        let mut session = SessionConfig {
             voice: self.voice.clone(),
             system_prompt: self
                 .system_prompt
@@ -221,6 +224,7 @@ impl LocalArgs {
             seed: self.seed,
             ..defaults
         };
+        self.turn_taking.apply(&mut session);
         Ok(LocalOptions {
             input,
             output,

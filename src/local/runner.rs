@@ -368,6 +368,7 @@ impl Call {
             }
             SessionEvent::Timings(timings) => self.timings.push(timings),
             SessionEvent::Error(message) => self.session_errors.push(message),
+            SessionEvent::Paused { .. } | SessionEvent::Resumed { .. } => {}
         }
         Ok(())
     }
@@ -643,7 +644,7 @@ fn converse(
     };
     // Long enough for the input stage to hear the end of the file's last turn: its end-of-turn
     // silence, plus the VAD's hangover and the input's wait for late audio.
-    let settle = options.session.turn.end_of_turn_silence + Duration::from_secs(1);
+    let settle = options.session.turn.longest_silence() + Duration::from_secs(1);
     let events = call.session.events.clone();
     let mut input_ended: Option<Duration> = None;
     // the canceller's state goes into a verbose transcript once a second

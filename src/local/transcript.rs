@@ -127,6 +127,18 @@ impl Transcript {
                     ),
                 );
             }
+            SessionEvent::Paused { turn } => {
+                self.line(
+                    now,
+                    &format!("[paused] answer to turn {turn}: speech over it"),
+                );
+            }
+            SessionEvent::Resumed { turn } => {
+                self.line(
+                    now,
+                    &format!("[resumed] answer to turn {turn} (not an interruption)"),
+                );
+            }
             SessionEvent::AnswerDone { turn } => {
                 if self.open_answer == Some(*turn) {
                     self.close_answer();

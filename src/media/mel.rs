@@ -152,6 +152,7 @@ impl std::fmt::Debug for LogMel {
 }
 
 /// Work buffers of one frame computation.
+#[derive(Clone)]
 struct Scratch {
     input: Vec<f64>,
     spectrum: Vec<Complex<f64>>,
@@ -366,6 +367,7 @@ pub enum FloorPolicy {
 }
 
 /// Incremental log-mel features of one utterance at a time (see the module doc).
+#[derive(Clone)]
 pub struct MelStream {
     mel: LogMel,
     policy: FloorPolicy,

@@ -8,6 +8,8 @@ pub mod mel;
 pub mod offline;
 pub mod opus;
 pub mod resample;
+pub mod silero;
+pub mod smart_turn;
 pub mod vad;
 pub mod video;
 pub mod video_decode;

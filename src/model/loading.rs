@@ -183,9 +183,27 @@ impl ModelFiles {
 
     /// The model configuration, parsed and checked; errors name the file.
     pub fn load_config(&self) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(&self.config)
-            .with_context(|| format!("cannot read {}", self.config.display()))?;
+        let text = self.read_config()?;
         parse_config(&text, &self.config.display().to_string())
+    }
+
+    /// Which model family the folder holds, from `config.json`'s `model_type`.
+    pub fn family(&self) -> anyhow::Result<ModelFamily> {
+        ModelFamily::of_config(&self.read_config()?)
+            .with_context(|| format!("{}", self.config.display()))
+    }
+
+    /// The Qwen3-Omni configuration, parsed and checked; errors name the file.
+    pub fn load_qwen3_omni_config(
+        &self,
+    ) -> anyhow::Result<crate::model::qwen3_omni::config::Config> {
+        crate::model::qwen3_omni::config::Config::from_json(&self.read_config()?)
+            .with_context(|| format!("{} is not a valid Qwen3-Omni config", self.config.display()))
+    }
+
+    fn read_config(&self) -> anyhow::Result<String> {
+        std::fs::read_to_string(&self.config)
+            .with_context(|| format!("cannot read {}", self.config.display()))
     }
 
     /// The processor settings, or the published defaults when the folder has none.
@@ -390,7 +408,40 @@ pub fn config_from_spec(spec: &str) -> anyhow::Result<Config> {
     parse_config(&text, &path.display().to_string())
 }
 
+/// The model families omnicall knows, told apart by `config.json`'s `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// `qwen2_5_omni` (also a config without `model_type`, as older writers left it out).
+    Qwen25Omni,
+    /// `qwen3_omni_moe`.
+    Qwen3Omni,
+}
+
+impl ModelFamily {
+    pub fn of_config(text: &str) -> anyhow::Result<Self> {
+        #[derive(Deserialize)]
+        struct ModelType {
+            #[serde(default)]
+            model_type: Option<String>,
+        }
+        let probe: ModelType = serde_json::from_str(text).context("config.json is not JSON")?;
+        match probe.model_type.as_deref() {
+            None | Some("qwen2_5_omni") => Ok(Self::Qwen25Omni),
+            Some(crate::model::qwen3_omni::config::MODEL_TYPE) => Ok(Self::Qwen3Omni),
+            Some(other) => bail!(
+                "model_type {other:?} is not a model omnicall runs (qwen2_5_omni, qwen3_omni_moe)"
+            ),
+        }
+    }
+}
+
 fn parse_config(text: &str, origin: &str) -> anyhow::Result<Config> {
+    if ModelFamily::of_config(text).ok() == Some(ModelFamily::Qwen3Omni) {
+        bail!(
+            "{origin} describes a Qwen3-Omni model (model_type qwen3_omni_moe): its model layer \
+             exists (model::qwen3_omni), but this path runs Qwen2.5-Omni only so far"
+        );
+    }
     let config = Config::from_json(text)
         .with_context(|| format!("{origin} is not a valid Qwen2.5-Omni config"))?;
     config

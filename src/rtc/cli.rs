@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use crate::engine::session::{ReplyMode, SessionConfig};
+use crate::engine::turn::TurnTakingArgs;
 use crate::rtc::admission::Capacity;
 use crate::rtc::peer::{IceServer, RtcConfig};
 use crate::rtc::server::{ServeConfig, SessionFactory, serve};
@@ -84,6 +85,8 @@ pub struct ServeArgs {
     /// Seed of the model's sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub turn_taking: TurnTakingArgs,
 }
 
 impl ServeArgs {
@@ -148,6 +151,7 @@ impl ServeArgs {
             session.max_context = max_context;
         }
         session.seed = self.seed;
+        self.turn_taking.apply(&mut session);
         match &self.voice {
             Some(voice) if !voices.contains(voice) => bail!(
                 "no voice {voice:?} in this model; its voices: {}",

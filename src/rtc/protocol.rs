@@ -63,11 +63,17 @@ pub struct TimingMarks {
     pub turn: u64,
     pub speech_end_ms: Option<f64>,
     pub end_of_turn_ms: Option<f64>,
+    /// The answer was started before the end of turn was confirmed.
+    #[serde(default)]
+    pub speculated_at_ms: Option<f64>,
     pub prefill_done_ms: Option<f64>,
     pub first_text_token_ms: Option<f64>,
     pub first_codec_token_ms: Option<f64>,
     pub first_waveform_chunk_ms: Option<f64>,
     pub first_audio_frame_ms: Option<f64>,
+    /// Camera frames the Thinker encoded into the turn's context.
+    #[serde(default)]
+    pub video_frames: usize,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -80,11 +86,13 @@ impl From<&TurnTimings> for TimingMarks {
             turn: t.turn,
             speech_end_ms: t.speech_end.map(ms),
             end_of_turn_ms: t.end_of_turn.map(ms),
+            speculated_at_ms: t.speculated_at.map(ms),
             prefill_done_ms: t.prefill_done.map(ms),
             first_text_token_ms: t.first_text_token.map(ms),
             first_codec_token_ms: t.first_codec_token.map(ms),
             first_waveform_chunk_ms: t.first_waveform_chunk.map(ms),
             first_audio_frame_ms: t.first_audio_frame.map(ms),
+            video_frames: t.video_frames_prefilled,
         }
     }
 }
@@ -116,6 +124,14 @@ pub enum ServerMessage {
         turn: u64,
         heard_ms: f64,
         kept_text: String,
+    },
+    /// Speech over the answer: its voice is paused while the server decides.
+    Paused {
+        turn: u64,
+    },
+    /// It was a backchannel or a noise: the answer plays on.
+    Resumed {
+        turn: u64,
     },
     AnswerDone {
         turn: u64,
@@ -156,6 +172,8 @@ impl ServerMessage {
                 heard_ms: ms(*heard),
                 kept_text: kept_text.clone(),
             },
+            SessionEvent::Paused { turn } => ServerMessage::Paused { turn: *turn },
+            SessionEvent::Resumed { turn } => ServerMessage::Resumed { turn: *turn },
             SessionEvent::AnswerDone { turn } => ServerMessage::AnswerDone { turn: *turn },
             SessionEvent::Timings(t) => ServerMessage::Timings(t.into()),
             SessionEvent::Error(message) => ServerMessage::Error {
@@ -287,10 +305,13 @@ mod tests {
             SessionEvent::Timings(TurnTimings {
                 turn: 3,
                 speech_end: Some(Duration::from_millis(2000)),
+                speculated_at: Some(Duration::from_millis(2100)),
                 first_audio_frame: Some(Duration::from_millis(2450)),
                 ..Default::default()
             }),
             SessionEvent::Error("oops".into()),
+            SessionEvent::Paused { turn: 3 },
+            SessionEvent::Resumed { turn: 3 },
         ];
         for event in &events {
             let msg = ServerMessage::from_event(event).unwrap();

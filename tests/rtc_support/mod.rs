@@ -22,6 +22,8 @@ use omnicall::engine::turn::TurnState;
 use omnicall::model::loading::ModelFiles;
 use omnicall::model::omni::OmniModel;
 use omnicall::rtc::SessionFactory;
+use omnicall::rtc::client::CallClient;
+use omnicall::rtc::protocol::ServerMessage;
 
 pub const TONE_HZ: f32 = 440.0;
 pub const VOICE_RATE: u32 = 24_000;
@@ -371,4 +373,103 @@ pub fn frequency(x: &[f32], rate: u32) -> f32 {
 
 pub fn rms(x: &[f32]) -> f32 {
     (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt()
+}
+
+/// Waits for an `error` message mentioning `needle`; returns its text.
+pub async fn expect_error(timeout: Duration, call: &mut CallClient, needle: &str) -> String {
+    let msg = call
+        .wait_for_message(
+            timeout,
+            |m| matches!(m, ServerMessage::Error { message } if message.contains(needle)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("no error mentioning {needle:?}: {e}"));
+    let ServerMessage::Error { message } = msg.message else {
+        unreachable!()
+    };
+    message
+}
+
+/// An H.264 sequence parameter set (Baseline) declaring `width` x `height`.
+pub fn h264_sps(width: u32, height: u32) -> Vec<u8> {
+    let mut bits: Vec<bool> = vec![];
+    let mut put = |value: u32, n: u32| {
+        for i in (0..n).rev() {
+            bits.push((value >> i) & 1 == 1);
+        }
+    };
+    let ue = |put: &mut dyn FnMut(u32, u32), v: u32| {
+        let x = v + 1;
+        let len = 32 - x.leading_zeros();
+        put(0, len - 1);
+        put(x, len);
+    };
+    put(66, 8); // profile_idc
+    put(0xc0, 8); // constraint flags
+    put(31, 8); // level
+    ue(&mut put, 0); // seq_parameter_set_id
+    ue(&mut put, 0); // log2_max_frame_num_minus4
+    ue(&mut put, 0); // pic_order_cnt_type
+    ue(&mut put, 0); // log2_max_pic_order_cnt_lsb_minus4
+    ue(&mut put, 1); // max_num_ref_frames
+    put(0, 1); // gaps_in_frame_num_value_allowed_flag
+    ue(&mut put, width / 16 - 1);
+    ue(&mut put, height / 16 - 1);
+    put(1, 1); // frame_mbs_only_flag
+    put(1, 1); // direct_8x8_inference_flag
+    put(0, 1); // frame_cropping_flag
+    put(0, 1); // vui_parameters_present_flag
+    put(1, 1); // rbsp stop bit
+    while !bits.len().is_multiple_of(8) {
+        bits.push(false);
+    }
+    let rbsp: Vec<u8> = bits
+        .chunks(8)
+        .map(|b| b.iter().fold(0u8, |acc, &bit| (acc << 1) | bit as u8))
+        .collect();
+    // NAL header, then the payload with emulation prevention
+    let mut nal = vec![0x67];
+    let mut zeros = 0;
+    for b in rbsp {
+        if zeros >= 2 && b <= 3 {
+            nal.push(3);
+            zeros = 0;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        nal.push(b);
+    }
+    nal
+}
+
+/// This process's threads: (thread id, name).
+pub fn threads() -> Vec<(u64, String)> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let id = t.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((id, name.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Threads the transport started for these calls (named `oc-..-{first 8 of the id}`).
+pub fn call_threads(ids: &[&str]) -> Vec<String> {
+    threads()
+        .into_iter()
+        .map(|(_, name)| name)
+        .filter(|name| name.starts_with("oc-") && ids.iter().any(|id| name.ends_with(&id[..8])))
+        .collect()
+}
+
+/// Ids of the threads named like an engine session's (`session-*`, `pacer`). Unnamed threads
+/// inherit their creator's name, so a compute pool started by a session thread shows up too:
+/// compare sets of ids taken around a session's start, not counts.
+pub fn engine_threads() -> std::collections::BTreeSet<u64> {
+    threads()
+        .into_iter()
+        .filter(|(_, name)| name.starts_with("session-") || name == "pacer")
+        .map(|(id, _)| id)
+        .collect()
 }

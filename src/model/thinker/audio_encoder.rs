@@ -474,7 +474,7 @@ impl AudioEncoder {
 /// [`flush`](Self::flush). The concatenated outputs equal [`AudioEncoder::forward`] on all the
 /// frames. A pooled pair can straddle two chunks (when `n_window` is odd), so a lone last token
 /// waits for the next chunk.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct AudioEncoderStream {
     /// Frames of the open chunk, [n_mels, < chunk_frames].
     open: Option<Tensor>,

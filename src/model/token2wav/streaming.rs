@@ -396,13 +396,23 @@ impl StreamingDecoder {
     }
 }
 
-/// The maximum absolute difference and the relative RMS error of `streamed` against `offline`
-/// over their common length.
-pub fn waveform_distance(streamed: &[f32], offline: &[f32]) -> (f32, f32) {
-    let n = streamed.len().min(offline.len());
+/// The maximum absolute difference and the relative RMS error of `streamed` against `offline`.
+/// A stream of another length (a truncated one) or with a non-finite sample is an error, never
+/// a small distance.
+pub fn waveform_distance(streamed: &[f32], offline: &[f32]) -> Result<(f32, f32)> {
+    if streamed.len() != offline.len() {
+        candle_core::bail!(
+            "streamed waveform has {} samples, the offline one {}",
+            streamed.len(),
+            offline.len()
+        );
+    }
     let mut max = 0f32;
     let (mut err, mut energy) = (0f64, 0f64);
-    for (a, b) in streamed[..n].iter().zip(&offline[..n]) {
+    for (i, (a, b)) in streamed.iter().zip(offline).enumerate() {
+        if !a.is_finite() || !b.is_finite() {
+            candle_core::bail!("sample {i} is not finite: streamed {a}, offline {b}");
+        }
         let d = (a - b).abs();
         max = max.max(d);
         err += (d as f64).powi(2);
@@ -413,7 +423,7 @@ pub fn waveform_distance(streamed: &[f32], offline: &[f32]) -> (f32, f32) {
     } else {
         0.0
     };
-    (max, rel)
+    Ok((max, rel))
 }
 
 #[cfg(test)]
@@ -461,8 +471,19 @@ mod tests {
 
     #[test]
     fn distance_is_max_and_relative_rms() {
-        let (max, rel) = waveform_distance(&[1.0, 0.0, 2.0], &[1.0, 0.5, 2.0, 9.0]);
+        let (max, rel) = waveform_distance(&[1.0, 0.0, 2.0], &[1.0, 0.5, 2.0]).unwrap();
         assert_eq!(max, 0.5);
         assert!((rel - (0.25f32 / 5.25).sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn distance_refuses_a_truncated_or_non_finite_stream() {
+        let err = waveform_distance(&[1.0, 0.0], &[1.0, 0.5, 2.0]).unwrap_err();
+        assert!(
+            err.to_string().contains("has 2 samples, the offline one 3"),
+            "{err}"
+        );
+        let err = waveform_distance(&[1.0, f32::NAN, 2.0], &[1.0, 0.5, 2.0]).unwrap_err();
+        assert!(err.to_string().contains("sample 1 is not finite"), "{err}");
     }
 }

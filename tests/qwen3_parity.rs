@@ -1,0 +1,396 @@
+//! Parity of the Qwen3-Omni model layer with the HF transformers reference, stage by stage, on
+//! the fixtures of `scripts/gen_reference_qwen3_omni.py` (`$OMNICALL_QWEN3_REFERENCE_DIR`, else
+//! the committed `tests/fixtures/qwen3-omni`). A missing fixture key is a failure, never a skip;
+//! every size comes from the fixture's own config.json.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use omnicall::model::loading::{ModelFamily, ModelFiles};
+use omnicall::model::qwen3_omni::code_predictor::CodePredictor;
+use omnicall::model::qwen3_omni::code2wav::Code2Wav;
+use omnicall::model::qwen3_omni::config::Config;
+use omnicall::model::qwen3_omni::talker::Talker;
+use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn reference_dir() -> PathBuf {
+    match std::env::var_os("OMNICALL_QWEN3_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-omni"),
+    }
+}
+
+fn config() -> Config {
+    let path = reference_dir().join("model/config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    Config::from_json(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn weights() -> VarBuilder<'static> {
+    let path = reference_dir().join("model/model.safetensors");
+    // SAFETY: the fixture file is not modified while the tests map it.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu) }
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+struct Cases(HashMap<String, Tensor>);
+
+impl Cases {
+    fn load() -> Self {
+        let path = reference_dir().join("cases.safetensors");
+        Self(
+            candle_core::safetensors::load(&path, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())),
+        )
+    }
+
+    fn get(&self, key: &str) -> Tensor {
+        self.0
+            .get(key)
+            .unwrap_or_else(|| {
+                panic!(
+                    "fixture key {key} missing from {}",
+                    reference_dir().display()
+                )
+            })
+            .clone()
+    }
+
+    fn f32(&self, key: &str) -> Tensor {
+        self.get(key).to_dtype(DType::F32).unwrap()
+    }
+
+    /// The run's settings and key descriptions of `cases.json`.
+    fn json() -> serde_json::Value {
+        let path = reference_dir().join("cases.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn i64s(&self, key: &str) -> Vec<i64> {
+        self.get(key)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+    }
+}
+
+/// Within the parity tolerance everywhere, naming what was compared.
+fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+    common::assert_close(what, got, want, TOLERANCE);
+}
+
+fn thinker_text() -> ThinkerText {
+    let c = config();
+    ThinkerText::new(
+        &c.thinker_config.text_config,
+        c.thinker_config.tie_word_embeddings,
+        weights().pp("thinker"),
+    )
+    .unwrap()
+}
+
+fn prompt_ids(cases: &Cases) -> Tensor {
+    cases
+        .get("thinker_text.input_ids")
+        .to_dtype(DType::U32)
+        .unwrap()
+}
+
+#[test]
+fn qwen3_config_parses_and_validates() {
+    let c = config();
+    c.validate().unwrap();
+    assert_eq!(
+        c.thinker_config.text_config.head_dim(),
+        2 * c
+            .thinker_config
+            .text_config
+            .mrope_section()
+            .iter()
+            .sum::<usize>()
+    );
+}
+
+#[test]
+fn qwen3_text_position_ids_equal_the_reference() {
+    let cases = Cases::load();
+    let want = cases.get("thinker_text.position_ids"); // (3, 1, t)
+    let t = want.dim(2).unwrap();
+    let got = text_positions(0, t, &Device::Cpu).unwrap();
+    assert_eq!(
+        got.flatten_all().unwrap().to_vec1::<i64>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<i64>().unwrap()
+    );
+    // Text advances every row by one per token: the reference's rope delta is zero.
+    assert_eq!(cases.i64s("thinker_text.rope_deltas"), vec![0]);
+}
+
+#[test]
+fn qwen3_thinker_text_layers_and_logits_match() {
+    let cases = Cases::load();
+    let c = config();
+    let mut model = thinker_text();
+    let ids = prompt_ids(&cases);
+    let t = ids.dim(1).unwrap();
+    let embeds = model.embed(&ids).unwrap();
+    assert_close(
+        "inputs_embeds",
+        &embeds,
+        &cases.f32("thinker_text.inputs_embeds"),
+    );
+    let positions = text_positions(0, t, &Device::Cpu).unwrap();
+    let mut layers = Vec::new();
+    let hidden = model
+        .forward_hidden(&embeds, &positions, Some(&mut layers))
+        .unwrap();
+    let n = c.thinker_config.text_config.num_hidden_layers;
+    // The reference records every layer's output but the last (its final entry is after the norm).
+    for (i, got) in layers.iter().enumerate().take(n - 1) {
+        let key = format!("thinker_text.layer{i}_output");
+        assert_close(&key, got, &cases.f32(&key));
+    }
+    let logits = model.logits(&hidden).unwrap();
+    assert_close("logits", &logits, &cases.f32("thinker_text.logits"));
+}
+
+#[test]
+fn qwen3_thinker_text_greedy_decode_matches() {
+    let cases = Cases::load();
+    let mut model = thinker_text();
+    let ids = prompt_ids(&cases);
+    let want_ids = cases.i64s("thinker_text.generated_ids");
+    let want_logits = cases.f32("thinker_text.generation_step_logits"); // (1, steps, vocab)
+    let dev = Device::Cpu;
+    let t = ids.dim(1).unwrap();
+    let logits = model
+        .forward(&ids, &text_positions(0, t, &dev).unwrap())
+        .unwrap();
+    let mut step_logits = logits.i((.., t - 1, ..)).unwrap();
+    let mut got_ids = Vec::new();
+    for step in 0..want_ids.len() {
+        assert_close(
+            &format!("step {step} logits"),
+            &step_logits,
+            &want_logits.i((.., step, ..)).unwrap(),
+        );
+        let next = step_logits
+            .argmax(candle_core::D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()[0];
+        got_ids.push(next as i64);
+        let pos = model.cache_len() as i64;
+        let input = Tensor::new(&[[next]], &dev).unwrap();
+        step_logits = model
+            .forward(&input, &text_positions(pos, 1, &dev).unwrap())
+            .unwrap()
+            .i((.., 0, ..))
+            .unwrap();
+    }
+    assert_eq!(got_ids, want_ids);
+}
+
+#[test]
+fn qwen3_thinker_text_cache_truncation_replays_the_same_logits() {
+    let cases = Cases::load();
+    let mut model = thinker_text();
+    let ids = prompt_ids(&cases);
+    let t = ids.dim(1).unwrap();
+    let dev = Device::Cpu;
+    let full = model
+        .forward(&ids, &text_positions(0, t, &dev).unwrap())
+        .unwrap();
+    // Roll back to the first half and feed the rest again: the same logits come out.
+    let half = t / 2;
+    model.truncate_cache(half);
+    let rest = ids.narrow(1, half, t - half).unwrap();
+    let again = model
+        .forward(&rest, &text_positions(half as i64, t - half, &dev).unwrap())
+        .unwrap();
+    assert_close(
+        "replayed logits",
+        &again,
+        &full.narrow(1, half, t - half).unwrap(),
+    );
+}
+
+fn code2wav() -> Code2Wav {
+    Code2Wav::new(&config().code2wav_config, weights().pp("code2wav")).unwrap()
+}
+
+fn fixture_codes(cases: &Cases) -> Tensor {
+    cases.get("code2wav.codes").to_dtype(DType::U32).unwrap()
+}
+
+#[test]
+fn qwen3_code2wav_stages_match() {
+    let cases = Cases::load();
+    let mut model = code2wav();
+    let codes = fixture_codes(&cases);
+    let embeds = model.embed(&codes).unwrap();
+    assert_close("embedded", &embeds, &cases.f32("code2wav.embedded"));
+    let hidden = model.pre_transform(&embeds).unwrap();
+    assert_close(
+        "pre_transformer",
+        &hidden,
+        &cases.f32("code2wav.pre_transformer"),
+    );
+    let up = model.upsample(&hidden).unwrap();
+    assert_close("upsampled", &up, &cases.f32("code2wav.upsampled"));
+    let wav = model.decode_upsampled(&up).unwrap();
+    assert_close("waveform", &wav, &cases.f32("code2wav.waveform"));
+}
+
+#[test]
+fn qwen3_code2wav_waveform_matches() {
+    let cases = Cases::load();
+    let wav = code2wav().forward(&fixture_codes(&cases)).unwrap();
+    assert_close("waveform", &wav, &cases.f32("code2wav.waveform"));
+}
+
+#[test]
+fn qwen3_code2wav_chunked_decode_matches() {
+    let cases = Cases::load();
+    let args = &Cases::json()["args"];
+    let chunk = args["c2w_chunk_size"]
+        .as_u64()
+        .expect("args.c2w_chunk_size") as usize;
+    let context = args["c2w_left_context"]
+        .as_u64()
+        .expect("args.c2w_left_context") as usize;
+    let wav = code2wav()
+        .chunked_decode(&fixture_codes(&cases), chunk, context)
+        .unwrap();
+    assert_close(
+        "chunked waveform",
+        &wav,
+        &cases.f32("code2wav.chunked_waveform"),
+    );
+}
+
+#[test]
+fn qwen3_code_predictor_greedy_residual_codes_match() {
+    let cases = Cases::load();
+    let c = config();
+    let vb = weights();
+    let mut predictor = CodePredictor::new(
+        &c.talker_config.code_predictor_config,
+        vb.pp("talker.code_predictor"),
+    )
+    .unwrap();
+    let talker_embedding = candle_nn::embedding(
+        c.talker_config.text_config.vocab_size,
+        c.talker_config.text_config.hidden_size,
+        vb.pp("talker.model.codec_embedding"),
+    )
+    .unwrap();
+    let code0 = cases
+        .get("code_predictor.code0")
+        .to_dtype(DType::U32)
+        .unwrap();
+    let code0_embedding = candle_core::Module::forward(&talker_embedding, &code0).unwrap();
+    assert_close(
+        "code0 embedding",
+        &code0_embedding,
+        &cases.f32("code_predictor.code0_embedding"),
+    );
+    let frame = predictor
+        .generate(
+            &cases.f32("code_predictor.past_hidden"),
+            &code0_embedding,
+            |logits| {
+                logits
+                    .argmax(candle_core::D::Minus1)?
+                    .flatten_all()?
+                    .to_vec1::<u32>()
+                    .map(|v| v[0])
+            },
+        )
+        .unwrap();
+    let want_logits = cases.f32("code_predictor.step_logits");
+    for (step, got) in frame.logits.iter().enumerate() {
+        assert_close(
+            &format!("residual step {step} logits"),
+            got,
+            &want_logits.i((.., step, ..)).unwrap(),
+        );
+    }
+    let got_codes: Vec<i64> = frame.codes.iter().map(|&c| c as i64).collect();
+    assert_eq!(got_codes, cases.i64s("code_predictor.residual_codes"));
+    assert_close(
+        "next talker input",
+        &frame.summed_embedding,
+        &cases.f32("code_predictor.next_talker_input"),
+    );
+}
+
+#[test]
+fn qwen3_talker_projections_and_codec_logits_match() {
+    let cases = Cases::load();
+    let c = config();
+    let vb = weights();
+    let mut talker = Talker::new(&c.talker_config, vb.pp("talker")).unwrap();
+    let thinker = thinker_text();
+    let thinker_embeds = thinker.embed(&prompt_ids(&cases)).unwrap();
+    assert_close(
+        "text_projection",
+        &talker.project_text(&thinker_embeds).unwrap(),
+        &cases.f32("talker.text_projection"),
+    );
+    assert_close(
+        "hidden_projection",
+        &talker
+            .project_hidden(&cases.f32("talker.thinker_hidden"))
+            .unwrap(),
+        &cases.f32("talker.hidden_projection"),
+    );
+    let embeds = cases.f32("talker.inputs_embeds");
+    let t = embeds.dim(1).unwrap();
+    let hidden = talker
+        .forward_hidden(&embeds, &text_positions(0, t, &Device::Cpu).unwrap())
+        .unwrap();
+    assert_close(
+        "talker last hidden",
+        &hidden,
+        &cases.f32("talker.last_hidden"),
+    );
+    assert_close(
+        "talker codec logits",
+        &talker.codec_logits(&hidden).unwrap(),
+        &cases.f32("talker.logits"),
+    );
+}
+
+#[test]
+fn qwen3_model_folder_is_recognised_by_its_model_type() {
+    let dir = reference_dir().join("model");
+    let files = ModelFiles::from_dir(&dir).unwrap();
+    assert_eq!(files.family().unwrap(), ModelFamily::Qwen3Omni);
+    let err = files.load_config().unwrap_err();
+    assert!(format!("{err:#}").contains("Qwen3-Omni"), "{err:#}");
+    let c = files.load_qwen3_omni_config().unwrap();
+    // The shared loader's checkpoint serves the Qwen3-Omni modules.
+    let vb =
+        files
+            .checkpoint()
+            .unwrap()
+            .var_builder(DType::F32, &Device::Cpu, "qwen3", &["thinker."]);
+    ThinkerText::new(
+        &c.thinker_config.text_config,
+        c.thinker_config.tie_word_embeddings,
+        vb.pp("thinker"),
+    )
+    .unwrap();
+}
