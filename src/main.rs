@@ -235,6 +235,9 @@ enum BenchCommand {
     /// Call a running `omnicall serve` as a headless browser would and measure each turn's
     /// latency (voice to voice, every stage, barge-in).
     Call(omnicall::bench::call::CallArgs),
+    /// Many headless callers against one running server: turns answered, voice to voice,
+    /// refusals, dropped media, the server's CPU and memory, per number of calls; or a soak.
+    Load(omnicall::bench::load::LoadArgs),
     /// Draw a `bench call` CSV as a PNG.
     Plot(omnicall::bench::plot::PlotArgs),
 }
@@ -297,6 +300,7 @@ fn main() {
         Command::Bench(bench) => match bench.what {
             BenchCommand::Model(args) => bench_model(args),
             BenchCommand::Call(args) => omnicall::bench::call::main(args),
+            BenchCommand::Load(args) => omnicall::bench::load::main(args),
             BenchCommand::Plot(args) => omnicall::bench::plot::main(args),
         },
         Command::Check(args) => check(args),

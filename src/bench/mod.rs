@@ -1,6 +1,6 @@
 //! Benchmarks that drive the model and the engine: per-stage model timings at full-size shapes
 //! with random weights, and the latency client of a running server ([`call`], plotted by
-//! [`plot`]).
+//! [`plot`]), and the load benchmark of many calls on one server ([`load`]).
 //!
 //! Every model stage reports [`Measurement`] rows; `omnicall bench model` prints them as one
 //! table.
@@ -9,6 +9,7 @@ pub mod audio;
 pub mod call;
 pub mod engine;
 pub mod peak;
+pub mod load;
 pub mod plot;
 pub mod speech;
 pub mod thinker;

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 
 use crate::engine::session::{ReplyMode, SessionConfig};
 use crate::engine::turn::TurnTakingArgs;
+use crate::rtc::admission::Capacity;
 use crate::rtc::peer::{IceServer, RtcConfig};
 use crate::rtc::server::{ServeConfig, SessionFactory, serve};
 
@@ -30,6 +31,17 @@ pub struct ServeArgs {
     /// Calls at once; the next caller gets `503 Service Unavailable`.
     #[arg(long, default_value_t = 4)]
     pub max_calls: usize,
+    /// Cores the server may use for calls (default: every core it may run on). A new call is
+    /// refused with `503` and `Retry-After` when the measured load plus one more call would
+    /// exceed `--capacity-cores × --max-load`.
+    #[arg(long, value_name = "CORES")]
+    pub capacity_cores: Option<f64>,
+    /// Share of the capacity the calls may keep busy (0..1].
+    #[arg(long, default_value_t = 0.85)]
+    pub max_load: f64,
+    /// Admit calls by --max-calls only, not by measured capacity.
+    #[arg(long)]
+    pub no_admission: bool,
     /// Serve the page from this folder (e.g. web/ while editing it) instead of the copy built
     /// into the binary.
     #[arg(long, value_name = "DIR")]
@@ -90,6 +102,21 @@ impl ServeArgs {
             bail!("--max-calls must be at least 1");
         }
         config.max_calls = self.max_calls;
+        if !(self.max_load > 0.0 && self.max_load <= 1.0) {
+            bail!("--max-load must lie in (0, 1], got {}", self.max_load);
+        }
+        if let Some(cores) = self.capacity_cores
+            && !(cores.is_finite() && cores > 0.0)
+        {
+            bail!("--capacity-cores must be a positive number, got {cores}");
+        }
+        config.capacity = (!self.no_admission).then(|| {
+            let machine = Capacity::of_machine();
+            Capacity {
+                cores: self.capacity_cores.unwrap_or(machine.cores),
+                max_load: self.max_load,
+            }
+        });
         if let Some(pixels) = self.max_video_pixels {
             if pixels == 0 {
                 bail!("--max-video-pixels must be at least 1");

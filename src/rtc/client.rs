@@ -342,6 +342,16 @@ fn http_agent() -> ureq::Agent {
         .build()
 }
 
+/// The server answered an offer with an error status (`503` with `Retry-After`: full).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("offer refused: {status}: {message}")]
+pub struct OfferRefused {
+    pub status: u16,
+    /// The server's `Retry-After`, in seconds.
+    pub retry_after: Option<Duration>,
+    pub message: String,
+}
+
 /// `POST`s an offer; returns the call URL and the answer.
 async fn post_offer(config: &ClientConfig, offer: String) -> anyhow::Result<(String, String)> {
     let base = config.server.trim_end_matches('/').to_string();
@@ -389,10 +399,22 @@ async fn post_offer(config: &ClientConfig, offer: String) -> anyhow::Result<(Str
                 response.status(),
                 response.into_string().unwrap_or_default().trim()
             ),
-            Err(ureq::Error::Status(code, response)) => bail!(
-                "offer refused: {code}: {}",
-                response.into_string().unwrap_or_default().trim()
-            ),
+            Err(ureq::Error::Status(status, response)) => {
+                let retry_after = response
+                    .header("Retry-After")
+                    .and_then(|v| v.trim().parse().ok())
+                    .map(Duration::from_secs);
+                Err(OfferRefused {
+                    status,
+                    retry_after,
+                    message: response
+                        .into_string()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                }
+                .into())
+            }
             Err(e) => bail!("posting the offer to {url}: {e}"),
         }
     })

@@ -5,12 +5,19 @@
 //! | --- | --- | --- |
 //! | `omnicall_calls_active` | gauge | calls running now |
 //! | `omnicall_calls_started_total` | counter | offers answered (`201`) |
-//! | `omnicall_calls_rejected_total{reason}` | counter | offers refused: `busy` (`503`), `unauthorized` (`401`), `bad_offer` (`400`), `unsupported_offer` (`422`), `unsupported_media_type` (`415`), `server_error` (`5xx`), `other` |
+//! | `omnicall_calls_rejected_total{reason}` | counter | offers refused: `busy` (`503`), `unauthorized` (`401`), `bad_offer` (`400`), `unsupported_offer` (`422`), `unsupported_media_type` (`415`), `server_error` (`5xx`), `other`; by capacity: `capacity` (one more call would not fit), `measuring` (the first call's cost is not known yet) |
 //! | `omnicall_turns_total` | counter | turns whose timing marks the sessions reported |
 //! | `omnicall_barge_ins_total` | counter | answers cut short (the user spoke over the model, or sent `interrupt`) |
 //! | `omnicall_audio_packets_received_total` | counter | RTP packets of the callers' microphones |
 //! | `omnicall_audio_packets_sent_total{kind}` | counter | Opus RTP packets sent: `voice` or `silence` (between answers) |
 //! | `omnicall_turn_stage_seconds{stage}` | histogram | time from the end of the user's speech to each stage of the answer |
+//! | `omnicall_media_dropped_total{kind}` | counter | caller media the transport dropped: `audio_packet` (late, duplicate or undecodable), `video_frame` (incomplete, undecodable, or the decoder behind) |
+//! | `omnicall_load_cores` | gauge | cores the server kept busy over the last seconds ([`admission`](crate::rtc::admission)) |
+//! | `omnicall_capacity_cores` | gauge | cores the calls may use (`--capacity-cores × --max-load`; 0: no admission by capacity) |
+//! | `omnicall_headroom_cores` | gauge | capacity minus load |
+//! | `omnicall_call_cost_cores` | gauge | busy cores per call, as measured (0 until known) |
+//! | `omnicall_process_cpu_seconds` | gauge | CPU time of the server process so far |
+//! | `omnicall_process_resident_bytes` | gauge | resident memory of the server process |
 //!
 //! The stages are those of [`TurnTimings`], measured on the session clock from `speech_end`:
 //! `end_of_turn`, `prefill_done`, `first_text_token`, `first_codec_token`,
@@ -24,9 +31,11 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::rtc::admission::{Capacity, LoadEstimate, ProcessUsage, RefusalReason};
 
 use crate::engine::session::{SessionEvent, TurnTimings};
 
@@ -42,6 +51,9 @@ pub const TURN_STAGES: [&str; 6] = [
     "first_waveform_chunk",
     "first_audio_frame",
 ];
+
+/// The `kind`s of `omnicall_media_dropped_total`.
+pub const MEDIA_DROPPED_KINDS: [&str; 2] = ["audio_packet", "video_frame"];
 
 /// Histogram buckets of the stage timings, in seconds: from a VAD frame to a slow CPU prefill.
 const STAGE_BUCKETS: [f64; 15] = [
@@ -79,6 +91,52 @@ pub struct ServerMetrics {
     audio_packets_received: IntCounter,
     audio_packets_sent: IntCounterVec,
     stage_seconds: HistogramVec,
+    media_dropped: IntCounterVec,
+    load: LoadGauges,
+}
+
+/// The gauges of the server's load and of its process.
+#[derive(Debug, Clone)]
+struct LoadGauges {
+    load_cores: Gauge,
+    capacity_cores: Gauge,
+    headroom_cores: Gauge,
+    call_cost_cores: Gauge,
+    process_cpu_seconds: Gauge,
+    process_resident_bytes: Gauge,
+}
+
+impl LoadGauges {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let gauge = |name: &str, help: &str| -> prometheus::Result<Gauge> {
+            let g = Gauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(Self {
+            load_cores: gauge(
+                "omnicall_load_cores",
+                "Cores the server kept busy over the last seconds.",
+            )?,
+            capacity_cores: gauge(
+                "omnicall_capacity_cores",
+                "Cores the calls may use (0: no admission by capacity).",
+            )?,
+            headroom_cores: gauge("omnicall_headroom_cores", "Capacity minus load, in cores.")?,
+            call_cost_cores: gauge(
+                "omnicall_call_cost_cores",
+                "Busy cores per call, as measured (0 until known).",
+            )?,
+            process_cpu_seconds: gauge(
+                "omnicall_process_cpu_seconds",
+                "CPU time of the server process so far.",
+            )?,
+            process_resident_bytes: gauge(
+                "omnicall_process_resident_bytes",
+                "Resident memory of the server process.",
+            )?,
+        })
+    }
 }
 
 impl ServerMetrics {
@@ -138,7 +196,22 @@ impl ServerMetrics {
         for stage in TURN_STAGES {
             stage_seconds.with_label_values(&[stage]);
         }
+        let media_dropped = IntCounterVec::new(
+            Opts::new(
+                "omnicall_media_dropped_total",
+                "Caller media the transport dropped: audio packets (late, duplicate, undecodable), \
+                 video frames (incomplete, undecodable, decoder behind).",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(media_dropped.clone()))?;
+        for kind in MEDIA_DROPPED_KINDS {
+            media_dropped.with_label_values(&[kind]);
+        }
+        let load = LoadGauges::new(&registry)?;
         Ok(Self {
+            media_dropped,
+            load,
             registry,
             calls_active,
             calls_started,
@@ -159,6 +232,39 @@ impl ServerMetrics {
             self.calls_rejected
                 .with_label_values(&[reject_reason(status)])
                 .inc();
+        }
+    }
+
+    /// An offer was refused by admission control.
+    pub fn offer_refused(&self, reason: RefusalReason) {
+        self.calls_rejected
+            .with_label_values(&[reason.label()])
+            .inc();
+    }
+
+    /// The load as admission measured it, against `capacity` (`None`: not admitting by
+    /// capacity).
+    pub fn set_load(&self, load: &LoadEstimate, capacity: Option<&Capacity>) {
+        let g = &self.load;
+        g.load_cores.set(load.busy_cores);
+        g.call_cost_cores.set(load.call_cost.unwrap_or(0.0));
+        let budget = capacity.map_or(0.0, Capacity::budget);
+        g.capacity_cores.set(budget);
+        g.headroom_cores.set(budget - load.busy_cores);
+    }
+
+    /// The process's CPU time and memory.
+    pub fn set_process(&self, usage: &ProcessUsage) {
+        self.load.process_cpu_seconds.set(usage.cpu.as_secs_f64());
+        self.load
+            .process_resident_bytes
+            .set(usage.resident_bytes as f64);
+    }
+
+    /// `count` pieces of caller media of `kind` (one of [`MEDIA_DROPPED_KINDS`]) were dropped.
+    pub fn media_dropped(&self, kind: &str, count: u64) {
+        if count > 0 {
+            self.media_dropped.with_label_values(&[kind]).inc_by(count);
         }
     }
 

@@ -5,6 +5,7 @@
 //! Data flows one way: RTP in ([`media_in`]) -> [`SessionHandle`](crate::engine::session::SessionHandle)
 //! inputs; session events -> Opus RTP ([`media_out`]) and data channel JSON ([`protocol`]).
 
+pub mod admission;
 pub mod cli;
 pub mod client;
 pub mod media_in;

@@ -776,6 +776,7 @@ async fn receive_audio(
             return;
         }
     };
+    let mut dropped_before = 0;
     while let Some(event) = track.poll().await {
         let TrackRemoteEvent::OnRtpPacket(packet) = event else {
             if matches!(event, TrackRemoteEvent::OnEnded) {
@@ -795,6 +796,10 @@ async fn receive_audio(
                 return;
             }
         }
+        let stats = receiver.stats();
+        let dropped = stats.late_packets + stats.bad_packets;
+        metrics.media_dropped("audio_packet", dropped - dropped_before);
+        dropped_before = dropped;
         for e in errors {
             let _ = events.send(CallEvent::MediaProblem(format!("audio: {e}")));
         }
@@ -843,6 +848,7 @@ async fn receive_video(
     });
     let mut stream: Option<(u32, u8, VideoReceiver, VideoDecodeWorker)> = None;
     let mut ignored_payload_types = 0u64;
+    let mut dropped_before = 0;
     while let Some(event) = track.poll().await {
         let packet = match event {
             TrackRemoteEvent::OnRtpPacket(packet) => packet,
@@ -910,8 +916,15 @@ async fn receive_video(
             packet.payload,
         );
         let mut need_keyframe = pushed.need_keyframe;
+        let dropped = receiver.stats().dropped_frames;
+        settings
+            .metrics
+            .media_dropped("video_frame", dropped - dropped_before);
+        dropped_before = dropped;
         for frame in pushed.frames {
             if !worker.decode(frame) {
+                // the decoder is behind: this frame is shed, and the inter frames after it
+                settings.metrics.media_dropped("video_frame", 1);
                 receiver.wait_for_keyframe();
                 need_keyframe = true;
             }

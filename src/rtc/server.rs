@@ -6,15 +6,20 @@
 //! - `POST /v1/offer` (`Content-Type: application/sdp`, optional `?voice=..&reply_mode=..`):
 //!   `201 Created`, the SDP answer, `Location: /v1/calls/{id}`. A malformed offer is `400`, an
 //!   offer without audio or with only unsupported codecs `422`, a wrong content type `415`,
-//!   a missing or wrong token `401`, no free call slot `503`; the body says why.
+//!   a missing or wrong token `401`; no free call slot, or no room for one more call in the
+//!   measured capacity ([`admission`](crate::rtc::admission)): `503` with `Retry-After`. The
+//!   body says why.
 //! - `DELETE /v1/calls/{id}`: hang up (`204`, `404` for an unknown call).
 //! - `GET /v1/calls`: the calls running (JSON).
+//! - `GET /v1/health` (also `/healthz`, no token needed): `200` `{"status":"ready",..}` while
+//!   one more call would be admitted, `503` `{"status":"full","reason":..}` with `Retry-After`
+//!   otherwise: what a load balancer's health check reads.
 //! - `GET /metrics`: Prometheus counters and per-stage turn timings ([`metrics`](crate::rtc::metrics);
 //!   needs the token when one is set).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -29,6 +34,7 @@ use tokio::sync::Semaphore;
 
 use crate::engine::session::{ReplyMode, SessionConfig, SessionHandle};
 use crate::media::video_decode::DEFAULT_MAX_PIXELS;
+use crate::rtc::admission::{self, Capacity, LoadMeter, ProcessUsage, Refusal, RefusalReason};
 use crate::rtc::metrics::{self, ServerMetrics};
 use crate::rtc::peer::{self, CallRegistry, CallSettings, CallSetupError, EndReason, RtcConfig};
 use crate::rtc::signaling::{self, MAX_SDP_BYTES, OfferError};
@@ -47,6 +53,8 @@ pub struct ServeConfig {
     pub token: Option<String>,
     /// Calls at once; the next caller gets `503`.
     pub max_calls: usize,
+    /// Admit a call only while it fits in this measured capacity (`None`: only `max_calls`).
+    pub capacity: Option<Capacity>,
     /// Serve the page from this folder instead of the copy built into the binary.
     pub web_root: Option<PathBuf>,
     /// The template of every call's session (a caller may pick the voice and reply mode).
@@ -68,6 +76,7 @@ impl Default for ServeConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token: None,
             max_calls: 4,
+            capacity: None,
             web_root: None,
             session: SessionConfig::default(),
             voices: vec!["Chelsie".into(), "Ethan".into()],
@@ -86,6 +95,10 @@ struct ServerState {
     slots: Arc<Semaphore>,
     calls: CallRegistry,
     metrics: Arc<ServerMetrics>,
+    load: LoadMeter,
+    /// Held from an offer's admission to its call's registration, so that offers at the same
+    /// moment are admitted one after the other.
+    admitting: Mutex<()>,
 }
 
 /// A server running in the background.
@@ -94,6 +107,7 @@ pub struct RunningServer {
     state: Arc<ServerState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    sampler: tokio::task::JoinHandle<()>,
 }
 
 /// One running call as `GET /v1/calls` lists it.
@@ -126,6 +140,7 @@ impl RunningServer {
     /// Ends every call (freeing its session) and stops serving.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         end_all_calls(&self.state).await;
+        self.sampler.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -210,7 +225,10 @@ impl Server {
             calls: Default::default(),
             config,
             metrics,
+            load: LoadMeter::default(),
+            admitting: Mutex::new(()),
         });
+        let sampler = tokio::spawn(sample_load(Arc::downgrade(&state)));
         let app = router(Arc::clone(&state));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -226,8 +244,94 @@ impl Server {
             state,
             shutdown: Some(tx),
             task,
+            sampler,
         })
     }
+}
+
+/// Samples the process's load every [`LoadMeter::PERIOD`] while the server lives.
+async fn sample_load(state: Weak<ServerState>) {
+    let mut tick = tokio::time::interval(LoadMeter::PERIOD);
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        let calls = state.calls.entries().len();
+        state.load.sample(calls);
+        state.metrics.set_load(
+            &state.load.estimate(Instant::now(), calls),
+            state.config.capacity.as_ref(),
+        );
+        if let Some(usage) = ProcessUsage::of_self() {
+            state.metrics.set_process(&usage);
+        }
+    }
+}
+
+/// Whether one more call would be admitted now.
+fn admission(state: &ServerState) -> Result<(), Refusal> {
+    let calls = state.calls.entries().len();
+    let load = state.load.estimate(Instant::now(), calls);
+    admission::decide(
+        &load,
+        state.config.capacity.as_ref(),
+        state.config.max_calls,
+    )
+}
+
+/// A `503` with `Retry-After`, tagged with its reason for `/metrics`.
+fn refused(refusal: &Refusal) -> Response {
+    let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, refusal.message.clone());
+    retry_after(&mut response, refusal);
+    response
+}
+
+fn retry_after(response: &mut Response, refusal: &Refusal) {
+    let seconds = refusal.retry_after.as_secs().max(1);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response.extensions_mut().insert(refusal.reason);
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    /// `ready` (one more call would be admitted) or `full`.
+    pub status: String,
+    /// Why not, when full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub calls: usize,
+    pub max_calls: usize,
+    pub load_cores: f64,
+    /// Cores the calls may use (absent: no admission by capacity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_cores: Option<f64>,
+}
+
+async fn health(State(state): State<Arc<ServerState>>) -> Response {
+    let calls = state.calls.entries().len();
+    let load = state.load.estimate(Instant::now(), calls);
+    let verdict = admission(&state);
+    let body = Health {
+        status: if verdict.is_ok() { "ready" } else { "full" }.into(),
+        reason: verdict.as_ref().err().map(|r| r.message.clone()),
+        calls,
+        max_calls: state.config.max_calls,
+        load_cores: load.busy_cores,
+        capacity_cores: state.config.capacity.as_ref().map(Capacity::budget),
+    };
+    let mut response = axum::Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Err(refusal) = verdict {
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        retry_after(&mut response, &refusal);
+    }
+    response
 }
 
 /// Serves calls until ctrl-c: `omnicall serve`.
@@ -241,6 +345,8 @@ pub async fn serve(config: ServeConfig, factory: SessionFactory) -> anyhow::Resu
 fn router(state: Arc<ServerState>) -> Router {
     let mut app = Router::new()
         .route("/v1/info", get(info))
+        .route("/v1/health", get(health))
+        .route("/healthz", get(health))
         .route("/v1/offer", post(counted_offer))
         .route("/v1/calls", get(calls))
         .route("/metrics", get(metrics_page))
@@ -409,7 +515,10 @@ async fn counted_offer(
 ) -> Response {
     let metrics = Arc::clone(&state.metrics);
     let response = offer(State(state), headers, params, body).await;
-    metrics.offer_answered(response.status().as_u16());
+    match response.extensions().get::<RefusalReason>() {
+        Some(&reason) => metrics.offer_refused(reason),
+        None => metrics.offer_answered(response.status().as_u16()),
+    }
     response
 }
 
@@ -478,15 +587,26 @@ async fn offer(
     if let Some(mode) = params.reply_mode {
         session_config.reply_mode = mode;
     }
-    let Ok(permit) = Arc::clone(&state.slots).try_acquire_owned() else {
-        tracing::warn!("call refused: all {} slots busy", state.config.max_calls);
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "all {} call slots are busy; try again when a call has ended",
-                state.config.max_calls
-            ),
-        );
+    let permit = {
+        let _one_at_a_time = state.admitting.lock().expect("admission lock");
+        if let Err(refusal) = admission(&state) {
+            tracing::warn!("call refused: {}", refusal.message);
+            return refused(&refusal);
+        }
+        let Ok(permit) = Arc::clone(&state.slots).try_acquire_owned() else {
+            let refusal = Refusal {
+                reason: RefusalReason::Slots,
+                message: format!(
+                    "all {} call slots are busy; try again when a call has ended",
+                    state.config.max_calls
+                ),
+                retry_after: admission::RETRY_AFTER,
+            };
+            tracing::warn!("call refused: {}", refusal.message);
+            return refused(&refusal);
+        };
+        state.load.admitted(Instant::now());
+        permit
     };
     let started = Instant::now();
     let (voice, reply_mode) = (session_config.voice.clone(), session_config.reply_mode);
