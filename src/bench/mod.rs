@@ -8,8 +8,8 @@
 pub mod audio;
 pub mod call;
 pub mod engine;
-pub mod peak;
 pub mod load;
+pub mod peak;
 pub mod plot;
 pub mod speech;
 pub mod thinker;
