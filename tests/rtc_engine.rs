@@ -141,31 +141,7 @@ async fn the_real_engine_behind_limits_token_garbage_and_a_vanished_client() {
         msg.contains("503") && msg.contains("all 2 call slots are busy"),
         "{msg}"
     );
-    let media_vp8 = garbage.media();
-    for junk in [&[0x0b, 0x3c, 1, 2][..], &[0x03, 0x00][..], &[][..]] {
-        media_vp8
-            .send_opus(junk, Duration::from_millis(20))
-            .await
-            .unwrap();
-    }
-    expect_error(T, &mut garbage, "invalid opus packet").await;
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    media_vp8
-        .send_raw_video_payload(&[0x90, 0x80, 0x80], true, 3_000)
-        .await
-        .unwrap();
-    expect_error(T, &mut garbage, "bad VP8 RTP payload").await;
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    // a key frame header declaring 16000x16000 pixels
-    let mut huge = vec![0x50, 0x02, 0x00, 0x9d, 0x01, 0x2a];
-    huge.extend(16_000u16.to_le_bytes());
-    huge.extend(16_000u16.to_le_bytes());
-    huge.extend([0u8; 200]);
-    media_vp8
-        .send_video_frame(&huge, Duration::from_millis(33))
-        .await
-        .unwrap();
-    expect_error(T, &mut garbage, "VP8 frame of 16000x16000").await;
+    send_vp8_garbage(T, &mut garbage).await;
 
     // the healthy call is answered by the engine, the camera in the Thinker's context
     talk.await.unwrap();

@@ -473,3 +473,45 @@ pub fn engine_threads() -> std::collections::BTreeSet<u64> {
         .map(|(id, _)| id)
         .collect()
 }
+
+/// The errors a VP8 call's garbage gets, in order: bad Opus packets, a VP8 payload descriptor
+/// that runs past its end, a key frame declaring 16000x16000 pixels (each one error event,
+/// spaced past the transport's problem throttle).
+pub struct Vp8GarbageErrors {
+    pub opus: String,
+    pub descriptor: String,
+    pub huge_frame: String,
+}
+
+/// Sends that garbage on `call` and returns the error each part got.
+pub async fn send_vp8_garbage(timeout: Duration, call: &mut CallClient) -> Vp8GarbageErrors {
+    let media = call.media();
+    for junk in [&[0x0b, 0x3c, 1, 2][..], &[0x03, 0x00][..], &[][..]] {
+        media
+            .send_opus(junk, Duration::from_millis(20))
+            .await
+            .unwrap();
+    }
+    let opus = expect_error(timeout, call, "invalid opus packet").await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    media
+        .send_raw_video_payload(&[0x90, 0x80, 0x80], true, 3_000)
+        .await
+        .unwrap();
+    let descriptor = expect_error(timeout, call, "bad VP8 RTP payload").await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let mut huge = vec![0x50, 0x02, 0x00, 0x9d, 0x01, 0x2a];
+    huge.extend(16_000u16.to_le_bytes());
+    huge.extend(16_000u16.to_le_bytes());
+    huge.extend([0u8; 200]);
+    media
+        .send_video_frame(&huge, Duration::from_millis(33))
+        .await
+        .unwrap();
+    let huge_frame = expect_error(timeout, call, "VP8 frame of 16000x16000").await;
+    Vp8GarbageErrors {
+        opus,
+        descriptor,
+        huge_frame,
+    }
+}
