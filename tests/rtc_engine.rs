@@ -48,12 +48,6 @@ async fn status(method: &'static str, url: String, token: Option<&'static str>) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_engine_behind_limits_token_garbage_and_a_vanished_client() {
     init_tracing();
-    // candle's compute pool, started here with its own names: otherwise the first session
-    // thread to compute starts it and its threads carry that thread's name
-    rayon::ThreadPoolBuilder::new()
-        .thread_name(|i| format!("compute-{i}"))
-        .build_global()
-        .expect("the compute pool is not started yet");
     assert!(engine_threads().is_empty(), "{:?}", engine_threads());
     let server = Server::start(
         ServeConfig {

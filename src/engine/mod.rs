@@ -13,6 +13,7 @@ pub mod runtime;
 pub mod session;
 pub(crate) mod talker_task;
 pub(crate) mod thinker_task;
+pub mod threads;
 pub mod turn;
 pub mod turn_media;
 pub(crate) mod vocoder_task;

@@ -64,6 +64,8 @@ use super::session::{
 };
 use super::talker_task::{self, TalkerMsg};
 use super::thinker_task::{self, ThinkerMsg, ThinkerReport};
+use super::threads::name_compute_pool;
+pub use super::threads::{SESSION_THREADS, thread_cpu, threads_cpu};
 use super::turn::TurnDetection;
 use super::vocoder_task;
 use crate::media::mel::LogMel;
@@ -135,38 +137,6 @@ impl ModelTimes {
         self.encoders + self.thinker + self.talker + self.vocoder
     }
 }
-
-/// CPU time the calling thread has run (Linux: `/proc/thread-self/schedstat`).
-pub fn thread_cpu() -> Option<Duration> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
-    Some(Duration::from_nanos(ns))
-}
-
-/// CPU time run so far by the threads of this process whose name starts with one of
-/// `prefixes` (Linux: `/proc/self/task/*/schedstat`), summed by name.
-pub fn threads_cpu(prefixes: &[&str]) -> Option<std::collections::BTreeMap<String, Duration>> {
-    let mut out = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let dir = task.path();
-        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        let name = name.trim_end();
-        if !prefixes.iter().any(|p| name.starts_with(p)) {
-            continue;
-        }
-        if let Ok(text) = std::fs::read_to_string(dir.join("schedstat"))
-            && let Some(ns) = text.split_whitespace().next().and_then(|v| v.parse().ok())
-        {
-            *out.entry(name.to_string()).or_default() += Duration::from_nanos(ns);
-        }
-    }
-    Some(out)
-}
-
-/// Names of a session's threads, for [`threads_cpu`].
-pub const SESSION_THREADS: [&str; 2] = ["session-", "pacer"];
 
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct SpeechProgress {
@@ -452,6 +422,8 @@ fn start(
     profile: bool,
     probed: bool,
 ) -> Result<(SessionHandle, SessionProbe)> {
+    // before any session thread computes: the pool's threads would take that thread's name
+    name_compute_pool();
     let model = model.clone();
     let blocks = BlockConfig::for_model(
         &model.config.thinker_config,

@@ -1,0 +1,105 @@
+//! The threads of sessions: their names, their CPU time, and the shared compute pool.
+//!
+//! candle (and gemm under it) parallelises its kernels on rayon's global pool. An unnamed
+//! thread inherits the name of the thread that creates it, so without [`name_compute_pool`]
+//! the pool's threads, started by the first session thread to compute, would carry that
+//! session thread's name for the life of the process and be taken for a session's threads
+//! that outlived their call.
+
+use std::collections::BTreeMap;
+use std::sync::Once;
+use std::time::Duration;
+
+/// Name prefixes of a session's threads, for [`threads_cpu`].
+pub const SESSION_THREADS: [&str; 2] = ["session-", "pacer"];
+
+/// Name prefix of the compute pool's threads (shared by every session, never ended).
+pub const COMPUTE_THREADS: &str = "compute-";
+
+/// Starts rayon's global pool (candle's compute threads) with threads named `compute-N`,
+/// once per process; a no-op if the pool was already started (by this or by anyone else).
+pub fn name_compute_pool() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("{COMPUTE_THREADS}{i}"))
+            .build_global()
+        {
+            tracing::debug!("the compute pool was started before the first session: {e}");
+        }
+    });
+}
+
+/// CPU time the calling thread has run (Linux: `/proc/thread-self/schedstat`).
+pub fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// CPU time run so far by the threads of this process whose name starts with one of
+/// `prefixes` (Linux: `/proc/self/task/*/schedstat`), summed by name.
+pub fn threads_cpu(prefixes: &[&str]) -> Option<BTreeMap<String, Duration>> {
+    let mut out = BTreeMap::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = task.path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let name = name.trim_end();
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("schedstat"))
+            && let Some(ns) = text.split_whitespace().next().and_then(|v| v.parse().ok())
+        {
+            *out.entry(name.to_string()).or_default() += Duration::from_nanos(ns);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_threads_never_carry_a_session_threads_name() {
+        let from_session = std::thread::Builder::new()
+            .name("session-thinker".into())
+            .spawn(|| {
+                name_compute_pool();
+                // the pool's threads start now, from a session-named thread
+                rayon::broadcast(|_| std::thread::current().name().map(String::from))
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        // (another test of this binary may have started the pool first, under its own name)
+        for name in from_session.into_iter().flatten() {
+            assert!(
+                !SESSION_THREADS.iter().any(|p| name.starts_with(p)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_calling_threads_cpu_time_is_counted_under_its_name() {
+        let busy = std::thread::Builder::new()
+            .name("session-cpu-test".into())
+            .spawn(|| {
+                let start = thread_cpu().expect("schedstat");
+                let mut x = 0u64;
+                while thread_cpu().unwrap() - start < Duration::from_millis(5) {
+                    x = x.wrapping_add(1);
+                }
+                let all = threads_cpu(&["session-cpu-test"]).unwrap();
+                (x, all["session-cpu-test"])
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(busy.1 >= Duration::from_millis(5), "{busy:?}");
+    }
+}
