@@ -118,10 +118,7 @@ fn a_missing_camera_fails_the_call_before_the_session_starts() {
         &CameraChoice::Index(987),
         &Default::default(),
         Arc::new(SystemClock::new()),
-        SessionHandle {
-            input: unbounded().0,
-            events: unbounded().1,
-        },
+        SessionHandle::new(unbounded().0, unbounded().1),
     )
     .err()
     .expect("no /dev/video987");
@@ -188,7 +185,7 @@ fn typed_answer_session(
             }
         }
     });
-    SessionHandle { input, events }
+    SessionHandle::new(input, events)
 }
 
 #[test]

@@ -278,7 +278,7 @@ fn loopback(received: Arc<Mutex<u64>>) -> SessionHandle {
             }
         }
     });
-    SessionHandle { input, events }
+    SessionHandle::new(input, events)
 }
 
 #[test]

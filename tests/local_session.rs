@@ -322,7 +322,7 @@ fn harness(
             }
         }
     });
-    SessionHandle { input, events }
+    SessionHandle::new(input, events)
 }
 
 /// A call on `input_file` into `output_file` through the harness, in simulated time moved

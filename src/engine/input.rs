@@ -57,7 +57,10 @@ pub struct InputConfig {
     /// (capture clocks jitter); further apart is a gap or an overlap.
     pub timestamp_tolerance: Duration,
     /// How far ahead of the session clock a media timestamp may be before the input is
-    /// refused as broken.
+    /// re-timed: an audio piece is placed at the session clock (after the audio already
+    /// taken, when that runs ahead), a camera frame at the session clock. Nothing is dropped
+    /// for it: a transport whose first packet waited in a queue stamps every later one that
+    /// much ahead, and the caller's words are still the caller's words.
     pub max_lead: Duration,
     /// Audio after a block's end that must be on the timeline before the block closes (it
     /// travels with the block: see [`Block::lookahead`]). The session sets it to the feature
@@ -182,16 +185,6 @@ pub enum InputError {
         index: usize,
         value: f32,
     },
-    #[error(
-        "{what} at {at:?} is ahead of the session clock ({now:?}) by more than {max_lead:?}: \
-         its timestamp is not on the session's media time"
-    )]
-    FromTheFuture {
-        what: &'static str,
-        at: Duration,
-        now: Duration,
-        max_lead: Duration,
-    },
     #[error("video frame at {at:?}: {width}x{height} RGB needs {expected} bytes, got {got}")]
     BadVideoFrame {
         at: Duration,
@@ -220,6 +213,10 @@ pub struct InputStats {
     pub silence_filled: Duration,
     /// Changes of the input sample rate.
     pub rate_changes: u64,
+    /// Audio pieces and camera frames stamped more than `max_lead` ahead of the session
+    /// clock, placed at the clock instead (see [`InputConfig::max_lead`]).
+    pub retimed_audio: u64,
+    pub retimed_video_frames: u64,
     pub video_frames: u64,
     /// Frames dropped because they were too old to be shown by any block.
     pub late_video_frames: u64,
@@ -374,7 +371,7 @@ impl InputStage {
     }
 
     /// Takes a piece of microphone audio. A refused piece changes nothing.
-    pub fn push_audio(&mut self, input: AudioInput) -> Result<Vec<InputEvent>, InputError> {
+    pub fn push_audio(&mut self, mut input: AudioInput) -> Result<Vec<InputEvent>, InputError> {
         let mut events = Vec::new();
         if !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&input.sample_rate) {
             return Err(InputError::AudioRate {
@@ -394,9 +391,12 @@ impl InputStage {
                 value,
             });
         }
-        self.check_lead("audio", input.at)?;
         if input.samples.is_empty() {
             return Ok(events);
+        }
+        if self.too_far_ahead(input.at) {
+            input.at = self.clock.now().max(self.audio_end());
+            self.stats.retimed_audio += 1;
         }
         let length = samples_to_duration(input.samples.len() as u64, input.sample_rate);
         if input.at + length <= self.committed_until {
@@ -418,7 +418,7 @@ impl InputStage {
     }
 
     /// Takes a camera frame. A refused frame changes nothing.
-    pub fn push_video(&mut self, frame: VideoInput) -> Result<Vec<InputEvent>, InputError> {
+    pub fn push_video(&mut self, mut frame: VideoInput) -> Result<Vec<InputEvent>, InputError> {
         let expected = frame
             .width
             .checked_mul(frame.height)
@@ -433,7 +433,10 @@ impl InputStage {
                 got: frame.rgb.len(),
             });
         }
-        self.check_lead("video frame", frame.at)?;
+        if self.too_far_ahead(frame.at) {
+            frame.at = self.clock.now();
+            self.stats.retimed_video_frames += 1;
+        }
         self.stats.video_frames += 1;
         let kept_for_history = self.remember_frame(&frame);
         let kept_for_turn = match self.open.as_mut() {
@@ -529,17 +532,19 @@ impl InputStage {
         Ok(events)
     }
 
-    fn check_lead(&self, what: &'static str, at: Duration) -> Result<(), InputError> {
-        let now = self.clock.now();
-        if at > now + self.config.max_lead {
-            return Err(InputError::FromTheFuture {
-                what,
-                at,
-                now,
-                max_lead: self.config.max_lead,
-            });
-        }
-        Ok(())
+    fn too_far_ahead(&self, at: Duration) -> bool {
+        at > self.clock.now() + self.config.max_lead
+    }
+
+    /// Media time where the audio taken so far ends (on the timeline or waiting for a gap).
+    fn audio_end(&self) -> Duration {
+        let waiting = self
+            .pending
+            .values()
+            .map(|p| p.at + samples_to_duration(p.samples.len() as u64, p.sample_rate))
+            .max()
+            .unwrap_or_default();
+        self.committed_until.max(waiting)
     }
 
     /// Commits waiting pieces in order: each one that continues the audio, or that waited

@@ -9,6 +9,7 @@ pub mod end_of_turn;
 pub mod heard;
 pub mod input;
 pub mod pacer;
+pub mod queues;
 pub mod runtime;
 pub mod session;
 pub(crate) mod talker_task;

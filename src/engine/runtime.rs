@@ -58,6 +58,7 @@ use super::context::Entry;
 use super::end_of_turn::{self, END_OF_TURN_RATE, Prediction, PredictionRequest, smart_turn};
 use super::input::{InputConfig, InputEvent, InputStage};
 use super::pacer::{FRAME, Pacer, PacerOutput};
+use super::queues::{QueueCounters, ShedReporter, session_channels};
 use super::session::{
     AudioInput, Control, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput,
     TurnTimings, VideoInput,
@@ -81,6 +82,8 @@ pub(crate) struct Shared {
     /// Moves on at every stop: work started under an older epoch is stale.
     epoch: AtomicU64,
     events: Sender<SessionEvent>,
+    /// Counters of the channels to and from the transport.
+    queues: Arc<QueueCounters>,
     /// Marks of the answers under way, by turn (removed when emitted).
     timings: Mutex<HashMap<u64, TurnTimings>>,
     pub pacer: Arc<Pacer>,
@@ -168,7 +171,7 @@ impl Shared {
                 return;
             }
         }
-        let _ = self.events.send(event);
+        self.queues.deliver(&self.events, event);
     }
 
     /// Holds the answer text of `turn` from now on.
@@ -183,7 +186,7 @@ impl Shared {
             let (_, events) = held.take().expect("held text");
             if release {
                 for event in events {
-                    let _ = self.events.send(event);
+                    self.queues.deliver(&self.events, event);
                 }
             }
         }
@@ -459,7 +462,8 @@ fn start(
     }
 
     let activity = Activity::new();
-    let (event_tx, event_rx) = unbounded();
+    let ((input_tx, input_rx), (event_tx, event_rx)) = session_channels();
+    let queues = QueueCounters::new();
     let (pacer_tx, pacer_rx) = unbounded();
     let sample_rate = model
         .speech
@@ -476,6 +480,7 @@ fn start(
         activity: activity.clone(),
         epoch: AtomicU64::new(0),
         events: event_tx,
+        queues: queues.clone(),
         timings: Mutex::new(HashMap::new()),
         pacer,
         speech: Mutex::new(SpeechProgress::default()),
@@ -570,7 +575,6 @@ fn start(
         )?;
     }
 
-    let (input_tx, input_rx) = unbounded();
     let processed = Arc::new(AtomicU64::new(0));
     let control = ControlLoop {
         stage,
@@ -590,16 +594,14 @@ fn start(
         speculation: None,
         confirmed: None,
         predict: predict_tx,
+        shed: ShedReporter::default(),
     };
     threads.push(spawn_thread(
         "session-control",
         Box::new(move || control.run(input_rx, tick_rx, pacer_rx, report_rx, prediction_rx)),
     )?);
 
-    let handle = SessionHandle {
-        input: input_tx,
-        events: event_rx,
-    };
+    let handle = SessionHandle::with_counters(input_tx, event_rx, queues);
     let probe = SessionProbe {
         shared,
         processed,
@@ -661,6 +663,8 @@ struct ControlLoop {
     confirmed: Option<(u64, bool)>,
     /// Questions for the end-of-turn thread (unanswered without one: silence rule).
     predict: Sender<(PredictionRequest, WorkToken)>,
+    /// Reports input the transport shed because this session was behind.
+    shed: ShedReporter,
 }
 
 impl ControlLoop {
@@ -680,10 +684,14 @@ impl ControlLoop {
                         Ok(input) => self.on_input(input),
                     }
                     self.processed.fetch_add(1, Ordering::SeqCst);
+                    if self.shared.queues.closing() {
+                        break;
+                    }
                 }
                 recv(ticks) -> token => {
                     let result = self.stage.tick();
                     self.after_stage(result);
+                    self.report_queues();
                     drop(token);
                 }
                 recv(pacer) -> output => {
@@ -731,6 +739,16 @@ impl ControlLoop {
             }
             SessionInput::Control(control) => self.on_control(control),
             SessionInput::Close => {}
+        }
+    }
+
+    /// Publishes the stage's re-timed counts; reports input the transport shed.
+    fn report_queues(&mut self) {
+        let stats = self.stage.stats();
+        let queues = &self.shared.queues;
+        queues.set_retimed(stats.retimed_audio, stats.retimed_video_frames);
+        if let Some(message) = self.shed.report(queues, self.shared.clock.now()) {
+            self.shared.error(message);
         }
     }
 

@@ -3,7 +3,8 @@
 //!
 //! A transport talks to a running session only through a [`SessionHandle`]: a sender of
 //! [`SessionInput`] and a receiver of [`SessionEvent`]. The session runs its compute on its own
-//! threads; the handle is cheap to clone and safe to use from async code (sends never block).
+//! threads; the handle is cheap to clone and safe to use from async code (sends never block; both
+//! channels are bounded: [`super::queues`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 use super::end_of_turn::EndOfTurnFactory;
+use super::queues::{InputKind, NotQueued, QueueCounters, QueueStats};
 use super::turn::{TurnConfig, TurnState};
 use crate::media::vad::VadConfig;
 use crate::media::video::{OFFICIAL_VIDEO_MAX_PIXELS, OFFICIAL_VIDEO_MIN_PIXELS};
@@ -192,26 +194,63 @@ impl Default for SessionConfig {
 }
 
 /// A transport's end of a running session.
+///
+/// Both channels are bounded (see [`super::queues`] for the input policy): a session that
+/// falls behind sheds camera frames first, and audio only once its queue is full.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub input: Sender<SessionInput>,
     pub events: Receiver<SessionEvent>,
+    counters: Arc<QueueCounters>,
 }
 
 impl SessionHandle {
-    pub fn push_audio(&self, input: AudioInput) -> bool {
-        self.input.send(SessionInput::Audio(input)).is_ok()
+    /// A handle on these channels (a transport's tests give it their own).
+    pub fn new(input: Sender<SessionInput>, events: Receiver<SessionEvent>) -> Self {
+        Self::with_counters(input, events, QueueCounters::new())
     }
 
+    pub(crate) fn with_counters(
+        input: Sender<SessionInput>,
+        events: Receiver<SessionEvent>,
+        counters: Arc<QueueCounters>,
+    ) -> Self {
+        Self {
+            input,
+            events,
+            counters,
+        }
+    }
+
+    /// Queues a piece of audio; false once the session has ended (a piece shed because the
+    /// session is stuck is counted and reported, and the call goes on).
+    pub fn push_audio(&self, input: AudioInput) -> bool {
+        let length =
+            Duration::from_secs_f64(input.samples.len() as f64 / input.sample_rate.max(1) as f64);
+        self.offer(InputKind::Audio(length), SessionInput::Audio(input))
+    }
+
+    /// Queues a camera frame (shed while the session is behind); false once it has ended.
     pub fn push_video(&self, input: VideoInput) -> bool {
-        self.input.send(SessionInput::Video(input)).is_ok()
+        self.offer(InputKind::Video, SessionInput::Video(input))
     }
 
     pub fn control(&self, control: Control) -> bool {
-        self.input.send(SessionInput::Control(control)).is_ok()
+        self.offer(InputKind::Control, SessionInput::Control(control))
     }
 
+    /// Ends the session, even one whose input queue is full.
     pub fn close(&self) {
-        let _ = self.input.send(SessionInput::Close);
+        self.counters.close();
+        let _ = self.input.try_send(SessionInput::Close);
+    }
+
+    /// The depth of the session's queues and what was shed and re-timed so far.
+    pub fn queues(&self) -> QueueStats {
+        self.counters.stats(&self.input, &self.events)
+    }
+
+    fn offer(&self, kind: InputKind, input: SessionInput) -> bool {
+        self.counters.offer(&self.input, kind, input) != Err(NotQueued::SessionEnded)
     }
 }

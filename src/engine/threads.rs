@@ -86,16 +86,17 @@ mod tests {
 
     #[test]
     fn the_calling_threads_cpu_time_is_counted_under_its_name() {
+        // (a thread's name as the kernel keeps it is at most 15 bytes)
         let busy = std::thread::Builder::new()
-            .name("session-cpu-test".into())
+            .name("session-cpu".into())
             .spawn(|| {
                 let start = thread_cpu().expect("schedstat");
                 let mut x = 0u64;
                 while thread_cpu().unwrap() - start < Duration::from_millis(5) {
                     x = x.wrapping_add(1);
                 }
-                let all = threads_cpu(&["session-cpu-test"]).unwrap();
-                (x, all["session-cpu-test"])
+                let all = threads_cpu(&["session-cpu"]).unwrap();
+                (x, all["session-cpu"])
             })
             .unwrap()
             .join()

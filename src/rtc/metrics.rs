@@ -12,6 +12,10 @@
 //! | `omnicall_audio_packets_sent_total{kind}` | counter | Opus RTP packets sent: `voice` or `silence` (between answers) |
 //! | `omnicall_turn_stage_seconds{stage}` | histogram | time from the end of the user's speech to each stage of the answer |
 //! | `omnicall_media_dropped_total{kind}` | counter | caller media the transport dropped: `audio_packet` (late, duplicate or undecodable), `video_frame` (incomplete, undecodable, or the decoder behind) |
+//! | `omnicall_session_queue_depth{queue}` | gauge | messages waiting, summed over the calls: `input` (the transports' audio, frames and controls for their sessions), `events` (the sessions' events for their transports); bounds in [`queues`](crate::engine::queues) |
+//! | `omnicall_media_shed_total{kind}` | counter | caller input shed because its session was behind: `video_frame` first, `audio_piece` and `control` only when a session's input queue is full |
+//! | `omnicall_media_retimed_total{kind}` | counter | `audio_piece`s and `video_frame`s stamped too far ahead of their session's clock, placed at the clock (nothing dropped) |
+//! | `omnicall_session_events_dropped_total` | counter | session events lost because their transport did not read them |
 //! | `omnicall_load_cores` | gauge | cores the server kept busy over the last seconds ([`admission`](crate::rtc::admission)) |
 //! | `omnicall_capacity_cores` | gauge | cores the calls may use (`--capacity-cores × --max-load`; 0: no admission by capacity) |
 //! | `omnicall_headroom_cores` | gauge | capacity minus load |
@@ -31,12 +35,13 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::rtc::admission::{Capacity, LoadEstimate, ProcessUsage, RefusalReason};
 
+use crate::engine::queues::QueueStats;
 use crate::engine::session::{SessionEvent, TurnTimings};
 
 /// The `Content-Type` of the page.
@@ -54,6 +59,11 @@ pub const TURN_STAGES: [&str; 6] = [
 
 /// The `kind`s of `omnicall_media_dropped_total`.
 pub const MEDIA_DROPPED_KINDS: [&str; 2] = ["audio_packet", "video_frame"];
+/// The `queue`s of `omnicall_session_queue_depth`.
+pub const SESSION_QUEUES: [&str; 2] = ["input", "events"];
+/// The `kind`s of `omnicall_media_shed_total` and of `omnicall_media_retimed_total`.
+pub const MEDIA_SHED_KINDS: [&str; 3] = ["video_frame", "audio_piece", "control"];
+pub const MEDIA_RETIMED_KINDS: [&str; 2] = ["audio_piece", "video_frame"];
 
 /// Histogram buckets of the stage timings, in seconds: from a VAD frame to a slow CPU prefill.
 const STAGE_BUCKETS: [f64; 15] = [
@@ -92,7 +102,134 @@ pub struct ServerMetrics {
     audio_packets_sent: IntCounterVec,
     stage_seconds: HistogramVec,
     media_dropped: IntCounterVec,
+    queues: QueueMetrics,
     load: LoadGauges,
+}
+
+/// The sessions' queues: depths summed over the calls, and what they shed and re-timed.
+#[derive(Debug, Clone)]
+struct QueueMetrics {
+    depth: IntGaugeVec,
+    shed: IntCounterVec,
+    retimed: IntCounterVec,
+    events_dropped: IntCounter,
+}
+
+impl QueueMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let depth = IntGaugeVec::new(
+            Opts::new(
+                "omnicall_session_queue_depth",
+                "Messages waiting between the transports and their sessions, summed over the calls.",
+            ),
+            &["queue"],
+        )?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "omnicall_media_shed_total",
+                "Caller input shed because its session was behind (camera frames first).",
+            ),
+            &["kind"],
+        )?;
+        let retimed = IntCounterVec::new(
+            Opts::new(
+                "omnicall_media_retimed_total",
+                "Caller media stamped too far ahead of the session clock, placed at the clock.",
+            ),
+            &["kind"],
+        )?;
+        let events_dropped = IntCounter::new(
+            "omnicall_session_events_dropped_total",
+            "Session events lost because their transport did not read them.",
+        )?;
+        registry.register(Box::new(depth.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(retimed.clone()))?;
+        registry.register(Box::new(events_dropped.clone()))?;
+        for queue in SESSION_QUEUES {
+            depth.with_label_values(&[queue]);
+        }
+        for kind in MEDIA_SHED_KINDS {
+            shed.with_label_values(&[kind]);
+        }
+        for kind in MEDIA_RETIMED_KINDS {
+            retimed.with_label_values(&[kind]);
+        }
+        Ok(Self {
+            depth,
+            shed,
+            retimed,
+            events_dropped,
+        })
+    }
+}
+
+/// What one call's session queues last added to the server's metrics: each update adds the
+/// change since, so the gauges sum over the calls and the counters count every call's.
+#[derive(Debug, Default)]
+pub struct SessionQueueReport {
+    last: QueueStats,
+}
+
+impl SessionQueueReport {
+    /// Takes the session's queues as they are now.
+    pub fn update(&mut self, metrics: &ServerMetrics, now: QueueStats) {
+        let q = &metrics.queues;
+        let last = std::mem::replace(&mut self.last, now);
+        let depth = |queue: &str, now: usize, before: usize| {
+            q.depth
+                .with_label_values(&[queue])
+                .add(now as i64 - before as i64);
+        };
+        depth("input", now.input_depth, last.input_depth);
+        depth("events", now.event_depth, last.event_depth);
+        let count = |c: &IntCounterVec, kind: &str, now: u64, before: u64| {
+            if now > before {
+                c.with_label_values(&[kind]).inc_by(now - before);
+            }
+        };
+        count(
+            &q.shed,
+            "video_frame",
+            now.shed_video_frames,
+            last.shed_video_frames,
+        );
+        count(
+            &q.shed,
+            "audio_piece",
+            now.shed_audio_pieces,
+            last.shed_audio_pieces,
+        );
+        count(&q.shed, "control", now.shed_controls, last.shed_controls);
+        count(
+            &q.retimed,
+            "audio_piece",
+            now.retimed_audio,
+            last.retimed_audio,
+        );
+        count(
+            &q.retimed,
+            "video_frame",
+            now.retimed_video_frames,
+            last.retimed_video_frames,
+        );
+        if now.dropped_events > last.dropped_events {
+            q.events_dropped
+                .inc_by(now.dropped_events - last.dropped_events);
+        }
+    }
+
+    /// The call ended: its queues count for nothing any more (its counts stay).
+    pub fn finish(mut self, metrics: &ServerMetrics, last: QueueStats) {
+        self.update(
+            metrics,
+            QueueStats {
+                input_depth: 0,
+                event_depth: 0,
+                ..last
+            },
+        );
+    }
 }
 
 /// The gauges of the server's load and of its process.
@@ -209,7 +346,9 @@ impl ServerMetrics {
             media_dropped.with_label_values(&[kind]);
         }
         let load = LoadGauges::new(&registry)?;
+        let queues = QueueMetrics::new(&registry)?;
         Ok(Self {
+            queues,
             media_dropped,
             load,
             registry,
@@ -336,6 +475,40 @@ mod tests {
     fn sample(page: &str, name: &str) -> Option<f64> {
         page.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn session_queues_sum_over_calls_and_count_what_they_shed() {
+        let m = ServerMetrics::new().unwrap();
+        let (mut a, mut b) = (SessionQueueReport::default(), SessionQueueReport::default());
+        let stats = |input_depth, shed_video_frames, retimed_audio| QueueStats {
+            input_depth,
+            shed_video_frames,
+            retimed_audio,
+            ..Default::default()
+        };
+        a.update(&m, stats(20, 3, 0));
+        b.update(&m, stats(5, 0, 7));
+        a.update(&m, stats(10, 4, 0));
+        let page = m.render(2).unwrap();
+        let depth = r#"omnicall_session_queue_depth{queue="input"}"#;
+        let shed = r#"omnicall_media_shed_total{kind="video_frame"}"#;
+        let retimed = r#"omnicall_media_retimed_total{kind="audio_piece"}"#;
+        assert_eq!(sample(&page, depth), Some(15.0));
+        assert_eq!(sample(&page, shed), Some(4.0));
+        assert_eq!(sample(&page, retimed), Some(7.0));
+        assert_eq!(
+            sample(&page, r#"omnicall_media_shed_total{kind="audio_piece"}"#),
+            Some(0.0)
+        );
+        a.finish(&m, stats(12, 4, 0));
+        let page = m.render(1).unwrap();
+        assert_eq!(
+            sample(&page, depth),
+            Some(5.0),
+            "the ended call's queue is gone"
+        );
+        assert_eq!(sample(&page, shed), Some(4.0), "its counts stay");
     }
 
     #[test]

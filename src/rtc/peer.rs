@@ -34,7 +34,7 @@ use crate::engine::session::{Control, ReplyMode, SessionEvent, SessionHandle};
 use crate::media::video_decode::VideoCodec;
 use crate::rtc::media_in::{AudioReceiver, DecodeProblem, VideoDecodeWorker, VideoReceiver};
 use crate::rtc::media_out::{AudioTrackOut, OutAudio, OutStats, run_audio_out};
-use crate::rtc::metrics::ServerMetrics;
+use crate::rtc::metrics::{ServerMetrics, SessionQueueReport};
 use crate::rtc::protocol::{ClientMessage, ClientRequest, Envelope, ServerMessage};
 use crate::rtc::signaling::{self, OfferSummary};
 
@@ -477,6 +477,8 @@ impl ProblemThrottle {
 const MAX_PENDING_MESSAGES: usize = 512;
 /// A connection `disconnected` this long counts as failed.
 const DISCONNECTED_GRACE: Duration = Duration::from_secs(10);
+/// How often a call checks its connection deadlines and reports its session's queues.
+const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Keyframe requests are sent at most this often.
 const PLI_INTERVAL: Duration = Duration::from_millis(300);
 
@@ -508,11 +510,15 @@ impl Call {
     async fn run(mut self, mut events: UnboundedReceiver<CallEvent>) -> (String, EndReason) {
         tracing::info!(call = self.short_id(), "call answered");
         let connect_deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
+        let mut queues = SessionQueueReport::default();
+        // connection deadlines and the session's queues, checked on a steady beat whatever
+        // the events
+        let mut check = tokio::time::interval(CHECK_INTERVAL);
         let reason = loop {
-            let check = tokio::time::sleep(Duration::from_millis(500));
             let event = tokio::select! {
                 e = events.recv() => e,
-                _ = check => {
+                _ = check.tick() => {
+                    queues.update(&self.settings.metrics, self.session.queues());
                     if !self.connected && tokio::time::Instant::now() >= connect_deadline {
                         break EndReason::NeverConnected;
                     }
@@ -530,6 +536,7 @@ impl Call {
             }
         };
         self.finish(reason).await;
+        queues.finish(&self.settings.metrics, self.session.queues());
         (self.id.clone(), reason)
     }
 

@@ -12,6 +12,7 @@
 //! {"type":"answer_done","t_ms":5000.0,"turn":1}
 //! {"type":"timings","t_ms":5000.0,"turn":1,"speech_end_ms":2400.0,"end_of_turn_ms":2410.0, ...}
 //! {"type":"error","t_ms":10.0,"message":"video: VP8 frame of 16000x16000 exceeds ..."}
+//! {"type":"error","t_ms":61000.0,"message":"the session is behind its input: shed 12 camera frames (camera frames go first, then audio)"}
 //! ```
 //!
 //! Client to server ([`ClientMessage`]):

@@ -127,10 +127,7 @@ fn spawn_session(config: SessionConfig, options: HarnessOptions, log: Log) -> Se
     let (input_tx, input_rx) = unbounded::<SessionInput>();
     let (event_tx, event_rx) = unbounded::<SessionEvent>();
     std::thread::spawn(move || run_session(config, options, log, input_rx, event_tx));
-    SessionHandle {
-        input: input_tx,
-        events: event_rx,
-    }
+    SessionHandle::new(input_tx, event_rx)
 }
 
 struct Answering {
