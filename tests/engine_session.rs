@@ -12,10 +12,10 @@ use omnicall::engine::context::{Context, Entry, EntryKind, MarkerIds};
 use omnicall::engine::end_of_turn::{EndOfTurn, EndOfTurnFactory};
 use omnicall::engine::heard::{SpokenAnswer, tokens_heard};
 use omnicall::engine::pacer::FRAME;
-use omnicall::engine::runtime::SimulatedSession;
 use omnicall::engine::session::{
     AudioInput, Control, ReplyMode, SessionConfig, SessionEvent, VideoInput,
 };
+use omnicall::engine::simulated::SimulatedSession;
 use omnicall::engine::turn::{TurnDetection, TurnState};
 use omnicall::media::vad::VadConfig;
 use omnicall::model::loading::ModelFiles;

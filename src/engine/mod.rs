@@ -3,15 +3,20 @@
 
 pub mod activity;
 pub mod blocks;
+pub(crate) mod cancel;
 pub mod clock;
 pub mod context;
 pub mod end_of_turn;
+pub(crate) mod events;
 pub mod heard;
 pub mod input;
 pub mod pacer;
+pub mod probe;
+pub mod profile;
 pub mod queues;
 pub mod runtime;
 pub mod session;
+pub mod simulated;
 pub(crate) mod talker_task;
 pub(crate) mod thinker_task;
 pub mod threads;

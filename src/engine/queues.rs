@@ -8,8 +8,8 @@
 //! takes them. Audio is what the user said and is never given up for being late; camera
 //! frames only refresh a picture. So, by depth of the queue:
 //!
-//! 1. below [`SHED_VIDEO_DEPTH`] messages (about 0.3 s of 20-ms audio pieces) everything is
-//!    queued;
+//! 1. below [`SHED_VIDEO_DEPTH`] messages (about 1 s of 20-ms audio pieces: a debug build
+//!    on busy cores stalls that long) everything is queued;
 //! 2. from there on the session is behind: **camera frames are shed** (not queued), audio and
 //!    controls still are;
 //! 3. only a queue full of [`INPUT_QUEUE`] messages (about 80 s of audio the session has not
@@ -32,7 +32,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 /// Most inputs waiting for a session (about 80 s of 20-ms audio pieces).
 pub const INPUT_QUEUE: usize = 4096;
 /// Inputs waiting beyond which the session is behind and camera frames are shed.
-pub const SHED_VIDEO_DEPTH: usize = 16;
+pub const SHED_VIDEO_DEPTH: usize = 50;
 /// Most events waiting for a transport.
 pub const EVENT_QUEUE: usize = 32_768;
 /// Shedding is reported at most this often (session time).

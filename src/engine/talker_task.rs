@@ -7,14 +7,19 @@
 //! complete by then), unless the answer was stopped, in which case it is dropped at once.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result};
 use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
 
+use super::activity::Activity;
 use super::activity::WorkToken;
-use super::runtime::{Shared, SpeechProgress, Stage};
+use super::cancel::Cancellation;
+use super::events::{AnswerMarks, EventSink};
+use super::pacer::Pacer;
+use super::probe::ProbeRecord;
+use super::profile::{ModelProfile, Stage};
 use super::session::SessionConfig;
 use super::vocoder_task::VocoderMsg;
 use crate::model::omni::{OmniModel, Speech};
@@ -50,6 +55,42 @@ pub(crate) enum TalkerMsg {
     },
 }
 
+/// How far the Talker got with the answer of `turn`: codes produced, and whether it had
+/// finished (what a stop's heard estimate reads).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SpeechProgress {
+    pub turn: u64,
+    pub codes: usize,
+    pub finished: bool,
+}
+
+/// [`SpeechProgress`] as the Talker thread last wrote it, for the Thinker thread.
+#[derive(Debug, Default)]
+pub(crate) struct SpeechMeter(Mutex<SpeechProgress>);
+
+impl SpeechMeter {
+    pub fn get(&self) -> SpeechProgress {
+        *self.0.lock().expect("speech lock")
+    }
+
+    pub fn set(&self, progress: SpeechProgress) {
+        *self.0.lock().expect("speech lock") = progress;
+    }
+}
+
+/// What the Talker thread shares with the rest of its session.
+pub(crate) struct TalkerLinks {
+    pub activity: Arc<Activity>,
+    /// Where the Talker waits for playback to catch up.
+    pub pacer: Arc<Pacer>,
+    pub cancel: Arc<Cancellation>,
+    pub events: Arc<EventSink>,
+    pub marks: Arc<AnswerMarks>,
+    pub profile: Arc<ModelProfile>,
+    pub speech: Arc<SpeechMeter>,
+    pub probe: Arc<ProbeRecord>,
+}
+
 struct Answer {
     turn: u64,
     epoch: u64,
@@ -59,7 +100,7 @@ struct Answer {
 
 pub(crate) struct TalkerTask {
     talker: Talker,
-    shared: Arc<Shared>,
+    links: TalkerLinks,
     vocoder: Sender<(VocoderMsg, WorkToken)>,
     options: TalkerOptions,
     seed: u64,
@@ -73,7 +114,7 @@ impl TalkerTask {
     pub fn new(
         model: &OmniModel,
         speech: &Speech,
-        shared: Arc<Shared>,
+        links: TalkerLinks,
         config: &SessionConfig,
         vocoder: Sender<(VocoderMsg, WorkToken)>,
     ) -> Result<Self> {
@@ -91,7 +132,7 @@ impl TalkerTask {
         let lead_codes = ((config.speech_lead.as_secs_f64() / code_time) as usize).max(floor);
         Ok(Self {
             talker: speech.talker.clone(),
-            shared,
+            links,
             vocoder,
             options,
             seed: config.seed,
@@ -102,19 +143,19 @@ impl TalkerTask {
     }
 
     pub fn run(mut self, rx: Receiver<(TalkerMsg, WorkToken)>) {
-        self.shared.set_talker_cache(self.talker.cache_len());
+        self.links.probe.set_talker_cache(self.talker.cache_len());
         while let Ok((msg, token)) = rx.recv() {
             if let Err(e) = self.on_message(msg) {
-                self.shared.error(format!("Talker: {e:#}"));
+                self.links.events.error(format!("Talker: {e:#}"));
                 self.abandon(true);
             }
-            self.shared.set_talker_cache(self.talker.cache_len());
+            self.links.probe.set_talker_cache(self.talker.cache_len());
             drop(token);
         }
     }
 
     fn vocoder(&self, msg: VocoderMsg) {
-        let _ = self.vocoder.send((msg, self.shared.activity.token()));
+        let _ = self.vocoder.send((msg, self.links.activity.token()));
     }
 
     fn on_message(&mut self, msg: TalkerMsg) -> Result<()> {
@@ -122,7 +163,8 @@ impl TalkerTask {
             TalkerMsg::Mirror { rows, positions } => {
                 self.finish_answer()?;
                 let talker = &mut self.talker;
-                self.shared
+                self.links
+                    .profile
                     .timed(Stage::Talker, || {
                         talker.forward(&rows.unsqueeze(0)?, &positions)
                     })
@@ -146,7 +188,7 @@ impl TalkerTask {
                 voice,
             } => {
                 self.finish_answer()?;
-                if self.shared.cancelled(epoch) {
+                if self.links.cancel.cancelled(epoch) {
                     return Ok(());
                 }
                 let mut options = self.options.clone();
@@ -188,7 +230,7 @@ impl TalkerTask {
         }
         if let Some(answer) = self.answer.take() {
             // Still waiting for text: the Thinker ended without saying so (an error there).
-            self.shared.set_speech_progress(SpeechProgress {
+            self.links.speech.set(SpeechProgress {
                 turn: answer.turn,
                 codes: answer.codes,
                 finished: true,
@@ -219,25 +261,26 @@ impl TalkerTask {
             let Some(answer) = self.answer.as_mut() else {
                 return Ok(());
             };
-            if self.shared.cancelled(answer.epoch) {
+            if self.links.cancel.cancelled(answer.epoch) {
                 self.abandon(false);
                 return Ok(());
             }
             let (turn, epoch) = (answer.turn, answer.epoch);
             let talker = &mut self.talker;
             let step = self
-                .shared
+                .links
+                .profile
                 .timed(Stage::Talker, || answer.state.step(talker))?;
             match step {
                 TalkerStep::Code(code) => {
                     answer.codes += 1;
                     let codes = answer.codes;
                     if codes == 1 {
-                        self.shared.mark(turn, |t, now| {
+                        self.links.marks.mark(turn, |t, now| {
                             t.first_codec_token.get_or_insert(now);
                         });
                     }
-                    self.shared.set_speech_progress(SpeechProgress {
+                    self.links.speech.set(SpeechProgress {
                         turn,
                         codes,
                         finished: false,
@@ -250,10 +293,10 @@ impl TalkerTask {
                     // Run at most `lead_codes` ahead of what has been played.
                     if codes > self.lead_codes {
                         let samples = (codes - self.lead_codes) * self.samples_per_code;
-                        let frames = (samples / self.shared.pacer.frame_samples()) as u64;
-                        if frames > 0 && !self.shared.pacer.wait_until_played(turn, frames) {
+                        let frames = (samples / self.links.pacer.frame_samples()) as u64;
+                        if frames > 0 && !self.links.pacer.wait_until_played(turn, frames) {
                             // Stopped meanwhile (or the session is closing).
-                            if self.shared.cancelled(epoch) {
+                            if self.links.cancel.cancelled(epoch) {
                                 self.abandon(false);
                                 return Ok(());
                             }
@@ -264,7 +307,7 @@ impl TalkerTask {
                 TalkerStep::Finished(_) => {
                     let codes = answer.codes;
                     self.answer = None;
-                    self.shared.set_speech_progress(SpeechProgress {
+                    self.links.speech.set(SpeechProgress {
                         turn,
                         codes,
                         finished: true,
@@ -274,5 +317,82 @@ impl TalkerTask {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use candle_core::{DType, Device};
+    use crossbeam_channel::unbounded;
+
+    use super::*;
+    use crate::engine::clock::SimulatedClock;
+    use crate::engine::queues::QueueCounters;
+    use crate::model::loading::ModelFiles;
+
+    /// A Talker task of the tiny model, and its vocoder's sample rate.
+    fn task(speech_lead: Duration) -> (TalkerTask, u32) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let model = OmniModel::load(
+            &ModelFiles::from_dir(&dir).unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let speech = model.speech.as_ref().expect("the tiny model speaks");
+        let rate = speech.token2wav.sample_rate();
+        let clock = Arc::new(SimulatedClock::new());
+        let (frames, _) = unbounded();
+        let (events, _) = unbounded();
+        let links = TalkerLinks {
+            activity: Activity::new(),
+            pacer: Arc::new(Pacer::new(clock.clone(), rate, frames)),
+            cancel: Arc::new(Cancellation::default()),
+            events: Arc::new(EventSink::new(events, QueueCounters::new())),
+            marks: Arc::new(AnswerMarks::new(clock)),
+            profile: Arc::new(ModelProfile::new(false)),
+            speech: Arc::new(SpeechMeter::default()),
+            probe: Arc::new(ProbeRecord::new(false)),
+        };
+        let config = SessionConfig {
+            speech_lead,
+            ..SessionConfig::default()
+        };
+        let (vocoder, _) = unbounded();
+        let task = TalkerTask::new(&model, speech, links, &config, vocoder).unwrap();
+        (task, rate)
+    }
+
+    #[test]
+    fn the_talker_may_always_run_ahead_by_what_the_vocoder_needs_to_voice_a_chunk() {
+        let (short, rate) = task(Duration::ZERO);
+        let (long, _) = task(Duration::from_secs(30));
+        assert!(
+            short.lead_codes > 0,
+            "a zero lead would deadlock with the vocoder"
+        );
+        assert!(long.lead_codes > short.lead_codes);
+        let code_time = short.samples_per_code as f64 / rate as f64;
+        let expected = (30.0 / code_time) as usize;
+        assert!(
+            long.lead_codes.abs_diff(expected) <= 1,
+            "{} vs {expected}",
+            long.lead_codes
+        );
+    }
+
+    #[test]
+    fn the_speech_meter_hands_the_talkers_progress_to_the_thinker() {
+        let meter = SpeechMeter::default();
+        assert_eq!(meter.get().codes, 0);
+        meter.set(SpeechProgress {
+            turn: 3,
+            codes: 12,
+            finished: true,
+        });
+        let p = meter.get();
+        assert_eq!((p.turn, p.codes, p.finished), (3, 12, true));
     }
 }

@@ -31,13 +31,18 @@ use anyhow::{Context as _, Result, bail};
 use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
 
+use super::activity::Activity;
 use super::activity::WorkToken;
+use super::cancel::Cancellation;
 use super::context::{Context, EntryKind, MarkerIds};
+use super::events::{AnswerMarks, EventSink};
 use super::heard::{SpokenAnswer, tokens_heard};
 use super::input::InputBlock;
-use super::runtime::{CutAnswer, Shared, Stage};
+use super::pacer::Pacer;
+use super::probe::{CutAnswer, ProbeRecord};
+use super::profile::{ModelProfile, Stage};
 use super::session::{SessionConfig, SessionEvent};
-use super::talker_task::TalkerMsg;
+use super::talker_task::{SpeechMeter, SpeechProgress, TalkerMsg};
 use super::turn_media::{MediaEncoders, TurnAudio};
 use crate::media::mel::LogMel;
 use crate::media::video::VideoPreprocessor;
@@ -139,12 +144,26 @@ struct LastAnswer {
     closed: bool,
 }
 
+/// What the Thinker thread shares with the rest of its session.
+pub(crate) struct ThinkerLinks {
+    pub activity: Arc<Activity>,
+    /// Told that a spoken answer with nothing to say is over.
+    pub pacer: Arc<Pacer>,
+    pub cancel: Arc<Cancellation>,
+    pub events: Arc<EventSink>,
+    pub marks: Arc<AnswerMarks>,
+    pub profile: Arc<ModelProfile>,
+    /// How much of the answer the Talker has voiced (for a stop's heard estimate).
+    pub speech: Arc<SpeechMeter>,
+    pub probe: Arc<ProbeRecord>,
+}
+
 pub(crate) struct ThinkerTask {
     model: OmniModel,
     encoders: MediaEncoders,
     context: Context,
     config: SessionConfig,
-    shared: Arc<Shared>,
+    links: ThinkerLinks,
     talker: Option<Sender<(TalkerMsg, WorkToken)>>,
     reports: Sender<(ThinkerReport, WorkToken)>,
     open: Option<OpenTurn>,
@@ -178,7 +197,7 @@ impl ThinkerTask {
     pub fn new(
         model: OmniModel,
         config: SessionConfig,
-        shared: Arc<Shared>,
+        links: ThinkerLinks,
         talker: Option<Sender<(TalkerMsg, WorkToken)>>,
         reports: Sender<(ThinkerReport, WorkToken)>,
     ) -> Result<Self> {
@@ -227,7 +246,7 @@ impl ThinkerTask {
             pending_media: PendingMedia::default(),
             context,
             config,
-            shared,
+            links,
             talker,
             reports,
             open: None,
@@ -246,14 +265,15 @@ impl ThinkerTask {
 
     pub fn run(mut self, rx: Receiver<(ThinkerMsg, WorkToken)>, startup: WorkToken) {
         if let Err(e) = self.system_prompt() {
-            self.shared
+            self.links
+                .events
                 .error(format!("system prompt: {e:#}; the session has no context"));
         }
         self.publish();
         drop(startup);
         while let Ok((msg, token)) = rx.recv() {
             if let Err(e) = self.on_message(msg) {
-                self.shared.error(format!("{e:#}"));
+                self.links.events.error(format!("{e:#}"));
             }
             self.publish();
             drop(token);
@@ -261,10 +281,10 @@ impl ThinkerTask {
     }
 
     fn publish(&self) {
-        if !self.shared.probed() {
+        if !self.links.probe.probed() {
             return;
         }
-        self.shared.set_view(
+        self.links.probe.set_view(
             self.context.entries().to_vec(),
             self.model.thinker.cache_len(),
         );
@@ -284,7 +304,7 @@ impl ThinkerTask {
 
     fn talker(&self, msg: TalkerMsg) {
         if let Some(tx) = &self.talker {
-            let _ = tx.send((msg, self.shared.activity.token()));
+            let _ = tx.send((msg, self.links.activity.token()));
         }
     }
 
@@ -372,7 +392,7 @@ impl ThinkerTask {
                 })();
                 match result {
                     Ok(logits) => {
-                        self.shared.mark(turn, |t, now| {
+                        self.links.marks.mark(turn, |t, now| {
                             t.prefill_done.get_or_insert(now);
                         });
                         self.answer(turn, epoch, logits, voice)
@@ -473,13 +493,15 @@ impl ThinkerTask {
                 .open_segment(turn, video.then_some(self.second_per_grid as f32))?;
         }
         let encoders = &self.encoders;
-        self.shared.timed(Stage::Encoders, || -> Result<()> {
-            open.audio.push_block(encoders, block)?;
-            if block.last {
-                open.audio.finish(encoders)?;
-            }
-            Ok(())
-        })?;
+        self.links
+            .profile
+            .timed(Stage::Encoders, || -> Result<()> {
+                open.audio.push_block(encoders, block)?;
+                if block.last {
+                    open.audio.finish(encoders)?;
+                }
+                Ok(())
+            })?;
         let per_block = self.tokens_per_block;
         if video {
             // Tokens of the previous chunk that came with this block's audio go first.
@@ -494,7 +516,7 @@ impl ThinkerTask {
                     .push_audio(n, turn, block.index.saturating_sub(1))?;
             }
             if !block.frames.is_empty() {
-                let encoded = self.shared.timed(Stage::Encoders, || {
+                let encoded = self.links.profile.timed(Stage::Encoders, || {
                     self.encoders.encode_frames(&block.frames)
                 })?;
                 self.context.push_video(&encoded.grids, turn, block.index)?;
@@ -541,7 +563,8 @@ impl ThinkerTask {
             // The turn ended on a block boundary: the rest of the audio, then the segment's end.
             let open = self.open.as_mut().context("no open turn")?;
             let encoders = &self.encoders;
-            self.shared
+            self.links
+                .profile
                 .timed(Stage::Encoders, || open.audio.finish(encoders))?;
             let n = open.audio.available();
             if n > 0 {
@@ -568,7 +591,7 @@ impl ThinkerTask {
             .push_text(&self.assistant_header.clone(), EntryKind::Template, turn);
         let logits = self.prefill_pending(turn, true)?;
         let video_frames = self.open.as_ref().map_or(0, |o| o.video_frames);
-        self.shared.mark(turn, |t, now| {
+        self.links.marks.mark(turn, |t, now| {
             t.prefill_done.get_or_insert(now);
             t.video_frames_prefilled = video_frames;
         });
@@ -637,7 +660,7 @@ impl ThinkerTask {
                 video: cat(video)?,
             };
             let thinker = &mut self.model.thinker;
-            let (embeds, out) = self.shared.timed(Stage::Thinker, || -> Result<_> {
+            let (embeds, out) = self.links.profile.timed(Stage::Thinker, || -> Result<_> {
                 let embeds = thinker.embed_prompt(&batch.ids, &media)?;
                 let positions = batch.positions.to_tensor(&device)?;
                 let out = thinker.forward(
@@ -680,11 +703,11 @@ impl ThinkerTask {
     /// listens again.
     fn end_without_answer(&mut self, turn: u64, voice: bool) {
         if voice {
-            self.shared.pacer.finish(turn);
+            self.links.pacer.finish(turn);
         } else {
             let _ = self.reports.send((
                 ThinkerReport::TextAnswerDone { turn },
-                self.shared.activity.token(),
+                self.links.activity.token(),
             ));
         }
     }
@@ -727,11 +750,10 @@ impl ThinkerTask {
                 bos,
                 |id| thinker.embed(&[id]),
             )?;
-            self.shared
-                .set_speech_progress(super::runtime::SpeechProgress {
-                    turn,
-                    ..Default::default()
-                });
+            self.links.speech.set(SpeechProgress {
+                turn,
+                ..Default::default()
+            });
             self.talker(TalkerMsg::Begin {
                 turn,
                 epoch,
@@ -777,7 +799,7 @@ impl ThinkerTask {
         let mut failure = None;
         let mut cancelled = false;
         loop {
-            if self.shared.cancelled(epoch) {
+            if self.links.cancel.cancelled(epoch) {
                 cancelled = true;
                 break;
             }
@@ -786,9 +808,10 @@ impl ThinkerTask {
             }
             let step = (|| -> Result<Option<_>> {
                 let id = self
-                    .shared
+                    .links
+                    .profile
                     .timed(Stage::Thinker, || sampler.sample(&logits, &history, &[]))?;
-                self.shared.mark(turn, |t, now| {
+                self.links.marks.mark(turn, |t, now| {
                     t.first_text_token.get_or_insert(now);
                 });
                 if self.eos.contains(&id) {
@@ -796,12 +819,14 @@ impl ThinkerTask {
                 }
                 if let Some(delta) = stream.push(id)? {
                     text_len += delta.chars().count();
-                    self.shared
+                    self.links
+                        .events
                         .emit(SessionEvent::AssistantText { turn, delta });
                 }
                 let thinker = &mut self.model.thinker;
                 let step = self
-                    .shared
+                    .links
+                    .profile
                     .timed(Stage::Thinker, || thinker.decode_step(id, rope_delta))?;
                 Ok(Some((id, step)))
             })();
@@ -837,7 +862,8 @@ impl ThinkerTask {
             }
         }
         if let Ok(Some(delta)) = stream.finish() {
-            self.shared
+            self.links
+                .events
                 .emit(SessionEvent::AssistantText { turn, delta });
         }
         if cancelled {
@@ -858,7 +884,7 @@ impl ThinkerTask {
         if !spoken {
             let _ = self.reports.send((
                 ThinkerReport::TextAnswerDone { turn },
-                self.shared.activity.token(),
+                self.links.activity.token(),
             ));
         }
         match (failure, closed) {
@@ -910,15 +936,15 @@ impl ThinkerTask {
         };
         let Some(mut answer) = self.last.take_if(|a| a.turn == turn) else {
             // Its answer never started (its turn failed): nothing was said.
-            self.shared.emit(SessionEvent::Interrupted {
+            self.links.events.emit(SessionEvent::Interrupted {
                 turn,
                 heard,
                 kept_text: String::new(),
             });
-            self.shared.emit_timings(turn);
+            self.links.marks.emit(turn, &self.links.events);
             return Ok(());
         };
-        let progress = self.shared.speech_progress();
+        let progress = self.links.speech.get();
         let total_codes = (progress.turn == turn && progress.finished).then_some(progress.codes);
         let heard_codes = heard_samples / self.samples_per_code.max(1);
         let kept = if voice {
@@ -940,7 +966,7 @@ impl ThinkerTask {
             kept,
             "answer cut"
         );
-        self.shared.record_cut(CutAnswer {
+        self.links.probe.record_cut(CutAnswer {
             turn,
             generated: answer.ids.clone(),
             cumulative_chars: answer.chars.clone(),
@@ -952,12 +978,88 @@ impl ThinkerTask {
         if !(answer.closed && kept == answer.ids.len()) {
             self.close_answer(&mut answer, kept)?;
         }
-        self.shared.emit(SessionEvent::Interrupted {
+        self.links.events.emit(SessionEvent::Interrupted {
             turn,
             heard,
             kept_text,
         });
-        self.shared.emit_timings(turn);
+        self.links.marks.emit(turn, &self.links.events);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use crossbeam_channel::unbounded;
+
+    use super::*;
+    use crate::engine::clock::SimulatedClock;
+    use crate::engine::queues::QueueCounters;
+    use crate::engine::session::ReplyMode;
+    use crate::model::loading::ModelFiles;
+
+    #[test]
+    fn a_typed_message_is_answered_in_text_and_closed_in_the_context() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let model = OmniModel::load(
+            &ModelFiles::from_dir(&dir).unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let clock = Arc::new(SimulatedClock::new());
+        let (frames, _) = unbounded();
+        let (events, events_rx) = unbounded();
+        let links = ThinkerLinks {
+            activity: Activity::new(),
+            pacer: Arc::new(Pacer::new(clock.clone(), 24_000, frames)),
+            cancel: Arc::new(Cancellation::default()),
+            events: Arc::new(EventSink::new(events, QueueCounters::new())),
+            marks: Arc::new(AnswerMarks::new(clock)),
+            profile: Arc::new(ModelProfile::new(false)),
+            speech: Arc::new(SpeechMeter::default()),
+            probe: Arc::new(ProbeRecord::new(false)),
+        };
+        let config = SessionConfig {
+            reply_mode: ReplyMode::Text,
+            max_answer_tokens: 4,
+            ..SessionConfig::default()
+        };
+        let (reports, reports_rx) = unbounded();
+        let mut task = ThinkerTask::new(model, config, links, None, reports).unwrap();
+        task.system_prompt().unwrap();
+        let system = task.context.len();
+        assert!(system > 0);
+        assert_eq!(task.model.thinker.cache_len(), system, "prefilled");
+
+        task.on_message(ThinkerMsg::Typed {
+            turn: 1,
+            text: "Hello there".into(),
+            epoch: 0,
+            voice: None,
+        })
+        .unwrap();
+        let (report, _) = reports_rx.try_recv().expect("a report");
+        assert!(matches!(report, ThinkerReport::TextAnswerDone { turn: 1 }));
+        assert!(
+            events_rx
+                .try_iter()
+                .all(|e| !matches!(e, SessionEvent::Error(_))),
+            "no error"
+        );
+        // user header, text, assistant header, at most 4 answer tokens, closing
+        let entries = task.context.entries();
+        let ids: Vec<u32> = entries.iter().map(|e| e.id).collect();
+        assert!(ids.ends_with(&task.closing), "the answer is closed");
+        let text = task.model.tokenizer.encode("Hello there").unwrap().len();
+        let template = task.user_header.len() + task.assistant_header.len() + task.closing.len();
+        let answer = ids.len() - system - text - template;
+        assert!(
+            answer <= task.config.max_answer_tokens,
+            "{answer} answer tokens"
+        );
+        assert_eq!(task.model.thinker.cache_len(), ids.len());
+        assert!(entries[system..].iter().all(|e| e.turn == 1));
     }
 }

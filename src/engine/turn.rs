@@ -505,13 +505,14 @@ pub enum TurnDetectionArg {
 }
 
 impl TurnTakingArgs {
-    /// Sets the session's turn-taking from the flags.
-    pub fn apply(&self, session: &mut super::session::SessionConfig) {
-        session.turn.detection = match self.turn_detection {
+    /// Sets a session's turn-taking and VAD settings (`SessionConfig::turn`, `::vad`) from
+    /// the flags.
+    pub fn apply(&self, turn: &mut TurnConfig, vad: &mut VadConfig) {
+        turn.detection = match self.turn_detection {
             TurnDetectionArg::Smart => TurnDetection::Smart,
             TurnDetectionArg::Silence => TurnDetection::Silence,
         };
-        session.vad = VadConfig::for_backend(match self.vad {
+        *vad = VadConfig::for_backend(match self.vad {
             VadChoice::Silero => VadBackend::Silero,
             VadChoice::Webrtc => VadBackend::WebRtc,
         });

@@ -8,7 +8,10 @@ use anyhow::{Context as _, Result};
 use crossbeam_channel::Receiver;
 
 use super::activity::WorkToken;
-use super::runtime::{Shared, Stage};
+use super::cancel::Cancellation;
+use super::events::{AnswerMarks, EventSink};
+use super::pacer::Pacer;
+use super::profile::{ModelProfile, Stage};
 use crate::model::omni::Speech;
 use crate::model::speakers::Voices;
 use crate::model::token2wav::Token2Wav;
@@ -34,6 +37,16 @@ pub(crate) enum VocoderMsg {
     },
 }
 
+/// What the vocoder thread shares with the rest of its session.
+pub(crate) struct VocoderLinks {
+    /// Where the samples go.
+    pub pacer: Arc<Pacer>,
+    pub cancel: Arc<Cancellation>,
+    pub events: Arc<EventSink>,
+    pub marks: Arc<AnswerMarks>,
+    pub profile: Arc<ModelProfile>,
+}
+
 struct Utterance {
     turn: u64,
     epoch: u64,
@@ -46,13 +59,13 @@ pub(crate) struct VocoderTask {
     voices: Voices,
     schedule: OdeSchedule,
     speakers: HashMap<String, SpeakerCondition>,
-    shared: Arc<Shared>,
+    links: VocoderLinks,
     seed: u64,
     current: Option<Utterance>,
 }
 
 impl VocoderTask {
-    pub fn new(speech: &Speech, shared: Arc<Shared>, seed: u64) -> Result<Self> {
+    pub fn new(speech: &Speech, links: VocoderLinks, seed: u64) -> Result<Self> {
         let token2wav = speech.token2wav.clone();
         let schedule = token2wav
             .schedule(&SamplerOptions::default())
@@ -62,7 +75,7 @@ impl VocoderTask {
             voices: speech.voices.clone(),
             schedule,
             speakers: HashMap::new(),
-            shared,
+            links,
             seed,
             current: None,
         })
@@ -71,9 +84,9 @@ impl VocoderTask {
     pub fn run(mut self, rx: Receiver<(VocoderMsg, WorkToken)>) {
         while let Ok((msg, token)) = rx.recv() {
             if let Err(e) = self.on_message(msg) {
-                self.shared.error(format!("vocoder: {e:#}"));
+                self.links.events.error(format!("vocoder: {e:#}"));
                 if let Some(u) = self.current.take() {
-                    self.shared.pacer.finish(u.turn);
+                    self.links.pacer.finish(u.turn);
                 }
             }
             drop(token);
@@ -86,7 +99,10 @@ impl VocoderTask {
         }
         let voice = self.voices.get(voice)?;
         let t2w = &self.token2wav;
-        let condition = self.shared.timed(Stage::Vocoder, || t2w.speaker(voice))?;
+        let condition = self
+            .links
+            .profile
+            .timed(Stage::Vocoder, || t2w.speaker(voice))?;
         let voice = &voice.name;
         self.speakers.insert(voice.to_string(), condition.clone());
         Ok(condition)
@@ -101,18 +117,18 @@ impl VocoderTask {
         }
         if !u.voiced {
             u.voiced = true;
-            self.shared.mark(u.turn, |t, now| {
+            self.links.marks.mark(u.turn, |t, now| {
                 t.first_waveform_chunk.get_or_insert(now);
             });
         }
-        self.shared.pacer.push(u.turn, &samples);
+        self.links.pacer.push(u.turn, &samples);
     }
 
     fn on_message(&mut self, msg: VocoderMsg) -> Result<()> {
         match msg {
             VocoderMsg::Begin { turn, epoch, voice } => {
                 self.current = None;
-                if self.shared.cancelled(epoch) {
+                if self.links.cancel.cancelled(epoch) {
                     return Ok(());
                 }
                 let speaker = self.speaker(&voice)?;
@@ -137,13 +153,14 @@ impl VocoderTask {
                 if u.turn != turn || u.epoch != epoch {
                     return Ok(());
                 }
-                if self.shared.cancelled(epoch) {
+                if self.links.cancel.cancelled(epoch) {
                     self.current = None;
                     return Ok(());
                 }
                 let t2w = &self.token2wav;
                 let samples = self
-                    .shared
+                    .links
+                    .profile
                     .timed(Stage::Vocoder, || u.decoder.push_codes(t2w, &codes))?;
                 self.push(samples);
             }
@@ -154,7 +171,7 @@ impl VocoderTask {
                 if u.turn != turn || u.epoch != epoch {
                     return Ok(());
                 }
-                if self.shared.cancelled(epoch) {
+                if self.links.cancel.cancelled(epoch) {
                     self.current = None;
                     return Ok(());
                 }
@@ -162,14 +179,114 @@ impl VocoderTask {
                     Vec::new()
                 } else {
                     let t2w = &self.token2wav;
-                    self.shared
+                    self.links
+                        .profile
                         .timed(Stage::Vocoder, || u.decoder.finish(t2w))?
                 };
                 self.push(samples);
-                self.shared.pacer.finish(turn);
+                self.links.pacer.finish(turn);
                 self.current = None;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use crossbeam_channel::unbounded;
+
+    use super::*;
+    use crate::engine::clock::SimulatedClock;
+    use crate::engine::queues::QueueCounters;
+    use crate::engine::session::TurnTimings;
+    use crate::model::loading::ModelFiles;
+    use crate::model::omni::OmniModel;
+
+    fn tiny() -> OmniModel {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        OmniModel::load(
+            &ModelFiles::from_dir(&dir).unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_answers_codes_reach_the_pacer_and_stale_ones_do_not() {
+        let model = tiny();
+        let speech = model.speech.as_ref().expect("the tiny model speaks");
+        let clock = Arc::new(SimulatedClock::new());
+        let (frames, _released) = unbounded();
+        let pacer = Arc::new(Pacer::new(
+            clock.clone(),
+            speech.token2wav.sample_rate(),
+            frames,
+        ));
+        let cancel = Arc::new(Cancellation::default());
+        let (events, _events) = unbounded();
+        let marks = Arc::new(AnswerMarks::new(clock.clone()));
+        let links = VocoderLinks {
+            pacer: pacer.clone(),
+            cancel: cancel.clone(),
+            events: Arc::new(EventSink::new(events, QueueCounters::new())),
+            marks: marks.clone(),
+            profile: Arc::new(ModelProfile::new(false)),
+        };
+        let mut task = VocoderTask::new(speech, links, 0).unwrap();
+        let voice = speech.voices.names()[0].to_string();
+        let err = task
+            .on_message(VocoderMsg::Begin {
+                turn: 1,
+                epoch: 0,
+                voice: "nobody".into(),
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("nobody"), "{err:#}");
+
+        marks.start(TurnTimings {
+            turn: 1,
+            ..Default::default()
+        });
+        pacer.begin(1);
+        let codes: Vec<u32> = (0..40).map(|i| i % 7).collect();
+        task.on_message(VocoderMsg::Begin {
+            turn: 1,
+            epoch: 0,
+            voice: voice.clone(),
+        })
+        .unwrap();
+        task.on_message(VocoderMsg::Codes {
+            turn: 1,
+            epoch: 0,
+            codes: codes.clone(),
+        })
+        .unwrap();
+        task.on_message(VocoderMsg::Finish { turn: 1, epoch: 0 })
+            .unwrap();
+        assert!(pacer.queued_samples() > 0, "the answer was voiced");
+        assert!(marks.get(1).unwrap().first_waveform_chunk.is_some());
+
+        // a stop moved the epoch on: the old answer's codes are stale
+        cancel.advance();
+        pacer.begin(2);
+        task.on_message(VocoderMsg::Begin {
+            turn: 2,
+            epoch: 0,
+            voice,
+        })
+        .unwrap();
+        task.on_message(VocoderMsg::Codes {
+            turn: 2,
+            epoch: 0,
+            codes,
+        })
+        .unwrap();
+        task.on_message(VocoderMsg::Finish { turn: 2, epoch: 0 })
+            .unwrap();
+        assert_eq!(pacer.queued_samples(), 0);
+        pacer.shutdown();
     }
 }

@@ -224,7 +224,7 @@ impl LocalArgs {
             seed: self.seed,
             ..defaults
         };
-        self.turn_taking.apply(&mut session);
+        self.turn_taking.apply(&mut session.turn, &mut session.vad);
         Ok(LocalOptions {
             input,
             output,

@@ -151,7 +151,7 @@ impl ServeArgs {
             session.max_context = max_context;
         }
         session.seed = self.seed;
-        self.turn_taking.apply(&mut session);
+        self.turn_taking.apply(&mut session.turn, &mut session.vad);
         match &self.voice {
             Some(voice) if !voices.contains(voice) => bail!(
                 "no voice {voice:?} in this model; its voices: {}",
