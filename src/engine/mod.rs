@@ -10,6 +10,7 @@ pub mod end_of_turn;
 pub(crate) mod events;
 pub mod heard;
 pub mod input;
+pub(crate) mod links;
 pub mod pacer;
 pub mod probe;
 pub mod profile;

@@ -64,6 +64,7 @@ use super::clock::Clock;
 use super::end_of_turn::{self, END_OF_TURN_RATE, Prediction, PredictionRequest, smart_turn};
 use super::events::{AnswerMarks, EventSink};
 use super::input::{InputConfig, InputEvent, InputStage};
+use super::links::{ModelLinks, SpeechMeter};
 use super::pacer::{FRAME, Pacer, PacerOutput};
 pub use super::probe::{ContextView, CutAnswer, SessionProbe};
 use super::probe::{ProbeParts, ProbeRecord};
@@ -73,12 +74,12 @@ use super::queues::{QueueCounters, ShedReporter, session_channels};
 use super::session::{
     Control, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings,
 };
-use super::talker_task::{self, SpeechMeter, TalkerLinks};
-use super::thinker_task::{self, ThinkerLinks, ThinkerMsg, ThinkerReport};
+use super::talker_task;
+use super::thinker_task::{self, ThinkerMsg, ThinkerReport};
 use super::threads::name_compute_pool;
 pub use super::threads::{SESSION_THREADS, thread_cpu, threads_cpu};
 use super::turn::TurnDetection;
-use super::vocoder_task::{self, VocoderLinks};
+use super::vocoder_task;
 use crate::media::mel::LogMel;
 use crate::model::omni::OmniModel;
 
@@ -176,8 +177,17 @@ fn start(
     let events = Arc::new(EventSink::new(event_tx, queues.clone()));
     let marks = Arc::new(AnswerMarks::new(clock.clone()));
     let profile = Arc::new(ModelProfile::new(profile));
-    let speech = Arc::new(SpeechMeter::default());
     let record = Arc::new(ProbeRecord::new(probed));
+    let model_links = ModelLinks {
+        activity: activity.clone(),
+        pacer: pacer.clone(),
+        cancel: cancel.clone(),
+        events: events.clone(),
+        marks: marks.clone(),
+        profile: profile.clone(),
+        speech: Arc::new(SpeechMeter::default()),
+        probe: record.clone(),
+    };
 
     let mut threads = Vec::new();
     let spawn_thread = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -207,28 +217,13 @@ fn start(
             let queued = talker_rx.clone();
             talker_queue =
                 Some(Box::new(move || queued.len()) as Box<dyn Fn() -> usize + Send + Sync>);
-            let links = VocoderLinks {
-                pacer: pacer.clone(),
-                cancel: cancel.clone(),
-                events: events.clone(),
-                marks: marks.clone(),
-                profile: profile.clone(),
-            };
-            let vocoder = vocoder_task::VocoderTask::new(speech_model, links, config.seed)?;
+            let vocoder =
+                vocoder_task::VocoderTask::new(speech_model, model_links.vocoder(), config.seed)?;
             threads.push(spawn_thread(
                 "session-vocoder",
                 Box::new(move || vocoder.run(vocoder_rx)),
             )?);
-            let links = TalkerLinks {
-                activity: activity.clone(),
-                pacer: pacer.clone(),
-                cancel: cancel.clone(),
-                events: events.clone(),
-                marks: marks.clone(),
-                profile: profile.clone(),
-                speech: speech.clone(),
-                probe: record.clone(),
-            };
+            let links = model_links.clone();
             let talker =
                 talker_task::TalkerTask::new(&model, speech_model, links, &config, vocoder_tx)?;
             threads.push(spawn_thread(
@@ -244,18 +239,13 @@ fn start(
     let (report_tx, report_rx) = unbounded();
     // Counted until the system prompt is prefilled.
     let startup = activity.token();
-    let links = ThinkerLinks {
-        activity: activity.clone(),
-        pacer: pacer.clone(),
-        cancel: cancel.clone(),
-        events: events.clone(),
-        marks: marks.clone(),
-        profile: profile.clone(),
-        speech,
-        probe: record.clone(),
-    };
-    let thinker =
-        thinker_task::ThinkerTask::new(model.clone(), config.clone(), links, talker_tx, report_tx)?;
+    let thinker = thinker_task::ThinkerTask::new(
+        model.clone(),
+        config.clone(),
+        model_links,
+        talker_tx,
+        report_tx,
+    )?;
     threads.push(spawn_thread(
         "session-thinker",
         Box::new(move || thinker.run(thinker_rx, startup)),

@@ -7,19 +7,14 @@
 //! complete by then), unless the answer was stopped, in which case it is dropped at once.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result};
 use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
 
-use super::activity::Activity;
 use super::activity::WorkToken;
-use super::cancel::Cancellation;
-use super::events::{AnswerMarks, EventSink};
-use super::pacer::Pacer;
-use super::probe::ProbeRecord;
-use super::profile::{ModelProfile, Stage};
+use super::links::{ModelLinks, SpeechProgress};
+use super::profile::Stage;
 use super::session::SessionConfig;
 use super::vocoder_task::VocoderMsg;
 use crate::model::omni::{OmniModel, Speech};
@@ -55,42 +50,6 @@ pub(crate) enum TalkerMsg {
     },
 }
 
-/// How far the Talker got with the answer of `turn`: codes produced, and whether it had
-/// finished (what a stop's heard estimate reads).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct SpeechProgress {
-    pub turn: u64,
-    pub codes: usize,
-    pub finished: bool,
-}
-
-/// [`SpeechProgress`] as the Talker thread last wrote it, for the Thinker thread.
-#[derive(Debug, Default)]
-pub(crate) struct SpeechMeter(Mutex<SpeechProgress>);
-
-impl SpeechMeter {
-    pub fn get(&self) -> SpeechProgress {
-        *self.0.lock().expect("speech lock")
-    }
-
-    pub fn set(&self, progress: SpeechProgress) {
-        *self.0.lock().expect("speech lock") = progress;
-    }
-}
-
-/// What the Talker thread shares with the rest of its session.
-pub(crate) struct TalkerLinks {
-    pub activity: Arc<Activity>,
-    /// Where the Talker waits for playback to catch up.
-    pub pacer: Arc<Pacer>,
-    pub cancel: Arc<Cancellation>,
-    pub events: Arc<EventSink>,
-    pub marks: Arc<AnswerMarks>,
-    pub profile: Arc<ModelProfile>,
-    pub speech: Arc<SpeechMeter>,
-    pub probe: Arc<ProbeRecord>,
-}
-
 struct Answer {
     turn: u64,
     epoch: u64,
@@ -100,7 +59,7 @@ struct Answer {
 
 pub(crate) struct TalkerTask {
     talker: Talker,
-    links: TalkerLinks,
+    links: ModelLinks,
     vocoder: Sender<(VocoderMsg, WorkToken)>,
     options: TalkerOptions,
     seed: u64,
@@ -114,7 +73,7 @@ impl TalkerTask {
     pub fn new(
         model: &OmniModel,
         speech: &Speech,
-        links: TalkerLinks,
+        links: ModelLinks,
         config: &SessionConfig,
         vocoder: Sender<(VocoderMsg, WorkToken)>,
     ) -> Result<Self> {
@@ -324,38 +283,17 @@ impl TalkerTask {
 mod tests {
     use std::time::Duration;
 
-    use candle_core::{DType, Device};
     use crossbeam_channel::unbounded;
 
     use super::*;
-    use crate::engine::clock::SimulatedClock;
-    use crate::engine::queues::QueueCounters;
-    use crate::model::loading::ModelFiles;
+    use crate::engine::links;
 
     /// A Talker task of the tiny model, and its vocoder's sample rate.
     fn task(speech_lead: Duration) -> (TalkerTask, u32) {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
-        let model = OmniModel::load(
-            &ModelFiles::from_dir(&dir).unwrap(),
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let model = crate::engine::links::tiny_model();
         let speech = model.speech.as_ref().expect("the tiny model speaks");
         let rate = speech.token2wav.sample_rate();
-        let clock = Arc::new(SimulatedClock::new());
-        let (frames, _) = unbounded();
-        let (events, _) = unbounded();
-        let links = TalkerLinks {
-            activity: Activity::new(),
-            pacer: Arc::new(Pacer::new(clock.clone(), rate, frames)),
-            cancel: Arc::new(Cancellation::default()),
-            events: Arc::new(EventSink::new(events, QueueCounters::new())),
-            marks: Arc::new(AnswerMarks::new(clock)),
-            profile: Arc::new(ModelProfile::new(false)),
-            speech: Arc::new(SpeechMeter::default()),
-            probe: Arc::new(ProbeRecord::new(false)),
-        };
+        let (links, _, _) = links::for_tests(rate);
         let config = SessionConfig {
             speech_lead,
             ..SessionConfig::default()
@@ -381,18 +319,5 @@ mod tests {
             "{} vs {expected}",
             long.lead_codes
         );
-    }
-
-    #[test]
-    fn the_speech_meter_hands_the_talkers_progress_to_the_thinker() {
-        let meter = SpeechMeter::default();
-        assert_eq!(meter.get().codes, 0);
-        meter.set(SpeechProgress {
-            turn: 3,
-            codes: 12,
-            finished: true,
-        });
-        let p = meter.get();
-        assert_eq!((p.turn, p.codes, p.finished), (3, 12, true));
     }
 }

@@ -2,16 +2,13 @@
 //! token2wav decoder into the pacer, as soon as a chunk is final.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use crossbeam_channel::Receiver;
 
 use super::activity::WorkToken;
-use super::cancel::Cancellation;
-use super::events::{AnswerMarks, EventSink};
-use super::pacer::Pacer;
-use super::profile::{ModelProfile, Stage};
+use super::links::VocoderLinks;
+use super::profile::Stage;
 use crate::model::omni::Speech;
 use crate::model::speakers::Voices;
 use crate::model::token2wav::Token2Wav;
@@ -35,16 +32,6 @@ pub(crate) enum VocoderMsg {
         turn: u64,
         epoch: u64,
     },
-}
-
-/// What the vocoder thread shares with the rest of its session.
-pub(crate) struct VocoderLinks {
-    /// Where the samples go.
-    pub pacer: Arc<Pacer>,
-    pub cancel: Arc<Cancellation>,
-    pub events: Arc<EventSink>,
-    pub marks: Arc<AnswerMarks>,
-    pub profile: Arc<ModelProfile>,
 }
 
 struct Utterance {
@@ -194,47 +181,21 @@ impl VocoderTask {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
-    use crossbeam_channel::unbounded;
 
     use super::*;
-    use crate::engine::clock::SimulatedClock;
-    use crate::engine::queues::QueueCounters;
     use crate::engine::session::TurnTimings;
-    use crate::model::loading::ModelFiles;
-    use crate::model::omni::OmniModel;
-
-    fn tiny() -> OmniModel {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
-        OmniModel::load(
-            &ModelFiles::from_dir(&dir).unwrap(),
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    }
 
     #[test]
     fn an_answers_codes_reach_the_pacer_and_stale_ones_do_not() {
-        let model = tiny();
+        let model = crate::engine::links::tiny_model();
         let speech = model.speech.as_ref().expect("the tiny model speaks");
-        let clock = Arc::new(SimulatedClock::new());
-        let (frames, _released) = unbounded();
-        let pacer = Arc::new(Pacer::new(
-            clock.clone(),
-            speech.token2wav.sample_rate(),
-            frames,
-        ));
-        let cancel = Arc::new(Cancellation::default());
-        let (events, _events) = unbounded();
-        let marks = Arc::new(AnswerMarks::new(clock.clone()));
-        let links = VocoderLinks {
-            pacer: pacer.clone(),
-            cancel: cancel.clone(),
-            events: Arc::new(EventSink::new(events, QueueCounters::new())),
-            marks: marks.clone(),
-            profile: Arc::new(ModelProfile::new(false)),
-        };
+        let (links, _, _) = crate::engine::links::for_tests(speech.token2wav.sample_rate());
+        let (pacer, cancel, marks) = (
+            links.pacer.clone(),
+            links.cancel.clone(),
+            links.marks.clone(),
+        );
+        let links = links.vocoder();
         let mut task = VocoderTask::new(speech, links, 0).unwrap();
         let voice = speech.voices.names()[0].to_string();
         let err = task
