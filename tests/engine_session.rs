@@ -1221,3 +1221,61 @@ fn turn_set_policy_figures() {
         );
     }
 }
+
+#[test]
+fn a_session_behind_its_input_sheds_camera_frames_first_and_says_so() {
+    let mut session = SimulatedSession::spawn(model(), config()).unwrap();
+    // the control thread busy with a minute of 48 kHz audio in one piece: what comes meanwhile
+    // waits in its queue
+    let mic = 48_000;
+    let minute = Duration::from_secs(60);
+    session
+        .push_audio(AudioInput {
+            at: session.now(),
+            sample_rate: mic,
+            samples: vec![0.0; mic as usize * 60],
+        })
+        .unwrap();
+    for k in 0..omnicall::engine::queues::SHED_VIDEO_DEPTH as u32 {
+        session
+            .push_audio(AudioInput {
+                at: minute + PIECE * k,
+                sample_rate: mic,
+                samples: vec![0.0; mic as usize / 50],
+            })
+            .unwrap();
+    }
+    session
+        .push_video(VideoInput {
+            at: session.now(),
+            width: 2,
+            height: 2,
+            rgb: Arc::new(vec![0; 12]),
+        })
+        .unwrap();
+    let queues = session.handle.queues();
+    assert_eq!(queues.shed_video_frames, 1, "{queues:?}");
+    assert_eq!(queues.shed_audio_pieces, 0, "audio goes before any frame");
+
+    // the session takes all the audio, and says at its next tick what it shed
+    session.advance(PIECE * 2).unwrap();
+    let errors: Vec<String> = session
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            SessionEvent::Error(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("shed 1 camera frame "), "{}", errors[0]);
+    assert!(!errors[0].contains("audio piece"), "{}", errors[0]);
+    let queues = session.handle.queues();
+    assert_eq!(queues.input_depth, 0);
+    assert_eq!(
+        queues.retimed_audio,
+        omnicall::engine::queues::SHED_VIDEO_DEPTH as u64,
+        "the pieces stamped a minute ahead were placed on the clock, not dropped"
+    );
+    session.close().unwrap();
+}

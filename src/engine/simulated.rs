@@ -9,6 +9,7 @@ use anyhow::Result;
 
 use super::clock::{Clock, SimulatedClock};
 use super::probe::SessionProbe;
+use super::queues::QueueStats;
 use super::runtime::{TICK, spawn_probed};
 use super::session::{
     AudioInput, Control, SessionConfig, SessionEvent, SessionHandle, SessionInput, VideoInput,
@@ -54,16 +55,29 @@ impl SimulatedSession {
         Ok(())
     }
 
+    /// Queues a piece of audio by the input policy, as a transport does.
     pub fn push_audio(&mut self, audio: AudioInput) -> Result<()> {
-        self.send(SessionInput::Audio(audio))
+        self.offer(|handle| handle.push_audio(audio))
     }
 
+    /// Queues a camera frame by the input policy (shed while the session is behind).
     pub fn push_video(&mut self, frame: VideoInput) -> Result<()> {
-        self.send(SessionInput::Video(frame))
+        self.offer(|handle| handle.push_video(frame))
     }
 
     pub fn control(&mut self, control: Control) -> Result<()> {
-        self.send(SessionInput::Control(control))
+        self.offer(|handle| handle.control(control))
+    }
+
+    /// Offers an input through the handle; only one that was queued (not shed) is counted.
+    fn offer(&mut self, push: impl FnOnce(&SessionHandle) -> bool) -> Result<()> {
+        let shed = |q: QueueStats| q.shed_video_frames + q.shed_audio_pieces + q.shed_controls;
+        let before = shed(self.handle.queues());
+        anyhow::ensure!(push(&self.handle), "the session has ended");
+        if shed(self.handle.queues()) == before {
+            self.sent += 1;
+        }
+        Ok(())
     }
 
     /// Waits until the session has done everything it can at the present time.
