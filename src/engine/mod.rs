@@ -10,6 +10,7 @@ pub mod heard;
 pub mod input;
 pub mod pacer;
 pub mod runtime;
+pub mod scheduler;
 pub mod session;
 pub(crate) mod talker_task;
 pub(crate) mod thinker_task;

@@ -190,7 +190,7 @@ impl Talker {
     }
 
     /// `positions` as `[3, T]` on this Talker's device, checked against `input` `[1, T, E]`.
-    fn check_positions(&self, input: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    pub fn check_positions(&self, input: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let t = input.dim(1)?;
         let positions = match positions.rank() {
             3 if positions.dim(1)? == 1 => positions.squeeze(1)?,
@@ -261,7 +261,7 @@ impl Talker {
 
     /// Gets the cache ready for a planned step: cleared for a whole prefill, checked for one
     /// after a cached prompt.
-    fn prepare_cache(&mut self, step: &TalkerForward) -> Result<()> {
+    pub fn prepare_cache(&mut self, step: &TalkerForward) -> Result<()> {
         if step.restart {
             self.clear_cache();
         }
@@ -801,7 +801,7 @@ pub fn step_batch(
                 context.prepare_cache(&forward)?;
                 running.push(i);
                 rows.push(TalkerRows {
-                    context: &mut **context,
+                    context,
                     input: forward.input,
                     positions: forward.positions,
                 });

@@ -80,17 +80,20 @@ pub struct ThinkerDecode<'a> {
     pub rope_delta: i64,
 }
 
-/// The decode step of a one-row forward pass fed with `embed` (hidden,).
-fn decode_output(embed: Tensor, out: ThinkerOutput) -> Result<DecodeStep> {
-    let logits = match out.logits {
-        Some(l) => l.squeeze(0)?,
-        None => candle_core::bail!("decode step produced no logits"),
-    };
-    Ok(DecodeStep {
-        embed,
-        hidden: out.hidden.squeeze(0)?,
-        logits,
-    })
+impl DecodeStep {
+    /// The decode step of a one-row forward pass (with its last logits) fed with `embed`
+    /// (hidden,).
+    pub fn from_output(embed: Tensor, out: ThinkerOutput) -> Result<Self> {
+        let logits = match out.logits {
+            Some(l) => l.squeeze(0)?,
+            None => candle_core::bail!("decode step produced no logits"),
+        };
+        Ok(Self {
+            embed,
+            hidden: out.hidden.squeeze(0)?,
+            logits,
+        })
+    }
 }
 
 /// A prompt ready to prefill.
@@ -363,7 +366,7 @@ impl Thinker {
 
     /// Checks that `embeds` (t, hidden) and `positions` (3, t) fit this Thinker; `what` names
     /// the sequence in the error.
-    fn check_rows(&self, embeds: &Tensor, positions: &Tensor, what: &str) -> Result<usize> {
+    pub fn check_rows(&self, embeds: &Tensor, positions: &Tensor, what: &str) -> Result<usize> {
         let (t, hidden) = embeds.dims2()?;
         if hidden != self.hidden_size {
             candle_core::bail!(
@@ -476,7 +479,7 @@ impl Thinker {
         outputs
             .into_iter()
             .enumerate()
-            .map(|(i, out)| decode_output(embeds.get(i)?, out))
+            .map(|(i, out)| DecodeStep::from_output(embeds.get(i)?, out))
             .collect()
     }
 
@@ -491,7 +494,7 @@ impl Thinker {
         let position = self.cache_len() as i64 + rope_delta;
         let positions = sequential_positions(position, 1, &self.device)?;
         let out = self.forward(&embed, &positions, LogitsFor::Last)?;
-        decode_output(embed.squeeze(0)?, out)
+        DecodeStep::from_output(embed.squeeze(0)?, out)
     }
 
     /// Prefills `prompt` (after whatever the cache holds) and generates until an EOS id, the
