@@ -119,7 +119,7 @@ impl Driven {
             let logits = match c.outcome {
                 Outcome::Prefilled(out) => out.logits.unwrap().squeeze(0).unwrap(),
                 Outcome::Decoded(step) => step.logits,
-                Outcome::Truncated | Outcome::Cancelled => continue,
+                Outcome::CacheEdited | Outcome::Cancelled => continue,
                 Outcome::Failed(e) => panic!("session {}: {e}", self.session),
                 other => panic!("unexpected {other:?}"),
             };
@@ -552,4 +552,67 @@ fn session_threads_on_the_scheduler_thread_get_their_lone_results_and_a_hang_up_
     }
     let headroom = scheduler.headroom();
     assert!(headroom.passes > 0 && headroom.completed >= headroom.passes);
+}
+
+#[test]
+fn cache_edits_run_in_order_with_the_sessions_work() {
+    let (_, thinker, _) = tiny();
+    let clock = SimulatedClock::new();
+    let mut core =
+        SchedulerCore::new(&thinker, None, SchedulerConfig::default(), clock.now()).unwrap();
+    let (tx, rx) = bounded(8);
+    core.open(1, tx).unwrap();
+    let prompt: Vec<u32> = (20..28).collect();
+    let work = [
+        Work::ThinkerPrefill {
+            embeds: thinker.embed(&prompt).unwrap(),
+            positions: sequential_positions(0, prompt.len(), &Device::Cpu).unwrap(),
+            logits: LogitsFor::None,
+        },
+        Work::ForgetThinker(2..5),
+        Work::ThinkerDecode {
+            id: 11,
+            rope_delta: 3,
+        },
+        Work::TruncateThinker(4),
+        Work::ThinkerDecode {
+            id: 12,
+            rope_delta: 3,
+        },
+    ];
+    for (t, w) in work.into_iter().enumerate() {
+        core.submit(1, Ticket(t as u64), ms(10), w).unwrap();
+    }
+    while core.step(&clock) {}
+    let got: Vec<Outcome> = rx.try_iter().map(|c| c.outcome).collect();
+    assert_eq!(got.len(), 5);
+    // The same edits on a Thinker of its own.
+    let mut context = thinker.clone();
+    context
+        .forward(
+            &thinker.embed(&prompt).unwrap(),
+            &sequential_positions(0, prompt.len(), &Device::Cpu).unwrap(),
+            LogitsFor::None,
+        )
+        .unwrap();
+    context.remove_cache_range(2..5).unwrap();
+    let first = context.decode_step(11, 3).unwrap().logits;
+    context.truncate_cache(4);
+    let second = context.decode_step(12, 3).unwrap().logits;
+    for (outcome, want) in [(&got[2], &first), (&got[4], &second)] {
+        let Outcome::Decoded(step) = outcome else {
+            panic!("{outcome:?}")
+        };
+        let diff = (&step.logits - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-5, "{diff:e}");
+    }
+    assert!(matches!(got[1], Outcome::CacheEdited));
+    assert!(matches!(got[3], Outcome::CacheEdited));
 }

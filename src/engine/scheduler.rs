@@ -14,8 +14,9 @@
 //! that model that is a single row (a decode step) rides along, most urgent first, up to
 //! `max_batch` sequences. A multi-row request (a block prefill) that is not the most urgent waits:
 //! a mid-turn block prefill gives way to the decode steps of a listener waiting for audio, and
-//! runs as soon as its deadline is the earliest. Truncations (barge-in roll-backs) cost nothing
-//! and run as soon as they reach the head of their session's queue.
+//! runs as soon as its deadline is the earliest. Cache edits (barge-in roll-backs, the context
+//! policy's forgetting) cost nothing and run as soon as they reach the head of their session's
+//! queue.
 //!
 //! **Cancellation** ([`SessionLink::cancel`], hang-up by dropping the link) removes only that
 //! session's queued requests, answered [`Outcome::Cancelled`]; the scheduler handles commands
@@ -27,6 +28,7 @@
 //! depth and batch sizes.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -66,6 +68,10 @@ pub enum Work {
     TruncateThinker(usize),
     /// Roll the session's Talker context back to its first `len` positions.
     TruncateTalker(usize),
+    /// Forget positions `range` of the session's Thinker context (the context policy).
+    ForgetThinker(Range<usize>),
+    /// Forget positions `range` of the session's Talker context.
+    ForgetTalker(Range<usize>),
 }
 
 /// The two networks whose passes the scheduler batches.
@@ -78,25 +84,35 @@ pub enum Network {
 impl Work {
     fn network(&self) -> Network {
         match self {
-            Work::ThinkerDecode { .. } | Work::ThinkerPrefill { .. } | Work::TruncateThinker(_) => {
-                Network::Thinker
+            Work::ThinkerDecode { .. }
+            | Work::ThinkerPrefill { .. }
+            | Work::TruncateThinker(_)
+            | Work::ForgetThinker(_) => Network::Thinker,
+            Work::TalkerForward(_) | Work::TruncateTalker(_) | Work::ForgetTalker(_) => {
+                Network::Talker
             }
-            Work::TalkerForward(_) | Work::TruncateTalker(_) => Network::Talker,
         }
     }
 
-    /// Rows the work feeds through the network (0 for a truncation).
+    /// Rows the work feeds through the network (0 for a cache edit).
     fn rows(&self) -> usize {
         match self {
             Work::ThinkerDecode { .. } => 1,
             Work::ThinkerPrefill { embeds, .. } => embeds.dim(0).unwrap_or(0),
             Work::TalkerForward(f) => f.input.dim(1).unwrap_or(0),
-            Work::TruncateThinker(_) | Work::TruncateTalker(_) => 0,
+            _ => 0,
         }
     }
 
-    fn is_truncation(&self) -> bool {
-        matches!(self, Work::TruncateThinker(_) | Work::TruncateTalker(_))
+    /// A truncation or forgetting: no pass, it runs as soon as it heads its queue.
+    fn is_cache_edit(&self) -> bool {
+        matches!(
+            self,
+            Work::TruncateThinker(_)
+                | Work::TruncateTalker(_)
+                | Work::ForgetThinker(_)
+                | Work::ForgetTalker(_)
+        )
     }
 }
 
@@ -107,7 +123,8 @@ pub enum Outcome {
     Prefilled(ThinkerOutput),
     /// The f32 codec logits `[vocab]` of the Talker step's last row.
     TalkerLogits(Tensor),
-    Truncated,
+    /// A truncation or forgetting was done.
+    CacheEdited,
     /// Dropped by [`SessionLink::cancel`] before it ran.
     Cancelled,
     Failed(String),
@@ -362,10 +379,13 @@ impl SchedulerCore {
                 }
                 talker.check_positions(&forward.input, &forward.positions)?;
             }
-            Work::TruncateTalker(_) if self.talker.is_none() => {
-                anyhow::bail!("scheduler: a Talker truncation, but the model has no Talker")
+            Work::TruncateTalker(_) | Work::ForgetTalker(_) if self.talker.is_none() => {
+                anyhow::bail!("scheduler: a Talker cache edit, but the model has no Talker")
             }
-            Work::TruncateThinker(_) | Work::TruncateTalker(_) => {}
+            Work::TruncateThinker(_)
+            | Work::TruncateTalker(_)
+            | Work::ForgetThinker(_)
+            | Work::ForgetTalker(_) => {}
         }
         Ok(())
     }
@@ -397,14 +417,14 @@ impl SchedulerCore {
     }
 
     /// The pass to run next (see the module notes), or `None` when nothing is queued or only
-    /// truncations are (which [`Self::step`] runs first).
+    /// cache edits are (which [`Self::step`] runs first).
     pub fn next_pass(&self) -> Option<Pass> {
         let heads = self.sessions.iter().flat_map(|(&id, state)| {
             state
                 .queues
                 .iter()
                 .filter_map(move |q| q.front().map(|r| (id, r)))
-                .filter(|(_, r)| !r.work.is_truncation())
+                .filter(|(_, r)| !r.work.is_cache_edit())
         });
         let urgency = |r: &Request| (r.deadline, r.order);
         let (first, head) = heads.clone().min_by_key(|(_, r)| urgency(r))?;
@@ -423,39 +443,34 @@ impl SchedulerCore {
         Some(Pass { network, sessions })
     }
 
-    /// Runs the truncations at the heads of the queues, then one pass; returns whether
+    /// Runs the cache edits at the heads of the queues, then one pass; returns whether
     /// anything ran.
     pub fn step(&mut self, clock: &dyn Clock) -> bool {
-        let truncated = self.run_truncations(clock.now());
+        let edited = self.run_cache_edits(clock.now());
         match self.next_pass() {
             Some(pass) => {
                 self.run_pass(&pass, clock);
                 true
             }
-            None => truncated,
+            None => edited,
         }
     }
 
-    fn run_truncations(&mut self, now: Duration) -> bool {
+    fn run_cache_edits(&mut self, now: Duration) -> bool {
         let mut ran = false;
         for state in self.sessions.values_mut() {
             for network in [Network::Thinker, Network::Talker] {
                 while state
                     .queue(network)
                     .front()
-                    .is_some_and(|r| r.work.is_truncation())
+                    .is_some_and(|r| r.work.is_cache_edit())
                 {
                     let request = state.queue(network).pop_front().expect("a head request");
-                    match request.work {
-                        Work::TruncateThinker(len) => state.thinker.truncate_cache(len),
-                        Work::TruncateTalker(len) => {
-                            if let Some(t) = state.talker.as_mut() {
-                                t.truncate_cache(len)
-                            }
-                        }
-                        _ => unreachable!("only truncations are taken here"),
-                    }
-                    answer(state, &request, now, 1, Outcome::Truncated);
+                    let outcome = match edit_cache(state, &request.work) {
+                        Ok(()) => Outcome::CacheEdited,
+                        Err(e) => Outcome::Failed(format!("{e:#}")),
+                    };
+                    answer(state, &request, now, 1, outcome);
                     ran = true;
                 }
             }
@@ -538,6 +553,24 @@ fn answer(state: &SessionState, request: &Request, now: Duration, batch: usize, 
             );
         }
     }
+}
+
+/// Applies a truncation or forgetting to the session's contexts.
+fn edit_cache(state: &mut SessionState, work: &Work) -> anyhow::Result<()> {
+    fn talker(state: &mut SessionState) -> anyhow::Result<&mut Talker> {
+        state
+            .talker
+            .as_mut()
+            .context("scheduler: the session has no Talker")
+    }
+    match work {
+        Work::TruncateThinker(len) => state.thinker.truncate_cache(*len),
+        Work::TruncateTalker(len) => talker(state)?.truncate_cache(*len),
+        Work::ForgetThinker(range) => state.thinker.remove_cache_range(range.clone())?,
+        Work::ForgetTalker(range) => talker(state)?.remove_cache_range(range.clone())?,
+        other => anyhow::bail!("scheduler: {other:?} is not a cache edit"),
+    }
+    Ok(())
 }
 
 /// One Thinker pass over the taken head requests; an outcome per request, in order.
@@ -873,7 +906,8 @@ mod tests {
         assert_eq!(decode.rows(), 1);
         assert_eq!(Work::TruncateTalker(3).network(), Network::Talker);
         assert_eq!(Work::TruncateTalker(3).rows(), 0);
-        assert!(Work::TruncateThinker(0).is_truncation());
-        assert!(!decode.is_truncation());
+        assert!(Work::TruncateThinker(0).is_cache_edit());
+        assert!(Work::ForgetTalker(0..2).is_cache_edit());
+        assert!(!decode.is_cache_edit());
     }
 }
