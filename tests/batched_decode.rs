@@ -365,3 +365,67 @@ fn batched_talker_steps_give_each_turn_its_lone_codes() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn batched_dit_windows_equal_each_window_alone() -> Result<()> {
+    use omnicall::model::token2wav::Token2Wav;
+    use omnicall::model::token2wav::dit::{DitWindow, SamplerOptions};
+    let cfg = common::model_config();
+    let t2w = Token2Wav::new(
+        &cfg.token2wav_config,
+        common::model_weights().pp("token2wav"),
+    )?;
+    let dit = t2w.dit();
+    let dc = dit.config();
+    let schedule = dit.schedule(&SamplerOptions::default())?;
+    let codes_per_window = 6;
+    let frames = codes_per_window * dc.repeats;
+    // Three sessions: their own voices, codes and noise.
+    let sessions: Vec<_> = (0..3)
+        .map(|s| {
+            let cond = rows(1, dc.enc_emb_dim, s as f64 * 3.1);
+            let ref_mel = rows(20, dc.mel_dim, s as f64 * 1.7).unsqueeze(0)?;
+            let speaker = dit.speaker_condition(&cond, &ref_mel)?;
+            let codes: Vec<u32> = (0..codes_per_window)
+                .map(|i| ((i * 31 + s * 7) % dc.num_embeds) as u32)
+                .collect();
+            let codes = Tensor::new(codes.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let noise = rows(frames, dc.mel_dim, 0.3 + s as f64).unsqueeze(0)?;
+            Ok((speaker, codes, noise))
+        })
+        .collect::<Result<_>>()?;
+    let windows: Vec<DitWindow<'_>> = sessions
+        .iter()
+        .map(|(speaker, codes, noise)| DitWindow {
+            speaker,
+            codes,
+            noise,
+        })
+        .collect();
+    let batched = dit.sample_scheduled_batch(&windows, &schedule)?;
+    for (i, (speaker, codes, noise)) in sessions.iter().enumerate() {
+        let alone = dit.sample_scheduled(speaker, codes, noise, &schedule)?;
+        assert_eq!(batched[i].dims(), alone.dims());
+        let diff = max_diff(&batched[i], &alone);
+        assert!(diff <= 1e-4, "window {i}: mel differs by {diff:e}");
+    }
+    // Windows of different lengths cannot share a batch.
+    let short = sessions[0].1.narrow(1, 0, codes_per_window - 1)?;
+    let short_noise = sessions[0].2.narrow(1, 0, frames - dc.repeats)?;
+    let err = dit
+        .sample_scheduled_batch(
+            &[
+                windows[1],
+                DitWindow {
+                    speaker: &sessions[0].0,
+                    codes: &short,
+                    noise: &short_noise,
+                },
+            ],
+            &schedule,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("same number of codes"), "{err}");
+    Ok(())
+}
