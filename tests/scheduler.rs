@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{Receiver, bounded};
 use omnicall::engine::clock::{Clock, SimulatedClock};
 use omnicall::engine::scheduler::{
-    Completion, Network, Outcome, Pass, Scheduler, SchedulerConfig, SchedulerCore, SessionId,
-    Ticket, Work,
+    Completion, Network, Outcome, Pass, Scheduler, SchedulerConfig, SchedulerCore, SchedulerModels,
+    SessionId, Ticket, Work,
 };
 use omnicall::model::config::Config;
 use omnicall::model::sampling::SamplingOptions;
@@ -37,6 +37,14 @@ fn tiny() -> (Config, Thinker, Talker) {
     let thinker = Thinker::new(&cfg.thinker_config, vb.pp("thinker")).unwrap();
     let talker = Talker::new(&cfg.talker_config, vb.pp("talker")).unwrap();
     (cfg, thinker, talker)
+}
+
+fn models(thinker: &Thinker, talker: Option<&Talker>) -> SchedulerModels {
+    SchedulerModels {
+        thinker: thinker.clone(),
+        talker: talker.cloned(),
+        vocoder: None,
+    }
 }
 
 fn ms(n: u64) -> Duration {
@@ -151,8 +159,12 @@ fn drive_core(
     scripts: &[Script],
     clock: &SimulatedClock,
 ) -> (Vec<Vec<u32>>, SchedulerCore) {
-    let mut core =
-        SchedulerCore::new(thinker, None, SchedulerConfig::default(), clock.now()).unwrap();
+    let mut core = SchedulerCore::new(
+        models(thinker, None),
+        SchedulerConfig::default(),
+        clock.now(),
+    )
+    .unwrap();
     let mut sessions: Vec<Driven> = scripts
         .iter()
         .enumerate()
@@ -233,8 +245,12 @@ fn one_sessions_barge_in_never_changes_anothers_results() {
 fn cancelling_drops_only_that_sessions_queued_work() {
     let (_, thinker, _) = tiny();
     let clock = SimulatedClock::new();
-    let mut core =
-        SchedulerCore::new(&thinker, None, SchedulerConfig::default(), clock.now()).unwrap();
+    let mut core = SchedulerCore::new(
+        models(&thinker, None),
+        SchedulerConfig::default(),
+        clock.now(),
+    )
+    .unwrap();
     let (tx1, rx1) = bounded(8);
     let (tx2, rx2) = bounded(8);
     core.open(1, tx1).unwrap();
@@ -285,8 +301,7 @@ fn passes_follow_deadlines_and_decode_steps_ride_along() {
     let (cfg, thinker, talker) = tiny();
     let clock = SimulatedClock::new();
     let mut core = SchedulerCore::new(
-        &thinker,
-        Some(&talker),
+        models(&thinker, Some(&talker)),
         SchedulerConfig::default(),
         clock.now(),
     )
@@ -368,8 +383,12 @@ fn passes_follow_deadlines_and_decode_steps_ride_along() {
 #[test]
 fn bad_work_is_refused_naming_what_was_wrong() {
     let (_, thinker, _) = tiny();
-    let mut core =
-        SchedulerCore::new(&thinker, None, SchedulerConfig::default(), Duration::ZERO).unwrap();
+    let mut core = SchedulerCore::new(
+        models(&thinker, None),
+        SchedulerConfig::default(),
+        Duration::ZERO,
+    )
+    .unwrap();
     let (tx, _rx) = bounded(8);
     core.open(1, tx).unwrap();
     let err = core
@@ -514,8 +533,12 @@ fn session_threads_on_the_scheduler_thread_get_their_lone_results_and_a_hang_up_
     let (cfg, thinker, talker) = tiny();
     let scripts = scripts(thinker.vocab_size());
     let clock: Arc<dyn Clock> = Arc::new(SimulatedClock::new());
-    let scheduler =
-        Scheduler::spawn(&thinker, Some(&talker), clock, SchedulerConfig::default()).unwrap();
+    let scheduler = Scheduler::spawn(
+        models(&thinker, Some(&talker)),
+        clock,
+        SchedulerConfig::default(),
+    )
+    .unwrap();
     let lone_codes: Vec<Vec<u32>> = (0..scripts.len())
         .map(|i| {
             let mut context = talker.clone();
@@ -558,8 +581,12 @@ fn session_threads_on_the_scheduler_thread_get_their_lone_results_and_a_hang_up_
 fn cache_edits_run_in_order_with_the_sessions_work() {
     let (_, thinker, _) = tiny();
     let clock = SimulatedClock::new();
-    let mut core =
-        SchedulerCore::new(&thinker, None, SchedulerConfig::default(), clock.now()).unwrap();
+    let mut core = SchedulerCore::new(
+        models(&thinker, None),
+        SchedulerConfig::default(),
+        clock.now(),
+    )
+    .unwrap();
     let (tx, rx) = bounded(8);
     core.open(1, tx).unwrap();
     let prompt: Vec<u32> = (20..28).collect();
@@ -615,4 +642,111 @@ fn cache_edits_run_in_order_with_the_sessions_work() {
     }
     assert!(matches!(got[1], Outcome::CacheEdited));
     assert!(matches!(got[3], Outcome::CacheEdited));
+}
+
+#[test]
+fn dit_windows_of_one_length_share_a_batch_and_equal_each_alone() {
+    use omnicall::model::token2wav::Token2Wav;
+    use omnicall::model::token2wav::dit::SamplerOptions;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+    let (cfg, thinker, _) = tiny();
+    // SAFETY: the model file is not modified while the tests map it.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
+    let t2w = Token2Wav::new(&cfg.token2wav_config, vb.pp("token2wav")).unwrap();
+    let dit = t2w.dit().clone();
+    let schedule = dit.schedule(&SamplerOptions::default()).unwrap();
+    let dc = dit.config().clone();
+    let clock = SimulatedClock::new();
+    let mut core = SchedulerCore::new(
+        SchedulerModels {
+            thinker: thinker.clone(),
+            talker: None,
+            vocoder: Some((dit.clone(), schedule.clone())),
+        },
+        SchedulerConfig::default(),
+        clock.now(),
+    )
+    .unwrap();
+    let window = |s: usize, n: usize| {
+        let cond = rows(1, dc.enc_emb_dim, s as f64);
+        let ref_mel = rows(12, dc.mel_dim, s as f64 + 0.5).unsqueeze(0).unwrap();
+        let speaker = Arc::new(dit.speaker_condition(&cond, &ref_mel).unwrap());
+        let codes: Vec<u32> = (0..n)
+            .map(|i| ((i * 13 + s) % dc.num_embeds) as u32)
+            .collect();
+        let codes = Tensor::new(codes.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let noise = rows(n * dc.repeats, dc.mel_dim, s as f64 + 0.9)
+            .unsqueeze(0)
+            .unwrap();
+        (speaker, codes, noise)
+    };
+    let windows = [window(1, 4), window(2, 4), window(3, 3)];
+    let mut receivers = Vec::new();
+    for (i, (speaker, codes, noise)) in windows.iter().enumerate() {
+        let (tx, rx) = bounded(4);
+        let session = i as SessionId + 1;
+        core.open(session, tx).unwrap();
+        let work = Work::DitWindow {
+            speaker: speaker.clone(),
+            codes: codes.clone(),
+            noise: noise.clone(),
+        };
+        core.submit(session, Ticket(0), ms(40 + 10 * i as u64), work)
+            .unwrap();
+        receivers.push(rx);
+    }
+    assert_eq!(
+        core.next_pass().unwrap(),
+        Pass {
+            network: Network::Vocoder,
+            sessions: vec![1, 2]
+        }
+    );
+    while core.step(&clock) {}
+    for (i, rx) in receivers.iter().enumerate() {
+        let c = rx.try_recv().unwrap();
+        assert_eq!(c.batch, if i < 2 { 2 } else { 1 });
+        let Outcome::Mel(mel) = c.outcome else {
+            panic!("{:?}", c.outcome)
+        };
+        let (speaker, codes, noise) = &windows[i];
+        let alone = dit
+            .sample_scheduled(speaker, codes, noise, &schedule)
+            .unwrap();
+        let diff = (&mel - &alone)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-4, "window {i}: {diff:e}");
+    }
+    // A window whose noise does not fit its codes is refused at submission.
+    let (speaker, codes, _) = window(4, 4);
+    let err = core
+        .submit(
+            1,
+            Ticket(1),
+            ms(1),
+            Work::DitWindow {
+                speaker,
+                codes,
+                noise: rows(5, dc.mel_dim, 0.0).unsqueeze(0).unwrap(),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("DiT noise"), "{err}");
 }

@@ -9,6 +9,9 @@
 //! [`crate::model::talker::TalkerTurn`]) and sends rows, getting results back over its own
 //! bounded channel. Work of one session runs in the order it was submitted, per model.
 //!
+//! DiT windows (token2wav's flow-matching sampler over a fixed number of codes) of sessions
+//! with windows of the same length run as one batch ([`Dit::sample_scheduled_batch`]).
+//!
 //! **Which work runs next.** The most urgent head request (earliest deadline; the earlier
 //! submission on a tie) chooses the model of the pass; every other session's head request for
 //! that model that is a single row (a decode step) rides along, most urgent first, up to
@@ -41,6 +44,17 @@ use crate::engine::clock::Clock;
 use crate::model::talker::{Talker, TalkerForward, TalkerRows};
 use crate::model::thinker::decoder::sequential_positions;
 use crate::model::thinker::{DecodeStep, LogitsFor, Thinker, ThinkerOutput, ThinkerRows};
+use crate::model::token2wav::dit::{Dit, DitWindow, OdeSchedule, SpeakerCondition};
+
+/// The loaded networks the scheduler runs: every session gets clones of the Thinker and
+/// Talker with empty caches; the DiT is stateless and shared.
+#[derive(Debug, Clone)]
+pub struct SchedulerModels {
+    pub thinker: Thinker,
+    pub talker: Option<Talker>,
+    /// token2wav's DiT with the ODE schedule every session's windows are sampled on.
+    pub vocoder: Option<(Dit, OdeSchedule)>,
+}
 
 /// A session's id within one scheduler.
 pub type SessionId = u64;
@@ -64,6 +78,13 @@ pub enum Work {
     /// One planned Talker step ([`crate::model::talker::TalkerTurn::plan`]) on the session's
     /// Talker; the result is the codec logits for [`crate::model::talker::TalkerTurn::accept`].
     TalkerForward(TalkerForward),
+    /// Sample one DiT window (`codes` `[1, n]`, `noise` `[1, repeats n, mel_dim]`) in the
+    /// session's voice; windows of other sessions with as many codes run in the same batch.
+    DitWindow {
+        speaker: Arc<SpeakerCondition>,
+        codes: Tensor,
+        noise: Tensor,
+    },
     /// Roll the session's Thinker context back to its first `len` positions.
     TruncateThinker(usize),
     /// Roll the session's Talker context back to its first `len` positions.
@@ -79,7 +100,10 @@ pub enum Work {
 pub enum Network {
     Thinker,
     Talker,
+    Vocoder,
 }
+
+const NETWORKS: [Network; 3] = [Network::Thinker, Network::Talker, Network::Vocoder];
 
 impl Work {
     fn network(&self) -> Network {
@@ -91,6 +115,7 @@ impl Work {
             Work::TalkerForward(_) | Work::TruncateTalker(_) | Work::ForgetTalker(_) => {
                 Network::Talker
             }
+            Work::DitWindow { .. } => Network::Vocoder,
         }
     }
 
@@ -100,6 +125,7 @@ impl Work {
             Work::ThinkerDecode { .. } => 1,
             Work::ThinkerPrefill { embeds, .. } => embeds.dim(0).unwrap_or(0),
             Work::TalkerForward(f) => f.input.dim(1).unwrap_or(0),
+            Work::DitWindow { codes, .. } => codes.dim(1).unwrap_or(0),
             _ => 0,
         }
     }
@@ -123,6 +149,8 @@ pub enum Outcome {
     Prefilled(ThinkerOutput),
     /// The f32 codec logits `[vocab]` of the Talker step's last row.
     TalkerLogits(Tensor),
+    /// A DiT window's mel `[1, mel_dim, repeats n]`.
+    Mel(Tensor),
     /// A truncation or forgetting was done.
     CacheEdited,
     /// Dropped by [`SessionLink::cancel`] before it ran.
@@ -216,7 +244,7 @@ struct Request {
 struct SessionState {
     thinker: Thinker,
     talker: Option<Talker>,
-    queues: [VecDeque<Request>; 2],
+    queues: [VecDeque<Request>; 3],
     results: Sender<Completion>,
 }
 
@@ -239,6 +267,7 @@ pub struct Pass {
 pub struct SchedulerCore {
     thinker: Thinker,
     talker: Option<Talker>,
+    vocoder: Option<(Dit, OdeSchedule)>,
     sessions: BTreeMap<SessionId, SessionState>,
     config: SchedulerConfig,
     next_order: u64,
@@ -247,27 +276,28 @@ pub struct SchedulerCore {
 }
 
 impl SchedulerCore {
-    /// `thinker` and `talker` are the loaded weights; every session gets clones of them with
-    /// empty caches. `now` is the clock time at the start.
+    /// `models` are the loaded networks. `now` is the clock time at the start.
     pub fn new(
-        thinker: &Thinker,
-        talker: Option<&Talker>,
+        models: SchedulerModels,
         config: SchedulerConfig,
         now: Duration,
     ) -> anyhow::Result<Self> {
         if config.max_batch == 0 || config.per_session_requests == 0 || config.commands == 0 {
             anyhow::bail!("scheduler: max_batch, per_session_requests and commands must be > 0");
         }
-        let mut thinker = thinker.clone();
+        let SchedulerModels {
+            mut thinker,
+            mut talker,
+            vocoder,
+        } = models;
         thinker.clear_cache();
-        let talker = talker.map(|t| {
-            let mut t = t.clone();
+        if let Some(t) = talker.as_mut() {
             t.clear_cache();
-            t
-        });
+        }
         Ok(Self {
             thinker,
             talker,
+            vocoder,
             sessions: BTreeMap::new(),
             config,
             next_order: 0,
@@ -286,7 +316,7 @@ impl SchedulerCore {
             SessionState {
                 thinker: self.thinker.clone(),
                 talker: self.talker.clone(),
-                queues: [VecDeque::new(), VecDeque::new()],
+                queues: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
                 results,
             },
         );
@@ -379,6 +409,26 @@ impl SchedulerCore {
                 }
                 talker.check_positions(&forward.input, &forward.positions)?;
             }
+            Work::DitWindow { codes, noise, .. } => {
+                let (dit, _) = self
+                    .vocoder
+                    .as_ref()
+                    .context("scheduler: a DiT window, but the model has no token2wav")?;
+                let cfg = dit.config();
+                let n = match codes.dims() {
+                    &[1, n] if n > 0 => n,
+                    dims => anyhow::bail!(
+                        "scheduler: DiT codes must be [1, n] with n > 0, got {dims:?}"
+                    ),
+                };
+                let want = [1, n * cfg.repeats, cfg.mel_dim];
+                if noise.dims() != want {
+                    anyhow::bail!(
+                        "scheduler: DiT noise must be {want:?} for {n} codes, got {:?}",
+                        noise.dims()
+                    );
+                }
+            }
             Work::TruncateTalker(_) | Work::ForgetTalker(_) if self.talker.is_none() => {
                 anyhow::bail!("scheduler: a Talker cache edit, but the model has no Talker")
             }
@@ -429,8 +479,14 @@ impl SchedulerCore {
         let urgency = |r: &Request| (r.deadline, r.order);
         let (first, head) = heads.clone().min_by_key(|(_, r)| urgency(r))?;
         let network = head.work.network();
+        // Decode steps ride along any pass of their network; DiT windows ride with windows
+        // of the same length (the batch shares one shape).
+        let rides = |r: &Request| match network {
+            Network::Vocoder => r.work.rows() == head.work.rows(),
+            Network::Thinker | Network::Talker => r.work.rows() == 1,
+        };
         let mut riders: Vec<(SessionId, &Request)> = heads
-            .filter(|&(id, r)| id != first && r.work.network() == network && r.work.rows() == 1)
+            .filter(|&(id, r)| id != first && r.work.network() == network && rides(r))
             .collect();
         riders.sort_by_key(|(_, r)| urgency(r));
         let mut sessions = vec![first];
@@ -459,7 +515,7 @@ impl SchedulerCore {
     fn run_cache_edits(&mut self, now: Duration) -> bool {
         let mut ran = false;
         for state in self.sessions.values_mut() {
-            for network in [Network::Thinker, Network::Talker] {
+            for network in NETWORKS {
                 while state
                     .queue(network)
                     .front()
@@ -496,6 +552,10 @@ impl SchedulerCore {
             Network::Talker => match self.talker.as_ref() {
                 Some(talker) => run_talker(talker, &mut taken),
                 None => Err("the model has no Talker".to_string()),
+            },
+            Network::Vocoder => match self.vocoder.as_ref() {
+                Some((dit, schedule)) => run_vocoder(dit, schedule, &taken),
+                None => Err("the model has no token2wav".to_string()),
             },
         };
         let done_at = clock.now();
@@ -661,6 +721,33 @@ fn run_talker(
         .collect())
 }
 
+/// One batch of DiT windows (all of one length) over the taken head requests.
+fn run_vocoder(
+    dit: &Dit,
+    schedule: &OdeSchedule,
+    taken: &[(&mut SessionState, Request)],
+) -> Result<Vec<Outcome>, String> {
+    let windows = taken
+        .iter()
+        .map(|(_, request)| match &request.work {
+            Work::DitWindow {
+                speaker,
+                codes,
+                noise,
+            } => Ok(DitWindow {
+                speaker: speaker.as_ref(),
+                codes,
+                noise,
+            }),
+            other => Err(format!("not vocoder work: {other:?}")),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mels = dit
+        .sample_scheduled_batch(&windows, schedule)
+        .map_err(|e| e.to_string())?;
+    Ok(mels.into_iter().map(Outcome::Mel).collect())
+}
+
 enum Command {
     Open {
         session: SessionId,
@@ -687,15 +774,14 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the scheduler thread over the loaded `thinker` and `talker`, on `clock` (the
-    /// clock the sessions' deadlines are on).
+    /// Starts the scheduler thread over the loaded `models`, on `clock` (the clock the
+    /// sessions' deadlines are on).
     pub fn spawn(
-        thinker: &Thinker,
-        talker: Option<&Talker>,
+        models: SchedulerModels,
         clock: Arc<dyn Clock>,
         config: SchedulerConfig,
     ) -> anyhow::Result<Self> {
-        let mut core = SchedulerCore::new(thinker, talker, config.clone(), clock.now())?;
+        let mut core = SchedulerCore::new(models, config.clone(), clock.now())?;
         let (commands, rx) = bounded(config.commands);
         let headroom = Arc::new(Mutex::new(core.headroom(clock.now())));
         let published = headroom.clone();
