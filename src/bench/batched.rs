@@ -3,7 +3,7 @@
 //! the Talker of a config with random weights. The figure is tokens per second summed over the
 //! sessions: what one model serves when the scheduler batches every call's steps.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -23,8 +23,11 @@ pub struct BatchedBenchOptions {
     pub sessions: Vec<usize>,
     /// Positions every session's context holds before the timed steps.
     pub context_tokens: usize,
-    /// Timed batched steps per session count (after one untimed step).
+    /// Timed batched steps per session count (after one untimed step), at least.
     pub steps: usize,
+    /// Steps go on until this much time has passed too (small models need many steps for a
+    /// steady figure; full-size ones stop at `steps`).
+    pub min_time: Duration,
 }
 
 impl Default for BatchedBenchOptions {
@@ -33,6 +36,7 @@ impl Default for BatchedBenchOptions {
             sessions: vec![1, 2, 4, 8],
             context_tokens: 32,
             steps: 4,
+            min_time: Duration::from_secs(1),
         }
     }
 }
@@ -98,8 +102,10 @@ pub fn bench_batched_with(
         };
         step(&mut contexts, &mut next)?; // warm-up (and the caches' first, copying write)
         let (started, before) = (Instant::now(), product_work());
-        for _ in 0..options.steps {
+        let mut steps = 0;
+        while steps < options.steps || started.elapsed() < options.min_time {
             step(&mut contexts, &mut next)?;
+            steps += 1;
         }
         let elapsed = started.elapsed();
         let work = product_work().since(before);
@@ -107,12 +113,11 @@ pub fn bench_batched_with(
             Measurement::new(
                 "thinker batched decode",
                 format!(
-                    "{shape}, {n} session{}, {} steps after {} tokens",
+                    "{shape}, {n} session{}, {steps} steps after {} tokens",
                     if n == 1 { "" } else { "s" },
-                    options.steps,
                     options.context_tokens
                 ),
-                (n * options.steps) as f64 / elapsed.as_secs_f64(),
+                (n * steps) as f64 / elapsed.as_secs_f64(),
                 "tokens/s (sum)",
             )
             .achieving(Achieved::new(work, elapsed)),
@@ -163,8 +168,10 @@ pub fn bench_batched_with(
         };
         step(&mut contexts)?;
         let (started, before) = (Instant::now(), product_work());
-        for _ in 0..options.steps {
+        let mut steps = 0;
+        while steps < options.steps || started.elapsed() < options.min_time {
             step(&mut contexts)?;
+            steps += 1;
         }
         let elapsed = started.elapsed();
         let work = product_work().since(before);
@@ -172,12 +179,11 @@ pub fn bench_batched_with(
             Measurement::new(
                 "talker batched decode",
                 format!(
-                    "{shape}, {n} session{}, {} steps after {} rows",
+                    "{shape}, {n} session{}, {steps} steps after {} rows",
                     if n == 1 { "" } else { "s" },
-                    options.steps,
                     options.context_tokens
                 ),
-                (n * options.steps) as f64 / elapsed.as_secs_f64(),
+                (n * steps) as f64 / elapsed.as_secs_f64(),
                 "codec tokens/s (sum)",
             )
             .achieving(Achieved::new(work, elapsed)),
@@ -199,6 +205,7 @@ mod tests {
             sessions: vec![1, 3],
             context_tokens: 5,
             steps: 2,
+            min_time: Duration::ZERO,
         };
         let rows = bench_batched_with(&config, DType::F32, &Device::Cpu, &options).unwrap();
         let stages: Vec<&str> = rows.iter().map(|r| r.stage.as_str()).collect();
@@ -211,7 +218,11 @@ mod tests {
                 "talker batched decode"
             ]
         );
-        assert!(rows[1].setup.contains("3 sessions"), "{}", rows[1].setup);
+        assert!(
+            rows[1].setup.contains("3 sessions, 2 steps"),
+            "{}",
+            rows[1].setup
+        );
         assert!(rows.iter().all(|r| r.value.is_finite() && r.value > 0.0));
         assert!(rows.iter().all(|r| r.achieved.is_some()));
         let err = bench_batched_with(
