@@ -247,12 +247,14 @@ struct ModelBenchArgs {
     /// 3b, 7b, or a config.json / model folder (only its config is read).
     #[arg(long)]
     config: String,
-    /// Stages to measure, comma-separated: thinker, audio, vision, speech, engine-input,
-    /// engine (end of turn to first audio frame through the real engine, by stage).
+    /// Stages to measure, comma-separated: thinker, audio, vision, speech, batched (Thinker
+    /// and Talker decode tokens/s summed over 1, 2, 4, 8 sessions batched in one pass),
+    /// engine-input, engine (end of turn to first audio frame through the real engine, by
+    /// stage).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "thinker,audio,vision,speech,engine-input,engine"
+        default_value = "thinker,audio,vision,speech,batched,engine-input,engine"
     )]
     stages: Vec<String>,
     /// Random weights of the config's shapes (always: no checkpoint is read).
@@ -527,6 +529,7 @@ const BENCH_STAGES: &[&str] = &[
     "audio",
     "vision",
     "speech",
+    "batched",
     "engine-input",
     "engine",
 ];
@@ -612,6 +615,7 @@ fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
             "audio" => omnicall::bench::audio::bench_audio(&config, dtype, &device),
             "vision" => omnicall::bench::vision::bench_vision(&config, dtype, &device),
             "speech" => omnicall::bench::speech::bench_speech(&config, dtype, &device),
+            "batched" => omnicall::bench::batched::bench_batched(&config, dtype, &device),
             "engine-input" => BlockConfig::for_model(
                 &config.thinker_config,
                 &ProcessorConfig::default(),

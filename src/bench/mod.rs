@@ -6,6 +6,7 @@
 //! table.
 
 pub mod audio;
+pub mod batched;
 pub mod call;
 pub mod engine;
 pub mod load;

@@ -16,6 +16,7 @@ pub mod probe;
 pub mod profile;
 pub mod queues;
 pub mod runtime;
+pub mod scheduler;
 pub mod session;
 pub mod simulated;
 pub(crate) mod talker_task;

@@ -44,7 +44,9 @@ use candle_nn::{Embedding, VarBuilder, embedding};
 use crate::model::config::{TalkerConfig, ThinkerConfig};
 use crate::model::linear::{Linear, linear, linear_no_bias};
 use crate::model::sampling::{Sampler, SamplingOptions};
-use crate::model::thinker::decoder::{DecoderSpec, DecoderStack, sequential_positions};
+use crate::model::thinker::decoder::{
+    DecoderSpec, DecoderStack, SequenceRows, sequential_positions,
+};
 
 /// The Talker network: projection, codec embedding, decoder stack, codec head.
 #[derive(Debug, Clone)]
@@ -180,6 +182,15 @@ impl Talker {
     /// Runs Thinker-width input rows `[1, T, E]` at `positions` `[3, T]` (or `[3, 1, T]`) after
     /// what the cache holds; returns the final hidden states `[1, T, hidden]`.
     pub fn forward(&mut self, input: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let positions = self.check_positions(input, positions)?;
+        let x = self
+            .thinker_to_talker_proj
+            .forward(&input.to_dtype(self.dtype)?)?;
+        self.model.forward(&x, &positions)
+    }
+
+    /// `positions` as `[3, T]` on this Talker's device, checked against `input` `[1, T, E]`.
+    pub fn check_positions(&self, input: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let t = input.dim(1)?;
         let positions = match positions.rank() {
             3 if positions.dim(1)? == 1 => positions.squeeze(1)?,
@@ -191,10 +202,78 @@ impl Talker {
                 positions.dims()
             );
         }
-        let x = self
+        positions.to_device(&self.device)
+    }
+
+    /// One pass of this Talker's weights over several sessions' rows, each context (a clone
+    /// of this Talker) appending to its own cache; the projection, the decoder's linear layers
+    /// and the codec head run once on the stacked rows. Returns each sequence's hidden states
+    /// `[1, T, hidden]` and the f32 codec logits `[vocab]` of its last row, equal to
+    /// [`Talker::forward`] and [`Talker::logits`] on each alone.
+    pub fn forward_batch(&self, sequences: &mut [TalkerRows<'_>]) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut inputs = Vec::with_capacity(sequences.len());
+        let mut positions = Vec::with_capacity(sequences.len());
+        for (i, seq) in sequences.iter().enumerate() {
+            if !self.model.shares_weights(&seq.context.model) {
+                candle_core::bail!(
+                    "talker: batched sequence {i}'s Talker does not share this Talker's weights \
+                     (contexts must be clones of the batch's Talker)"
+                );
+            }
+            if seq.input.rank() != 3 || seq.input.dim(0)? != 1 {
+                candle_core::bail!(
+                    "talker: batched sequence {i}'s input must be [1, T, E], got {:?}",
+                    seq.input.dims()
+                );
+            }
+            positions.push(self.check_positions(&seq.input, &seq.positions)?);
+            inputs.push(seq.input.squeeze(0)?.to_dtype(self.dtype)?);
+        }
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let projected = self
             .thinker_to_talker_proj
-            .forward(&input.to_dtype(self.dtype)?)?;
-        self.model.forward(&x, &positions.to_device(&self.device)?)
+            .forward(&Tensor::cat(&inputs, 0)?)?;
+        let mut start = 0;
+        let mut rows = Vec::with_capacity(sequences.len());
+        for ((seq, input), positions) in sequences.iter_mut().zip(&inputs).zip(positions) {
+            let t = input.dim(0)?;
+            rows.push(SequenceRows {
+                cache: seq.context.model.cache_mut(),
+                embeds: projected.narrow(0, start, t)?,
+                positions,
+            });
+            start += t;
+        }
+        let hidden = self.model.forward_batch(&mut rows)?;
+        let last: Vec<Tensor> = hidden
+            .iter()
+            .map(|h| h.narrow(0, h.dim(0)? - 1, 1))
+            .collect::<Result<_>>()?;
+        let logits = self.logits(&Tensor::cat(&last, 0)?)?;
+        hidden
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| Ok((h.unsqueeze(0)?, logits.get(i)?)))
+            .collect()
+    }
+
+    /// Gets the cache ready for a planned step: cleared for a whole prefill, checked for one
+    /// after a cached prompt.
+    pub fn prepare_cache(&mut self, step: &TalkerForward) -> Result<()> {
+        if step.restart {
+            self.clear_cache();
+        }
+        if let Some(len) = step.cached_len
+            && self.cache_len() != len
+        {
+            candle_core::bail!(
+                "talker: the cache holds {} rows, the turn expects its {len} prompt rows",
+                self.cache_len()
+            );
+        }
+        Ok(())
     }
 
     /// Codec logits (f32) of hidden states `[.., hidden]`.
@@ -583,57 +662,78 @@ impl TalkerTurn {
     /// Runs one Talker step if its input is known: the prefill (with the first reply row), or
     /// a decode step (previous code + next reply row).
     pub fn step(&mut self, talker: &mut Talker) -> Result<TalkerStep> {
+        let forward = match self.plan(talker)? {
+            TalkerPlan::Forward(forward) => forward,
+            TalkerPlan::NeedText => return Ok(TalkerStep::NeedText),
+            TalkerPlan::Finished(reason) => return Ok(TalkerStep::Finished(reason)),
+        };
+        talker.prepare_cache(&forward)?;
+        let hidden = talker.forward(&forward.input, &forward.positions)?;
+        let t = hidden.dim(1)?;
+        let logits = talker.logits(&hidden.narrow(1, t - 1, 1)?)?.flatten_all()?; // [vocab]
+        self.accept(logits)
+    }
+
+    /// The first half of a step: what the network must run next, if its input is known. A
+    /// [`TalkerPlan::Forward`] must be run (on this turn's Talker, alone or batched) and its
+    /// logits given to [`TalkerTurn::accept`] before the next plan.
+    pub fn plan(&mut self, talker: &Talker) -> Result<TalkerPlan> {
         if let Some(reason) = self.finished {
-            return Ok(TalkerStep::Finished(reason));
+            return Ok(TalkerPlan::Finished(reason));
         }
-        let hidden = if let Some(prefill) = self.prefill.as_ref() {
+        if let Some(prefill) = self.prefill.as_ref() {
             let Some(first) = self.pending.pop_front() else {
                 if self.thinker_done {
                     self.finished = Some(TalkerFinish::NoText);
-                    return Ok(TalkerStep::Finished(TalkerFinish::NoText));
+                    return Ok(TalkerPlan::Finished(TalkerFinish::NoText));
                 }
-                return Ok(TalkerStep::NeedText);
+                return Ok(TalkerPlan::NeedText);
             };
             let speaker_bos = &self.text_rows.speaker_bos;
-            let hidden = match prefill {
-                Prefill::Whole(prompt) => {
-                    let input = talker.prefill_input(&prompt.rows, speaker_bos, &first)?;
-                    talker.clear_cache();
-                    talker.forward(&input, &prompt.positions)?
-                }
-                Prefill::AfterCache { len, positions } => {
-                    if talker.cache_len() != *len {
-                        candle_core::bail!(
-                            "talker: the cache holds {} rows, the turn expects its {len} prompt rows",
-                            talker.cache_len()
-                        );
-                    }
-                    let input = talker.prefill_tail_input(speaker_bos, &first)?;
-                    talker.forward(&input, positions)?
-                }
+            let forward = match prefill {
+                Prefill::Whole(prompt) => TalkerForward {
+                    input: talker.prefill_input(&prompt.rows, speaker_bos, &first)?,
+                    positions: prompt.positions.clone(),
+                    restart: true,
+                    cached_len: None,
+                },
+                Prefill::AfterCache { len, positions } => TalkerForward {
+                    input: talker.prefill_tail_input(speaker_bos, &first)?,
+                    positions: positions.clone(),
+                    restart: false,
+                    cached_len: Some(*len),
+                },
             };
-            self.past_len = talker.cache_len();
+            // After the prefill the cache holds what it held (nothing for a whole prefill)
+            // plus these rows.
+            self.past_len = forward.cached_len.unwrap_or(0) + forward.input.dim(1)?;
             self.prefill = None;
-            hidden
-        } else {
-            let Some(row) = self.next_row() else {
-                return Ok(TalkerStep::NeedText);
-            };
-            let previous = *self
-                .codes
-                .last()
-                .expect("a decode step follows an emitted code");
-            let codec = talker.embed_codes(&[previous])?; // [1, E]
-            let row = talker.thinker_rows(&row, "reply row")?; // [1, 1, E]
-            let input = row.broadcast_add(&codec.unsqueeze(0)?)?;
-            let start = self.past_len as i64 + self.rope_delta;
-            let positions = sequential_positions(start, 1, talker.device())?;
-            let hidden = talker.forward(&input, &positions)?;
-            self.past_len += 1;
-            hidden
+            return Ok(TalkerPlan::Forward(forward));
+        }
+        let Some(row) = self.next_row() else {
+            return Ok(TalkerPlan::NeedText);
         };
-        let t = hidden.dim(1)?;
-        let logits = talker.logits(&hidden.narrow(1, t - 1, 1)?)?.flatten_all()?; // [vocab]
+        let previous = *self
+            .codes
+            .last()
+            .expect("a decode step follows an emitted code");
+        let codec = talker.embed_codes(&[previous])?; // [1, E]
+        let row = talker.thinker_rows(&row, "reply row")?; // [1, 1, E]
+        let input = row.broadcast_add(&codec.unsqueeze(0)?)?;
+        let start = self.past_len as i64 + self.rope_delta;
+        let positions = sequential_positions(start, 1, talker.device())?;
+        self.past_len += 1;
+        Ok(TalkerPlan::Forward(TalkerForward {
+            input,
+            positions,
+            restart: false,
+            cached_len: None,
+        }))
+    }
+
+    /// The second half of a step: chooses the code from the planned forward's raw codec
+    /// logits `[vocab]` (of its last row).
+    pub fn accept(&mut self, logits: Tensor) -> Result<TalkerStep> {
         let code = self
             .sampler
             .sample(&logits, &self.history, &self.suppress)?;
@@ -651,6 +751,71 @@ impl TalkerTurn {
         }
         Ok(TalkerStep::Code(code))
     }
+}
+
+/// What a turn's next step needs from the network ([`TalkerTurn::plan`]).
+#[derive(Debug, Clone)]
+pub enum TalkerPlan {
+    Forward(TalkerForward),
+    NeedText,
+    Finished(TalkerFinish),
+}
+
+/// One planned forward pass of a turn: Thinker-width rows and their positions.
+#[derive(Debug, Clone)]
+pub struct TalkerForward {
+    /// `[1, T, E]` input rows.
+    pub input: Tensor,
+    /// `[3, T]` positions.
+    pub positions: Tensor,
+    /// A whole prefill: the cache is cleared first.
+    pub restart: bool,
+    /// After a cached prompt: the cache must hold exactly this many rows.
+    pub cached_len: Option<usize>,
+}
+
+/// One session's rows in a batched Talker pass ([`Talker::forward_batch`]).
+#[derive(Debug)]
+pub struct TalkerRows<'a> {
+    /// The session's Talker: a clone of the batch's, whose cache the rows append to.
+    pub context: &'a mut Talker,
+    /// `[1, T, E]` Thinker-width input rows.
+    pub input: Tensor,
+    /// `[3, T]` positions.
+    pub positions: Tensor,
+}
+
+/// One step of several turns, each on its own Talker context, in one batched pass of
+/// `weights`: turns waiting for text or finished answer as [`TalkerTurn::step`] would, the
+/// others run together. Equals stepping each turn alone.
+pub fn step_batch(
+    weights: &Talker,
+    turns: &mut [(&mut TalkerTurn, &mut Talker)],
+) -> Result<Vec<TalkerStep>> {
+    let mut steps = vec![TalkerStep::NeedText; turns.len()];
+    let mut running = Vec::new();
+    let mut rows = Vec::new();
+    for (i, (turn, context)) in turns.iter_mut().enumerate() {
+        match turn.plan(weights)? {
+            TalkerPlan::Forward(forward) => {
+                context.prepare_cache(&forward)?;
+                running.push(i);
+                rows.push(TalkerRows {
+                    context,
+                    input: forward.input,
+                    positions: forward.positions,
+                });
+            }
+            TalkerPlan::NeedText => steps[i] = TalkerStep::NeedText,
+            TalkerPlan::Finished(reason) => steps[i] = TalkerStep::Finished(reason),
+        }
+    }
+    let outputs = weights.forward_batch(&mut rows)?;
+    drop(rows);
+    for (i, (_, logits)) in running.into_iter().zip(outputs) {
+        steps[i] = turns[i].0.accept(logits)?;
+    }
+    Ok(steps)
 }
 
 /// A whole spoken answer at once, when the Thinker has already finished (offline use such as

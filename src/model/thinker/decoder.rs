@@ -221,7 +221,6 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    cache: KvCache,
 }
 
 impl Attention {
@@ -235,11 +234,20 @@ impl Attention {
             num_heads: spec.num_attention_heads,
             num_kv_heads: spec.num_key_value_heads,
             head_dim: d,
-            cache: KvCache::default(),
         })
     }
 
-    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// `x` (1, T, hidden) holds the rows of every sequence of the pass one after the other,
+    /// `lengths[i]` rows for sequence i, which attends over `caches[i]` only. The projections
+    /// run once on all T rows; the attention runs per sequence (selective batching).
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        lengths: &[usize],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?
@@ -249,21 +257,43 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, self.num_heads)?;
         let k = split(self.k_proj.forward(x)?, self.num_kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        // Rotation is per row, so the rows of all sequences rotate together.
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
 
-        let past = self.cache.len();
-        let (k, v) = self.cache.append(&k, &v)?;
+        let mut outs = Vec::with_capacity(lengths.len());
+        let mut start = 0;
+        for (&len, cache) in lengths.iter().zip(caches.iter_mut()) {
+            let rows = |y: &Tensor| y.narrow(2, start, len);
+            outs.push(self.attend(&rows(&q)?, &rows(&k)?, &rows(&v)?, cache)?);
+            start += len;
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one sequence")
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// One sequence's attention: rotated `q` (b, heads, t, d) over `cache` after appending `k`,
+    /// `v` (b, kv_heads, t, d). Returns (b, t, heads * d).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let past = cache.len();
+        let (k, v) = cache.append(k, v)?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         // Grouped-query attention without repeating K/V: the `groups` query heads that share a
         // KV head are stacked along the query axis, (b, kv, groups * t, d).
         let groups = self.num_heads / self.num_kv_heads;
-        let q = q.reshape((b, self.num_kv_heads, groups * t, self.head_dim))?;
+        let q = q
+            .contiguous()?
+            .reshape((b, self.num_kv_heads, groups * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if t > 1 {
             let keys = past + t;
-            let mask = causal_mask(t, past, x.device())?.to_dtype(scores.dtype())?;
+            let mask = causal_mask(t, past, q.device())?.to_dtype(scores.dtype())?;
             scores = scores
                 .reshape((b, self.num_kv_heads, groups, t, keys))?
                 .broadcast_add(&mask)?
@@ -275,10 +305,8 @@ impl Attention {
         let out = probs
             .matmul(&v)?
             .reshape((b, self.num_heads, t, self.head_dim))?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        out.transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))
     }
 }
 
@@ -343,24 +371,96 @@ impl DecoderLayer {
         })
     }
 
-    pub fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin)?)?;
+    /// `x` (1, T, hidden): the rows of every sequence of the pass, `lengths[i]` of them for
+    /// sequence i with its cache `caches[i]` (see [`DecoderStack::forward_batch`]).
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        lengths: &[usize],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            cos,
+            sin,
+            lengths,
+            caches,
+        )?)?;
         &h + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h)?)?
     }
 }
 
+/// The KV caches of one sequence, one per layer of a [`DecoderStack`]. Several caches can run
+/// through the same weights ([`DecoderStack::forward_batch`]): each session holds its own.
+#[derive(Debug, Clone, Default)]
+pub struct DecoderCache {
+    layers: Vec<KvCache>,
+}
+
+impl DecoderCache {
+    /// An empty cache for a stack of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![KvCache::default(); layers],
+        }
+    }
+
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.layers.first().map(KvCache::len).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rolls the context back to its first `len` positions.
+    pub fn truncate(&mut self, len: usize) {
+        for cache in self.layers.iter_mut() {
+            cache.truncate(len);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        for cache in self.layers.iter_mut() {
+            cache.clear();
+        }
+    }
+
+    /// Drops cached positions `range` in every layer (see [`KvCache::remove`]).
+    pub fn remove(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        for cache in self.layers.iter_mut() {
+            cache.remove(range.clone())?;
+        }
+        Ok(())
+    }
+}
+
+/// One sequence's part of a batched pass ([`DecoderStack::forward_batch`]).
+#[derive(Debug)]
+pub struct SequenceRows<'a> {
+    /// The sequence's own caches, appended to.
+    pub cache: &'a mut DecoderCache,
+    /// (t, hidden) input rows: one for a decode step, a chunk for a prefill.
+    pub embeds: Tensor,
+    /// (3, t) positions of those rows.
+    pub positions: Tensor,
+}
+
 /// The layers and final norm of a Qwen2.5 decoder (`thinker.model.*` / `talker.model.*`),
-/// without the token embedding, which each owner handles itself.
+/// without the token embedding, which each owner handles itself, and with the KV cache of the
+/// owner's own sequence.
 #[derive(Debug, Clone)]
 pub struct DecoderStack {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     rotary: MultimodalRotary,
     dtype: DType,
+    cache: DecoderCache,
 }
 
 impl DecoderStack {
@@ -370,6 +470,7 @@ impl DecoderStack {
             .map(|i| DecoderLayer::new(spec, vb.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            cache: DecoderCache::new(layers.len()),
             layers,
             norm: rms_norm(spec.hidden_size, spec.rms_norm_eps, vb.pp("norm"))?,
             rotary: MultimodalRotary::new(
@@ -396,9 +497,10 @@ impl DecoderStack {
         mut layer_outputs: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary.cos_sin(positions, self.dtype)?;
+        let t = embeds.dim(1)?;
         let mut x = embeds.clone();
-        for layer in self.layers.iter_mut() {
-            x = layer.forward(&x, &cos, &sin)?;
+        for (layer, cache) in self.layers.iter().zip(self.cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, &[t], &mut [cache])?;
             if let Some(outs) = layer_outputs.as_deref_mut() {
                 outs.push(x.clone());
             }
@@ -406,33 +508,104 @@ impl DecoderStack {
         self.norm.forward(&x)
     }
 
+    /// One pass of these weights over several sequences, each with its own cache, positions
+    /// and number of rows (decode steps, and prefill chunks riding along): the linear layers
+    /// run once on the stacked rows, the attention per sequence over its own cache. Returns
+    /// each sequence's (t, hidden) states after the final norm; this stack's own cache is not
+    /// touched. Results equal running each sequence alone.
+    pub fn forward_batch(&self, sequences: &mut [SequenceRows<'_>]) -> Result<Vec<Tensor>> {
+        if sequences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut lengths = Vec::with_capacity(sequences.len());
+        let (mut rows, mut cos, mut sin) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, seq) in sequences.iter().enumerate() {
+            let (t, _) = seq.embeds.dims2()?;
+            if seq.positions.dims() != [3, t] {
+                candle_core::bail!(
+                    "batched pass: sequence {i} has positions of shape {:?} for {t} rows, \
+                     expected (3, {t})",
+                    seq.positions.dims()
+                );
+            }
+            if seq.cache.layers.len() != self.layers.len() {
+                candle_core::bail!(
+                    "batched pass: sequence {i}'s cache has {} layers, the stack has {}",
+                    seq.cache.layers.len(),
+                    self.layers.len()
+                );
+            }
+            let (c, s) = self.rotary.cos_sin(&seq.positions, self.dtype)?;
+            cos.push(c);
+            sin.push(s);
+            rows.push(seq.embeds.to_dtype(self.dtype)?);
+            lengths.push(t);
+        }
+        let mut x = Tensor::cat(&rows, 0)?.unsqueeze(0)?;
+        let (cos, sin) = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut caches: Vec<&mut KvCache> = sequences
+                .iter_mut()
+                .map(|seq| &mut seq.cache.layers[l])
+                .collect();
+            x = layer.forward(&x, &cos, &sin, &lengths, &mut caches)?;
+        }
+        let x = self.norm.forward(&x)?.squeeze(0)?;
+        let mut start = 0;
+        lengths
+            .iter()
+            .map(|&len| {
+                let part = x.narrow(0, start, len);
+                start += len;
+                part
+            })
+            .collect()
+    }
+
+    /// Whether `other` runs on the very same weight tensors (a clone of this stack), so that
+    /// its cache can ride in this stack's batched passes.
+    pub fn shares_weights(&self, other: &DecoderStack) -> bool {
+        match (self.layers.first(), other.layers.first()) {
+            (Some(a), Some(b)) => {
+                a.self_attn.q_proj.weight().id() == b.self_attn.q_proj.weight().id()
+                    && self.layers.len() == other.layers.len()
+            }
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    /// An empty cache shaped for this stack, for a sequence run with [`Self::forward_batch`].
+    pub fn new_cache(&self) -> DecoderCache {
+        DecoderCache::new(self.layers.len())
+    }
+
+    /// This stack's own cache.
+    pub fn cache(&self) -> &DecoderCache {
+        &self.cache
+    }
+
+    pub fn cache_mut(&mut self) -> &mut DecoderCache {
+        &mut self.cache
+    }
+
     /// Number of positions held in the KV cache.
     pub fn cache_len(&self) -> usize {
-        self.layers
-            .first()
-            .map(|l| l.self_attn.cache.len())
-            .unwrap_or(0)
+        self.cache.len()
     }
 
     /// Rolls the context back to its first `len` positions.
     pub fn truncate_cache(&mut self, len: usize) {
-        for layer in self.layers.iter_mut() {
-            layer.self_attn.cache.truncate(len);
-        }
+        self.cache.truncate(len);
     }
 
     pub fn clear_cache(&mut self) {
-        for layer in self.layers.iter_mut() {
-            layer.self_attn.cache.clear();
-        }
+        self.cache.clear();
     }
 
     /// Drops cached positions `range` in every layer (see [`KvCache::remove`]).
     pub fn remove_cache_range(&mut self, range: std::ops::Range<usize>) -> Result<()> {
-        for layer in self.layers.iter_mut() {
-            layer.self_attn.cache.remove(range.clone())?;
-        }
-        Ok(())
+        self.cache.remove(range)
     }
 
     pub fn dtype(&self) -> DType {

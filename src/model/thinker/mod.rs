@@ -21,7 +21,7 @@ use crate::model::config::ThinkerConfig;
 use crate::model::linear::{Linear, linear_no_bias};
 use crate::model::sampling::{Sampler, SamplingOptions};
 
-use decoder::{DecoderSpec, DecoderStack, sequential_positions};
+use decoder::{DecoderSpec, DecoderStack, SequenceRows, sequential_positions};
 
 /// Encoder outputs to scatter into a prompt's placeholder rows, each (n, hidden) with the items
 /// of that modality concatenated in prompt order.
@@ -58,6 +58,42 @@ pub struct DecodeStep {
     pub hidden: Tensor,
     /// (vocab,) f32 logits for the next token.
     pub logits: Tensor,
+}
+
+/// One sequence's rows in a batched pass ([`Thinker::forward_batch`]).
+#[derive(Debug)]
+pub struct ThinkerRows<'a> {
+    /// The session's context: a clone of the batch's Thinker whose cache the rows append to.
+    pub context: &'a mut Thinker,
+    /// (t, hidden) input rows.
+    pub embeds: Tensor,
+    /// (3, t) positions.
+    pub positions: Tensor,
+    pub logits: LogitsFor,
+}
+
+/// One session's token in a batched decode step ([`Thinker::decode_batch`]).
+#[derive(Debug)]
+pub struct ThinkerDecode<'a> {
+    pub context: &'a mut Thinker,
+    pub id: u32,
+    pub rope_delta: i64,
+}
+
+impl DecodeStep {
+    /// The decode step of a one-row forward pass (with its last logits) fed with `embed`
+    /// (hidden,).
+    pub fn from_output(embed: Tensor, out: ThinkerOutput) -> Result<Self> {
+        let logits = match out.logits {
+            Some(l) => l.squeeze(0)?,
+            None => candle_core::bail!("decode step produced no logits"),
+        };
+        Ok(Self {
+            embed,
+            hidden: out.hidden.squeeze(0)?,
+            logits,
+        })
+    }
 }
 
 /// A prompt ready to prefill.
@@ -318,30 +354,133 @@ impl Thinker {
         logits: LogitsFor,
         layer_outputs: Option<&mut Vec<Tensor>>,
     ) -> Result<ThinkerOutput> {
-        let (t, hidden) = embeds.dims2()?;
-        if hidden != self.hidden_size {
-            candle_core::bail!(
-                "embeddings are {hidden} wide but the Thinker's hidden size is {}",
-                self.hidden_size
-            );
-        }
-        if positions.dims() != [3, t] {
-            candle_core::bail!(
-                "positions have shape {:?}, expected (3, {t}) for {t} embeddings",
-                positions.dims()
-            );
-        }
+        self.check_rows(embeds, positions, "")?;
         let x = embeds.to_dtype(self.dtype())?.unsqueeze(0)?;
         let hidden = self
             .decoder
             .forward_with_layer_outputs(&x, positions, layer_outputs)?
             .squeeze(0)?;
-        let logits = match logits {
-            LogitsFor::None => None,
-            LogitsFor::Last => Some(self.logits(&hidden.narrow(0, t - 1, 1)?)?),
-            LogitsFor::All => Some(self.logits(&hidden)?),
-        };
+        let logits = self.logits_for(&[(&hidden, logits)])?.pop().flatten();
         Ok(ThinkerOutput { hidden, logits })
+    }
+
+    /// Checks that `embeds` (t, hidden) and `positions` (3, t) fit this Thinker; `what` names
+    /// the sequence in the error.
+    pub fn check_rows(&self, embeds: &Tensor, positions: &Tensor, what: &str) -> Result<usize> {
+        let (t, hidden) = embeds.dims2()?;
+        if hidden != self.hidden_size {
+            candle_core::bail!(
+                "{what}embeddings are {hidden} wide but the Thinker's hidden size is {}",
+                self.hidden_size
+            );
+        }
+        if positions.dims() != [3, t] {
+            candle_core::bail!(
+                "{what}positions have shape {:?}, expected (3, {t}) for {t} embeddings",
+                positions.dims()
+            );
+        }
+        Ok(t)
+    }
+
+    /// The logits each sequence asked for, from one LM-head product over all their rows.
+    fn logits_for(&self, wanted: &[(&Tensor, LogitsFor)]) -> Result<Vec<Option<Tensor>>> {
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(wanted.len());
+        for (hidden, which) in wanted {
+            let t = hidden.dim(0)?;
+            let picked = match which {
+                LogitsFor::None => None,
+                LogitsFor::Last => Some(hidden.narrow(0, t - 1, 1)?),
+                LogitsFor::All => Some((*hidden).clone()),
+            };
+            counts.push(picked.as_ref().map(|p| p.dim(0)).transpose()?);
+            rows.extend(picked);
+        }
+        if rows.is_empty() {
+            return Ok(vec![None; wanted.len()]);
+        }
+        let all = if rows.len() == 1 {
+            self.logits(&rows[0])?
+        } else {
+            self.logits(&Tensor::cat(&rows, 0)?)?
+        };
+        let mut start = 0;
+        counts
+            .into_iter()
+            .map(|count| {
+                count
+                    .map(|n| {
+                        let part = all.narrow(0, start, n);
+                        start += n;
+                        part
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// One pass of this Thinker's weights over several sequences, each with its own context:
+    /// decode steps of many sessions, and prefill chunks riding along (see
+    /// [`DecoderStack::forward_batch`]). Each context must be a clone of this Thinker (the same
+    /// weights); its cache gets the rows appended, this Thinker's own cache is not touched.
+    /// The outputs equal each sequence's [`Thinker::forward`] alone.
+    pub fn forward_batch(&self, sequences: &mut [ThinkerRows<'_>]) -> Result<Vec<ThinkerOutput>> {
+        for (i, seq) in sequences.iter().enumerate() {
+            if !self.decoder.shares_weights(&seq.context.decoder) {
+                candle_core::bail!(
+                    "batched pass: sequence {i}'s Thinker does not share this Thinker's weights \
+                     (contexts must be clones of the batch's Thinker)"
+                );
+            }
+            self.check_rows(&seq.embeds, &seq.positions, &format!("sequence {i}: "))?;
+        }
+        let mut rows: Vec<SequenceRows<'_>> = sequences
+            .iter_mut()
+            .map(|seq| SequenceRows {
+                cache: seq.context.decoder.cache_mut(),
+                embeds: seq.embeds.clone(),
+                positions: seq.positions.clone(),
+            })
+            .collect();
+        let hidden = self.decoder.forward_batch(&mut rows)?;
+        let wanted: Vec<(&Tensor, LogitsFor)> = hidden
+            .iter()
+            .zip(sequences.iter())
+            .map(|(h, seq)| (h, seq.logits))
+            .collect();
+        let logits = self.logits_for(&wanted)?;
+        Ok(hidden
+            .into_iter()
+            .zip(logits)
+            .map(|(hidden, logits)| ThinkerOutput { hidden, logits })
+            .collect())
+    }
+
+    /// One decode step for each of several sessions in one pass: each feeds its token at its
+    /// own `cache_len + rope_delta`. Equals [`Thinker::decode_step`] on each context alone.
+    pub fn decode_batch(&self, steps: &mut [ThinkerDecode<'_>]) -> Result<Vec<DecodeStep>> {
+        let ids: Vec<u32> = steps.iter().map(|s| s.id).collect();
+        let embeds = self.embed(&ids)?;
+        let mut sequences = steps
+            .iter_mut()
+            .enumerate()
+            .map(|(i, step)| {
+                let position = step.context.cache_len() as i64 + step.rope_delta;
+                Ok(ThinkerRows {
+                    embeds: embeds.narrow(0, i, 1)?,
+                    positions: sequential_positions(position, 1, &self.device)?,
+                    logits: LogitsFor::Last,
+                    context: &mut *step.context,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = self.forward_batch(&mut sequences)?;
+        outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, out)| DecodeStep::from_output(embeds.get(i)?, out))
+            .collect()
     }
 
     /// (rows, vocab) f32 logits of post-norm hidden states (rows, hidden).
@@ -355,15 +494,7 @@ impl Thinker {
         let position = self.cache_len() as i64 + rope_delta;
         let positions = sequential_positions(position, 1, &self.device)?;
         let out = self.forward(&embed, &positions, LogitsFor::Last)?;
-        let logits = match out.logits {
-            Some(l) => l.squeeze(0)?,
-            None => candle_core::bail!("decode step produced no logits"),
-        };
-        Ok(DecodeStep {
-            embed: embed.squeeze(0)?,
-            hidden: out.hidden.squeeze(0)?,
-            logits,
-        })
+        DecodeStep::from_output(embed.squeeze(0)?, out)
     }
 
     /// Prefills `prompt` (after whatever the cache holds) and generates until an EOS id, the

@@ -495,6 +495,16 @@ struct Prepared {
     frames: usize,
 }
 
+/// One session's window in [`Dit::sample_scheduled_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct DitWindow<'a> {
+    pub speaker: &'a SpeakerCondition,
+    /// `[1, n]` codes.
+    pub codes: &'a Tensor,
+    /// `[1, repeats n, mel_dim]` initial state.
+    pub noise: &'a Tensor,
+}
+
 /// `Qwen2_5OmniToken2WavDiTModel`.
 #[derive(Debug, Clone)]
 pub struct Dit {
@@ -752,11 +762,25 @@ impl Dit {
         })
     }
 
-    /// One DiT evaluation on the prepared window: `x` `[1, N, mel_dim]` -> `[rows, N, mel_dim]`.
+    /// One DiT evaluation on the prepared windows: `x` `[S, N, mel_dim]` (one state per
+    /// session) -> `[S * rows, N, mel_dim]` (each session's `rows` guidance rows in turn).
     fn evaluate(&self, p: &Prepared, tc: &TimeConditioning, x: &Tensor) -> Result<Tensor> {
-        let mut h = x
+        let (sessions, frames, mel) = x.dims3()?;
+        let (all_rows, _, hidden) = p.input_bias.dims3()?;
+        let rows = all_rows / sessions;
+        let projected = x
+            .reshape((1, sessions * frames, mel))?
             .matmul(&self.proj_x.unsqueeze(0)?)?
-            .broadcast_add(&p.input_bias)?;
+            .reshape((sessions, 1, frames, hidden))?;
+        let mut h = if sessions == 1 {
+            projected.squeeze(0)?.broadcast_add(&p.input_bias)?
+        } else {
+            // Each session's state feeds its own conditioned and unconditioned rows.
+            projected
+                .broadcast_as((sessions, rows, frames, hidden))?
+                .reshape((all_rows, frames, hidden))?
+                .add(&p.input_bias)?
+        };
         for ((layer, m), &band) in self.layers.iter().zip(&tc.blocks).zip(&p.layer_band) {
             h = layer.forward(&h, m, &self.norm, &p.rope, &p.bands[band])?;
         }
@@ -764,8 +788,8 @@ impl Dit {
         self.proj_out.forward(&h)
     }
 
-    /// The guided ODE right-hand side: `cond + (cond - uncond) * g` (or `cond` alone for
-    /// `g < 1e-5`).
+    /// The guided ODE right-hand side per session: `cond + (cond - uncond) * g` (or `cond`
+    /// alone for `g < 1e-5`), `[S, N, mel_dim]`.
     fn velocity(
         &self,
         p: &Prepared,
@@ -773,12 +797,15 @@ impl Dit {
         x: &Tensor,
         guidance: f64,
     ) -> Result<Tensor> {
+        let sessions = x.dim(0)?;
         let out = self.evaluate(p, tc, x)?;
-        if out.dim(0)? == 1 {
+        if out.dim(0)? == sessions {
             return Ok(out);
         }
-        let cond = out.narrow(0, 0, 1)?;
-        let uncond = out.narrow(0, 1, 1)?;
+        let (_, frames, mel) = out.dims3()?;
+        let out = out.reshape((sessions, 2, frames, mel))?;
+        let cond = out.narrow(1, 0, 1)?.squeeze(1)?;
+        let uncond = out.narrow(1, 1, 1)?.squeeze(1)?;
         &cond + ((&cond - &uncond)? * guidance)?
     }
 
@@ -843,9 +870,55 @@ impl Dit {
         noise: &Tensor,
         schedule: &OdeSchedule,
     ) -> Result<Tensor> {
+        let window = DitWindow {
+            speaker,
+            codes,
+            noise,
+        };
+        let mut mels = self.sample_scheduled_batch(&[window], schedule)?;
+        Ok(mels.pop().expect("one window gives one mel"))
+    }
+
+    /// Samples the windows of several sessions at once, each with its own voice, codes and
+    /// noise but the same number of codes (the DiT windows of sessions decoding on the same
+    /// schedule): one batch of `2 S` rows per evaluation. Returns each window's
+    /// `[1, mel_dim, repeats n]`, equal to [`Dit::sample_scheduled`] on it alone.
+    pub fn sample_scheduled_batch(
+        &self,
+        windows: &[DitWindow<'_>],
+        schedule: &OdeSchedule,
+    ) -> Result<Vec<Tensor>> {
+        if windows.is_empty() {
+            return Ok(Vec::new());
+        }
         let g = schedule.options.guidance_scale;
-        let p = self.prepare(speaker, codes, g >= MIN_GUIDANCE)?;
-        let mut y = self.check_noise(noise, p.frames)?;
+        let guided = g >= MIN_GUIDANCE;
+        let mut prepared = Vec::with_capacity(windows.len());
+        let mut noise = Vec::with_capacity(windows.len());
+        for (i, w) in windows.iter().enumerate() {
+            let p = self.prepare(w.speaker, w.codes, guided)?;
+            if let Some(first) = prepared.first().map(|f: &Prepared| f.frames)
+                && p.frames != first
+            {
+                candle_core::bail!(
+                    "DiT batch: window {i} has {} mel frames, window 0 has {first}: batched \
+                     windows must have the same number of codes",
+                    p.frames
+                );
+            }
+            noise.push(self.check_noise(w.noise, p.frames)?);
+            prepared.push(p);
+        }
+        let biases: Vec<Tensor> = prepared.iter().map(|p| p.input_bias.clone()).collect();
+        let mut p = prepared.swap_remove(0);
+        if biases.len() > 1 {
+            p.input_bias = Tensor::cat(&biases, 0)?;
+        }
+        let mut y = if noise.len() == 1 {
+            noise.pop().expect("one window")
+        } else {
+            Tensor::cat(&noise, 0)?
+        };
         let third = 1.0 / 3.0;
         for (i, w) in schedule.grid.windows(2).enumerate() {
             let h = (w[1] - w[0]) as f64;
@@ -857,7 +930,8 @@ impl Dit {
             let sum = ((&k1 + ((&k2 + &k3)? * 3.0)?)? + &k4)?;
             y = (&y + ((sum * h)? / 8.0)?)?;
         }
-        y.transpose(1, 2)?.contiguous()
+        let mel = y.transpose(1, 2)?.contiguous()?;
+        (0..windows.len()).map(|i| mel.narrow(0, i, 1)).collect()
     }
 
     /// Samples the mel frames `[start, end)` of a longer utterance as the streaming decoder
