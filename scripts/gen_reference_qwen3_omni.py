@@ -81,12 +81,31 @@ def parse_args():
     p.add_argument("--id-tts-pad", type=int, default=610, help="<|tts_pad|> (151671)")
     p.add_argument("--id-tts-bos", type=int, default=611, help="<|tts_bos|> (151672)")
     p.add_argument("--id-tts-eos", type=int, default=612, help="<|tts_eos|> (151673)")
+    # The role words are ordinary BPE tokens in the published vocab; the Talker finds the user and
+    # assistant turns by them, so the tiny tokenizer merges each into one token too.
+    p.add_argument("--id-system", type=int, default=620, help="'system' (8948)")
+    p.add_argument("--id-user", type=int, default=621, help="'user' (872)")
+    p.add_argument("--id-assistant", type=int, default=622, help="'assistant' (77091)")
+    # Talker codec vocab: the codebook, then special codec ids; the reference suppresses the top 1024 ids
+    # except EOS while generating, so the vocab is at least codebook + 1024 (published: 2048 + 1024).
+    p.add_argument("--talker-vocab", type=int, default=1088, help="talker codec vocab (3072)")
+    p.add_argument("--codec-pad", type=int, default=1070, help="codec_pad_id (2148)")
+    p.add_argument("--codec-bos", type=int, default=1071, help="codec_bos_id (2149)")
+    p.add_argument("--codec-eos", type=int, default=1072, help="codec_eos_token_id (2150)")
+    p.add_argument("--codec-nothink", type=int, default=1073, help="codec_nothink_id (2155)")
+    p.add_argument("--codec-think-bos", type=int, default=1074, help="codec_think_bos_id (2156)")
+    p.add_argument("--codec-think-eos", type=int, default=1075, help="codec_think_eos_id (2157)")
+    p.add_argument("--speaker-ids", type=int, nargs=2, default=[1076, 1077],
+                   help="codec ids of the voices ethan, chelsie (2302, 2301)")
     # Inputs.
     p.add_argument("--text-prompt", default="Hello! What is the capital of France?")
     p.add_argument("--thinker-new-tokens", type=int, default=8)
     p.add_argument("--c2w-frames", type=int, default=20, help="frames of random codes for Code2Wav")
     p.add_argument("--c2w-chunk-size", type=int, default=7, help="chunked_decode chunk size (frames)")
     p.add_argument("--c2w-left-context", type=int, default=3, help="chunked_decode left context (frames)")
+    p.add_argument("--speech-thinker-tokens", type=int, default=8, help="Thinker tokens of the spoken answer")
+    p.add_argument("--speech-talker-tokens", type=int, default=12, help="Talker max_new_tokens (codebook-0 ids)")
+    p.add_argument("--speaker", default="ethan", help="voice of the speech case")
     return p.parse_args()
 
 
@@ -139,21 +158,38 @@ def special_ids(a) -> dict[str, int]:
     }
 
 
+def role_ids(a) -> dict[str, int]:
+    return {"system": a.id_system, "user": a.id_user, "assistant": a.id_assistant}
+
+
 def build_tokenizer(a):
-    """Qwen2's byte-level BPE with no merges: each byte of ordinary text is the token whose id is the byte
-    value (0..255); the special tokens sit at the ids given on the command line."""
+    """Qwen2's byte-level BPE: each byte of ordinary text is the token whose id is the byte value (0..255),
+    except the role words, which merge letter by letter into one token at the id given on the command line
+    (their prefixes take the free ids from 256); the special tokens sit at the ids given too."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     ids = special_ids(a)
+    roles = role_ids(a)
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     vocab.update(ids)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+    vocab.update(roles)
+    taken = set(vocab.values())
+    free = (i for i in range(256, a.vocab_size) if i not in taken)
+    merges = []
+    for word in roles:
+        for n in range(2, len(word) + 1):
+            merges.append((word[:n - 1], word[n - 1]))
+            if word[:n] not in vocab:
+                vocab[word[:n]] = next(free)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>")
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ids])
     for t, i in ids.items():
         assert tok.convert_tokens_to_ids(t) == i, (t, i)
+    for word, i in roles.items():
+        assert tok("\n" + word).input_ids == [ord("\n"), i], (word, tok("\n" + word).input_ids)
     return tok
 
 
@@ -176,7 +212,7 @@ def build_config(a):
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=a.text_hidden,
                   patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0])
-    talker_text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    talker_text = dict(vocab_size=a.talker_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
                        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                        shared_expert_intermediate_size=32,
@@ -187,11 +223,12 @@ def build_config(a):
                           num_code_groups=a.c2w_quantizers)
     talker = dict(text_config=talker_text, code_predictor_config=code_predictor,
                   num_code_groups=a.c2w_quantizers, thinker_hidden_size=a.text_hidden,
-                  accept_hidden_layer=a.text_layers - 1, codec_pad_id=120, codec_bos_id=121,
-                  codec_eos_token_id=122, codec_nothink_id=123, codec_think_bos_id=124, codec_think_eos_id=125,
+                  accept_hidden_layer=a.text_layers - 1, codec_pad_id=a.codec_pad, codec_bos_id=a.codec_bos,
+                  codec_eos_token_id=a.codec_eos, codec_nothink_id=a.codec_nothink,
+                  codec_think_bos_id=a.codec_think_bos, codec_think_eos_id=a.codec_think_eos,
                   audio_token_id=a.id_audio, image_token_id=a.id_image, video_token_id=a.id_video,
                   vision_start_token_id=a.id_vision_start, audio_start_token_id=a.id_audio_start,
-                  speaker_id={"ethan": 126, "chelsie": 127}, spatial_merge_size=2)
+                  speaker_id={"ethan": a.speaker_ids[0], "chelsie": a.speaker_ids[1]}, spatial_merge_size=2)
     code2wav = dict(codebook_size=a.c2w_codebook_size, hidden_size=a.c2w_hidden,
                     num_hidden_layers=a.c2w_layers, num_attention_heads=a.c2w_heads,
                     num_key_value_heads=a.c2w_heads, intermediate_size=a.c2w_intermediate,
@@ -205,7 +242,8 @@ def build_config(a):
     return Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=talker, code2wav_config=code2wav,
                               im_start_token_id=a.id_im_start, im_end_token_id=a.id_im_end,
                               tts_pad_token_id=a.id_tts_pad, tts_bos_token_id=a.id_tts_bos,
-                              tts_eos_token_id=a.id_tts_eos)
+                              tts_eos_token_id=a.id_tts_eos, system_token_id=a.id_system,
+                              user_token_id=a.id_user, assistant_token_id=a.id_assistant)
 
 
 def reinit_parameters(model, seed: int):
@@ -372,12 +410,56 @@ def main():
         rec.add("talker.logits", talker.codec_head(talker_out.last_hidden_state), "codec_head logits at every position",
                 "talker.codec_head(last_hidden)")
 
+    # ---- speech: the whole model's generate, Thinker then Talker + code predictor, greedy --------------
+    captured = {}
+    talker_generate = talker.generate
+
+    def recording_generate(*args, **kwargs):
+        captured["inputs_embeds"] = kwargs["inputs_embeds"]
+        captured["trailing_text_hidden"] = kwargs["trailing_text_hidden"]
+        captured["talker_input_ids"] = kwargs["talker_input_ids"]
+        captured["result"] = talker_generate(*args, **kwargs)
+        return captured["result"]
+
+    talker.generate = recording_generate
+    with torch.no_grad():
+        sequences, wav = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), speaker=a.speaker, return_audio=True,
+            thinker_max_new_tokens=a.speech_thinker_tokens, thinker_eos_token_id=a.id_im_end,
+            thinker_do_sample=False, talker_max_new_tokens=a.speech_talker_tokens, talker_do_sample=False,
+            talker_output_logits=True)
+    talker.generate = talker_generate
+    result = captured["result"]
+    frames = torch.stack([hid[-1] for hid in result.hidden_states if hid[-1] is not None], dim=1)  # (1, f, groups)
+    rec.add("speech.thinker_ids", sequences[:, ids.shape[1]:],
+            "the Thinker's greedy answer to thinker_text.input_ids (stops at <|im_end|>)",
+            "model.generate(thinker_do_sample=False)")
+    rec.add("speech.talker_input_ids", captured["talker_input_ids"],
+            "ids the Talker's rotary positions come from (user turn ids, then tts_pad per assistant prefix slot)",
+            "talker.generate(talker_input_ids=...)")
+    rec.add("speech.talker_inputs_embeds", captured["inputs_embeds"],
+            "the Talker's prompt: projected user turn, then the assistant prefix (text + codec specials + speaker)",
+            "_get_talker_user_parts + _get_talker_assistant_parts")
+    rec.add("speech.trailing_text_hidden", captured["trailing_text_hidden"],
+            "text_projection of the answer's tokens after the first, then tts_eos: one per Talker step",
+            "_get_talker_assistant_parts")
+    rec.add("speech.codebook0_ids", result.sequences,
+            f"greedy codebook-0 ids (repetition penalty 1.05, top 1024 ids but EOS suppressed), <= "
+            f"{a.speech_talker_tokens}", "talker.generate(do_sample=False)")
+    rec.add("speech.talker_step_logits", torch.stack(result.logits, dim=1),
+            "the raw codec_head logits that chose each codebook-0 id", "talker.generate(output_logits=True)")
+    rec.add("speech.codes", frames.transpose(1, 2),
+            "codes (batch, codebook, frame) of every frame the Talker completed (its code 0 and the code "
+            "predictor's greedy residual codes)", "hidden_states[-1] of each talker step")
+    rec.add("speech.waveform", wav, "24 kHz waveform of speech.codes", "code2wav.chunked_decode(codes, 300, 25)")
+
     header = {
         "generator": "scripts/gen_reference_qwen3_omni.py",
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
                      "numpy": np.__version__},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "special_ids": special_ids(a),
+        "role_ids": role_ids(a),
     }
     rec.write(out, header)
     print(f"wrote {len(rec.tensors)} keys to {out}")

@@ -14,8 +14,10 @@ use omnicall::model::loading::{ModelFamily, ModelFiles};
 use omnicall::model::qwen3_omni::code_predictor::CodePredictor;
 use omnicall::model::qwen3_omni::code2wav::Code2Wav;
 use omnicall::model::qwen3_omni::config::Config;
+use omnicall::model::qwen3_omni::speech::{SpeechStream, talker_prompt, thinker_answer};
 use omnicall::model::qwen3_omni::talker::Talker;
 use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
+use omnicall::model::sampling::{Sampler, SamplingOptions};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -393,4 +395,108 @@ fn qwen3_model_folder_is_recognised_by_its_model_type() {
         vb.pp("thinker"),
     )
     .unwrap();
+}
+
+/// The whole speech path of the reference's `generate`, greedy: the Thinker's answer, the
+/// Talker's prompt from it, then codebook-0 ids (within the logits tolerance at every step) and
+/// every frame's residual codes.
+#[test]
+fn qwen3_talker_greedy_generate_matches() {
+    let cases = Cases::load();
+    let c = config();
+    let args = &Cases::json()["args"];
+    let dev = Device::Cpu;
+    let mut thinker = thinker_text();
+    let mut talker = Talker::new(&c.talker_config, weights().pp("talker")).unwrap();
+    let prompt: Vec<u32> = cases
+        .i64s("thinker_text.input_ids")
+        .iter()
+        .map(|&id| id as u32)
+        .collect();
+    let prompt_embeds = thinker.embed(&prompt_ids(&cases)).unwrap();
+    let answer = thinker_answer(
+        &mut thinker,
+        &prompt,
+        &prompt_embeds,
+        &text_positions(0, prompt.len(), &dev).unwrap(),
+        0,
+        c.talker_config.accept_hidden_layer,
+        args["speech_thinker_tokens"].as_u64().unwrap() as usize,
+        c.im_end_token_id,
+        &mut Sampler::new(SamplingOptions::greedy()),
+    )
+    .unwrap();
+    let got_answer: Vec<i64> = answer.sequence[prompt.len()..]
+        .iter()
+        .map(|&id| id as i64)
+        .collect();
+    assert_eq!(
+        got_answer,
+        cases.i64s("speech.thinker_ids"),
+        "thinker answer"
+    );
+
+    let speaker = args["speaker"].as_str().unwrap();
+    let talker_prompt = talker_prompt(&c, &thinker, &talker, &answer, speaker).unwrap();
+    let want_ids: Vec<u32> = cases
+        .i64s("speech.talker_input_ids")
+        .iter()
+        .map(|&id| id as u32)
+        .collect();
+    assert_eq!(talker_prompt.ids, want_ids, "talker position ids source");
+    assert_close(
+        "talker prompt",
+        &talker_prompt.embeds,
+        &cases.f32("speech.talker_inputs_embeds"),
+    );
+    assert_close(
+        "trailing text",
+        &talker_prompt.trailing_text,
+        &cases.f32("speech.trailing_text_hidden"),
+    );
+
+    let options = SamplingOptions {
+        repetition_penalty: 1.05,
+        ..SamplingOptions::greedy()
+    };
+    let positions = text_positions(0, talker_prompt.ids.len(), &dev).unwrap();
+    let mut stream = SpeechStream::start(
+        &c,
+        &mut talker,
+        &talker_prompt,
+        &positions,
+        0,
+        args["speech_talker_tokens"].as_u64().unwrap() as usize,
+        options,
+    )
+    .unwrap();
+    let mut frames = Vec::new();
+    while let Some(frame) = stream.next_frame().unwrap() {
+        frames.push(frame.codes);
+    }
+    let want_logits = cases.f32("speech.talker_step_logits"); // (1, steps, vocab)
+    assert_eq!(stream.step_logits().len(), want_logits.dim(1).unwrap());
+    for (step, got) in stream.step_logits().iter().enumerate() {
+        assert_close(
+            &format!("talker step {step} logits"),
+            got,
+            &want_logits.i((0, step, ..)).unwrap(),
+        );
+    }
+    let got_code0: Vec<i64> = stream.codebook0_ids().iter().map(|&id| id as i64).collect();
+    assert_eq!(
+        got_code0,
+        cases.i64s("speech.codebook0_ids"),
+        "codebook-0 ids"
+    );
+
+    let want_codes = cases.get("speech.codes"); // (1, groups, frames)
+    let (_, groups, n_frames) = want_codes.dims3().unwrap();
+    assert_eq!(frames.len(), n_frames, "frames");
+    for (f, codes) in frames.iter().enumerate() {
+        let want: Vec<i64> = want_codes.i((0, .., f)).unwrap().to_vec1().unwrap();
+        let got: Vec<i64> = codes.iter().map(|&c| c as i64).collect();
+        assert_eq!(got.len(), groups);
+        assert_eq!(got, want, "frame {f} codes");
+    }
 }

@@ -16,5 +16,6 @@ pub mod config;
 pub mod moe;
 pub mod moe_decoder;
 pub mod rotary;
+pub mod speech;
 pub mod talker;
 pub mod thinker_text;
