@@ -273,6 +273,80 @@ def prompt(user_content: str) -> str:
             "<|im_start|>assistant\n")
 
 
+def audio_tokens(n_frames: int, n_window: int) -> int:
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+    return int(_get_feat_extract_output_lengths(torch.tensor(n_frames), n_window))
+
+
+def add_rope_index_cases(rec, thinker, tok, a):
+    """Prompts laid out as the processor lays them out (placeholders per encoder output token), with
+    the grids, seconds per grid and mel lengths given; positions from thinker.get_rope_index."""
+    cfg = thinker.config
+    merge = cfg.vision_config.spatial_merge_size
+    n_window = cfg.audio_config.n_window
+    text = lambda s: tok(s).input_ids
+
+    def audio(frames):
+        return [a.id_audio_start] + [a.id_audio] * audio_tokens(frames, n_window) + [a.id_audio_end]
+
+    def vision(pad, grid):
+        return [a.id_vision_start] + [pad] * (grid[0] * grid[1] * grid[2] // merge ** 2) + [a.id_vision_end]
+
+    def audio_in_video(grid, second_per_grid, frames):
+        # The processor's order: frame tokens and audio tokens merged by time, a frame first on a tie.
+        per_frame = grid[1] * grid[2] // merge ** 2
+        video_t = [k * second_per_grid * cfg.position_id_per_seconds for k in range(grid[0]) for _ in range(per_frame)]
+        audio_t = list(range(audio_tokens(frames, n_window)))
+        out, v, u = [], 0, 0
+        while v < len(video_t) and u < len(audio_t):
+            if video_t[v] <= audio_t[u]:
+                out.append(a.id_video); v += 1
+            else:
+                out.append(a.id_audio); u += 1
+        out += [a.id_video] * (len(video_t) - v) + [a.id_audio] * (len(audio_t) - u)
+        return [a.id_vision_start, a.id_audio_start] + out + [a.id_audio_end, a.id_vision_end]
+
+    head = text("<|im_start|>user\n")
+    tail = text("<|im_end|>\n<|im_start|>assistant\n")
+    image_grid, video_grid, av_grid = [1, 4, 6], [3, 4, 4], [2, 4, 4]
+    cases = {
+        "audio": dict(ids=head + audio(37) + text("What is said?") + tail, audio=[37]),
+        "image": dict(ids=head + vision(a.id_image, image_grid) + text("What is this?") + tail, image=[image_grid]),
+        "video": dict(ids=head + text("Watch ") + vision(a.id_video, video_grid) + tail, video=[video_grid],
+                      spg=[0.6]),
+        "audio_in_video": dict(ids=head + audio_in_video(av_grid, 1.0, 40) + text("Who speaks?") + tail,
+                               video=[av_grid], spg=[1.0], audio=[40], use_audio_in_video=True),
+        "mixed": dict(ids=head + audio(20) + text(" and ") + vision(a.id_image, image_grid) + text(" then ")
+                      + vision(a.id_video, video_grid) + tail, image=[image_grid], video=[video_grid], spg=[0.5],
+                      audio=[20]),
+    }
+    for name, c in cases.items():
+        ids = torch.tensor([c["ids"]])
+        image = torch.tensor(c["image"]) if "image" in c else None
+        video = torch.tensor(c["video"]) if "video" in c else None
+        spg = torch.tensor(c["spg"], dtype=torch.float32) if "spg" in c else None
+        audio_lens = torch.tensor(c["audio"]) if "audio" in c else None
+        with torch.no_grad():
+            pos, delta = thinker.get_rope_index(ids, image, video, torch.ones_like(ids),
+                                                c.get("use_audio_in_video", False), audio_lens, spg)
+        k = f"rope_index.{name}"
+        rec.add(f"{k}.input_ids", ids, "prompt ids with the media placeholders", "processor layout")
+        rec.add(f"{k}.image_grid_thw", image if image is not None else torch.zeros(0, 3, dtype=torch.int64),
+                "(t, h, w) patch grid per image", "image processor")
+        rec.add(f"{k}.video_grid_thw", video if video is not None else torch.zeros(0, 3, dtype=torch.int64),
+                "(t, h, w) patch grid per video", "video processor")
+        rec.add(f"{k}.video_second_per_grid", spg if spg is not None else torch.zeros(0),
+                "seconds per temporal patch per video", "video processor")
+        rec.add(f"{k}.audio_feature_lengths", audio_lens if audio_lens is not None else torch.zeros(0, dtype=torch.int64),
+                "mel frames per audio clip", "feature extractor")
+        rec.add(f"{k}.use_audio_in_video", torch.tensor([int(c.get("use_audio_in_video", False))]),
+                "1: videos carry their audio, interleaved", "generate(use_audio_in_video=...)")
+        rec.add(f"{k}.position_ids", pos.to(torch.float32), "rotary positions (3, 1, len), float as the reference computes them",
+                "thinker.get_rope_index(...)")
+        rec.add(f"{k}.rope_deltas", delta.to(torch.float32), "max position + 1 - length", "get_rope_index")
+
+
 def main():
     a = parse_args()
     torch.manual_seed(a.seed)
@@ -332,6 +406,9 @@ def main():
                 f"{a.thinker_new_tokens} greedy tokens (KV-cache decode)", "thinker.generate(do_sample=False)")
         rec.add("thinker_text.generation_step_logits", torch.stack(gen.logits, dim=1),
                 "the raw logits that chose each generated token", "thinker.generate(output_logits=True)")
+
+    # ---- rope_index: multimodal positions (text, audio, image, video, audio in video) -----------------
+    add_rope_index_cases(rec, thinker, tok, a)
 
     # ---- code2wav: waveform from seeded random codes, offline and chunked ------------------------------
     c2w = model.code2wav

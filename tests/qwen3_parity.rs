@@ -14,6 +14,7 @@ use omnicall::model::loading::{ModelFamily, ModelFiles};
 use omnicall::model::qwen3_omni::code_predictor::CodePredictor;
 use omnicall::model::qwen3_omni::code2wav::Code2Wav;
 use omnicall::model::qwen3_omni::config::Config;
+use omnicall::model::qwen3_omni::rope_index::{MediaLayout, RopeIndexTokens, rope_index};
 use omnicall::model::qwen3_omni::speech::{SpeechStream, talker_prompt, thinker_answer};
 use omnicall::model::qwen3_omni::talker::Talker;
 use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
@@ -419,7 +420,7 @@ fn qwen3_talker_greedy_generate_matches() {
         &prompt,
         &prompt_embeds,
         &text_positions(0, prompt.len(), &dev).unwrap(),
-        0,
+        0.0,
         c.talker_config.accept_hidden_layer,
         args["speech_thinker_tokens"].as_u64().unwrap() as usize,
         c.im_end_token_id,
@@ -465,7 +466,7 @@ fn qwen3_talker_greedy_generate_matches() {
         &mut talker,
         &talker_prompt,
         &positions,
-        0,
+        0.0,
         args["speech_talker_tokens"].as_u64().unwrap() as usize,
         options,
     )
@@ -498,5 +499,66 @@ fn qwen3_talker_greedy_generate_matches() {
         let got: Vec<i64> = codes.iter().map(|&c| c as i64).collect();
         assert_eq!(got.len(), groups);
         assert_eq!(got, want, "frame {f} codes");
+    }
+}
+
+fn media_layout(cases: &Cases, case: &str) -> MediaLayout {
+    let grids = |key: &str| -> Vec<[usize; 3]> {
+        cases
+            .i64s(&format!("{case}.{key}"))
+            .chunks(3)
+            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
+            .collect()
+    };
+    MediaLayout {
+        image_grid_thw: grids("image_grid_thw"),
+        video_grid_thw: grids("video_grid_thw"),
+        video_second_per_grid: cases
+            .f32(&format!("{case}.video_second_per_grid"))
+            .to_vec1()
+            .unwrap(),
+        audio_feature_lengths: cases
+            .i64s(&format!("{case}.audio_feature_lengths"))
+            .iter()
+            .map(|&n| n as usize)
+            .collect(),
+        use_audio_in_video: cases.i64s(&format!("{case}.use_audio_in_video")) == [1],
+    }
+}
+
+/// `get_rope_index` on prompts with audio, an image, a video (fractional times), audio inside a
+/// video, and all of them mixed: every position and the decode offset exactly equal.
+#[test]
+fn qwen3_multimodal_position_ids_equal_the_reference() {
+    let cases = Cases::load();
+    let c = config();
+    let tokens = RopeIndexTokens::thinker(&c.thinker_config);
+    for name in ["audio", "image", "video", "audio_in_video", "mixed"] {
+        let case = format!("rope_index.{name}");
+        let ids: Vec<u32> = cases
+            .i64s(&format!("{case}.input_ids"))
+            .iter()
+            .map(|&id| id as u32)
+            .collect();
+        let index = rope_index(&ids, &tokens, &media_layout(&cases, &case)).unwrap();
+        let want = cases
+            .f32(&format!("{case}.position_ids"))
+            .squeeze(1)
+            .unwrap();
+        let got = index.to_tensor(&Device::Cpu).unwrap();
+        assert_eq!(
+            got.to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap(),
+            "{name} positions"
+        );
+        let want_delta = cases
+            .f32(&format!("{case}.rope_deltas"))
+            .flatten_all()
+            .unwrap();
+        assert_eq!(
+            index.delta,
+            want_delta.to_vec1::<f32>().unwrap()[0],
+            "{name} delta"
+        );
     }
 }

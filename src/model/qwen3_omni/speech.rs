@@ -10,8 +10,9 @@
 use candle_core::{IndexOp, Result, Tensor};
 
 use crate::model::qwen3_omni::config::Config;
+use crate::model::qwen3_omni::rope_index::decode_positions;
 use crate::model::qwen3_omni::talker::Talker;
-use crate::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
+use crate::model::qwen3_omni::thinker_text::ThinkerText;
 use crate::model::sampling::{Sampler, SamplingOptions};
 
 /// The reference suppresses this many top codec ids (the special codec tokens) except EOS.
@@ -50,7 +51,8 @@ fn accepted_hidden(
 }
 
 /// Greedy or sampled Thinker answer to `prompt_embeds` (1, p, hidden) at `positions` (3, p) whose
-/// ids are `prompt_ids`; decode positions continue at `cache_len + rope_delta`. Stops after `eos`
+/// ids are `prompt_ids`; decode positions continue at `cache_len + rope_delta` (see
+/// [`crate::model::qwen3_omni::rope_index`]). Stops after `eos`
 /// or `max_new_tokens`. Starts from an empty cache.
 #[allow(clippy::too_many_arguments)]
 pub fn thinker_answer(
@@ -58,7 +60,7 @@ pub fn thinker_answer(
     prompt_ids: &[u32],
     prompt_embeds: &Tensor,
     positions: &Tensor,
-    rope_delta: i64,
+    rope_delta: f32,
     accept_hidden_layer: usize,
     max_new_tokens: usize,
     eos: u32,
@@ -97,8 +99,7 @@ pub fn thinker_answer(
             break;
         }
         input = thinker.embed(&Tensor::new(&[[next]], &dev)?)?;
-        let pos = thinker.cache_len() as i64 + rope_delta;
-        input_positions = text_positions(pos, 1, &dev)?;
+        input_positions = decode_positions(thinker.cache_len(), rope_delta, 1, &dev)?;
     }
     thinker.clear_cache();
     Ok(ThinkerAnswer {
@@ -265,7 +266,7 @@ pub struct SpeechStream<'a> {
     eos: u32,
     suppress: Vec<u32>,
     max_new_tokens: usize,
-    rope_delta: i64,
+    rope_delta: f32,
     sampler: Sampler,
     predictor_sampler: Sampler,
     /// Codebook-0 ids so far (the repetition penalty's history).
@@ -285,7 +286,7 @@ impl<'a> SpeechStream<'a> {
         talker: &'a mut Talker,
         prompt: &TalkerPrompt,
         positions: &Tensor,
-        rope_delta: i64,
+        rope_delta: f32,
         max_new_tokens: usize,
         options: SamplingOptions,
     ) -> Result<Self> {
@@ -364,8 +365,8 @@ impl<'a> SpeechStream<'a> {
             self.tts_pad.clone()
         };
         let input = (residual.summed_embedding + text)?;
-        let pos = self.talker.cache_len() as i64 + self.rope_delta;
-        self.advance(&input, &text_positions(pos, 1, &dev)?)?;
+        let positions = decode_positions(self.talker.cache_len(), self.rope_delta, 1, &dev)?;
+        self.advance(&input, &positions)?;
         let mut codes = vec![code0];
         codes.extend(residual.codes);
         Ok(Some(SpeechFrame { codes }))
