@@ -56,6 +56,11 @@ def parse_args():
     p.add_argument("--mlp-only-layers", type=int, nargs="*", default=[], help="layers with a dense MLP")
     p.add_argument("--mrope-section", type=int, nargs=3, default=[2, 3, 3])
     p.add_argument("--rope-theta", type=float, default=1000000.0)
+    # AuT audio encoder. The reference's token count formula hard-codes 13 tokens per 100-frame chunk, so
+    # n_window stays at the published 50; n_window_infer sets the attention window (published 400).
+    p.add_argument("--audio-n-window", type=int, default=50)
+    p.add_argument("--audio-n-window-infer", type=int, default=200)
+    p.add_argument("--audio-seconds", type=float, default=3.2, help="length of the audio case's clip")
     # Code2Wav.
     p.add_argument("--c2w-hidden", type=int, default=32)
     p.add_argument("--c2w-layers", type=int, default=2)
@@ -207,7 +212,7 @@ def build_config(a):
         pad_token_id=a.id_endoftext, tie_word_embeddings=False,
     )
     audio = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
-                 output_dim=a.text_hidden, n_window=8, n_window_infer=32, downsample_hidden_size=16,
+                 output_dim=a.text_hidden, n_window=a.audio_n_window, n_window_infer=a.audio_n_window_infer, downsample_hidden_size=16,
                  max_source_positions=1500, conv_chunksize=500)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=a.text_hidden,
                   patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
@@ -347,6 +352,39 @@ def add_rope_index_cases(rec, thinker, tok, a):
         rec.add(f"{k}.rope_deltas", delta.to(torch.float32), "max position + 1 - length", "get_rope_index")
 
 
+def add_audio_case(rec, thinker, a):
+    """A chirp plus noise, the processor's Whisper log-mel of it (128 bins, padding to the longest clip),
+    and the audio tower's output on the valid frames."""
+    from transformers import WhisperFeatureExtractor
+
+    g = torch.Generator().manual_seed(a.seed + 3)
+    n = int(a.audio_seconds * 16000)
+    t = torch.arange(n, dtype=torch.float64) / 16000
+    wave = 0.3 * torch.sin(2 * math.pi * (200 * t + 300 * t * t)) + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    wave = wave.to(torch.float32)
+    fe = WhisperFeatureExtractor(feature_size=thinker.config.audio_config.num_mel_bins, sampling_rate=16000,
+                                 hop_length=160, n_fft=400, chunk_length=30)
+    feats = fe(wave.numpy(), sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+               return_tensors="pt")
+    mask = feats["attention_mask"]
+    rec.add("audio.waveform", wave, f"{a.audio_seconds} s at 16 kHz: a chirp plus seeded noise", "torch")
+    rec.add("audio.feature_attention_mask", mask, "valid mel frames", "WhisperFeatureExtractor(padding=True)")
+    valid = feats["input_features"].permute(0, 2, 1)[mask.bool()].permute(1, 0)
+    rec.add("audio.input_features", valid, "(mel bins, valid frames) log-mel the encoder reads",
+            "WhisperFeatureExtractor(...).input_features[mask]")
+    captured = {}
+    def capture(module, args):
+        captured["embedded"] = args[0].clone()
+
+    hook = thinker.audio_tower.layers[0].register_forward_pre_hook(capture)
+    with torch.no_grad():
+        out = thinker.get_audio_features(feats["input_features"], feature_attention_mask=mask).last_hidden_state
+    hook.remove()
+    rec.add("audio.embedded", captured["embedded"], "(tokens, d_model) after the convolutions, conv_out and the "
+            "per-chunk sinusoid positions, valid frames only", "audio_tower.layers[0] input")
+    rec.add("audio.features", out, "(tokens, output_dim) audio tower output", "thinker.get_audio_features(...)")
+
+
 def main():
     a = parse_args()
     torch.manual_seed(a.seed)
@@ -409,6 +447,9 @@ def main():
 
     # ---- rope_index: multimodal positions (text, audio, image, video, audio in video) -----------------
     add_rope_index_cases(rec, thinker, tok, a)
+
+    # ---- audio: log-mel of a seeded clip and the AuT encoder's tokens ----------------------------------
+    add_audio_case(rec, thinker, a)
 
     # ---- code2wav: waveform from seeded random codes, offline and chunked ------------------------------
     c2w = model.code2wav

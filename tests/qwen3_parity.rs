@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use omnicall::model::loading::{ModelFamily, ModelFiles};
+use omnicall::model::qwen3_omni::audio_encoder::AudioEncoder;
 use omnicall::model::qwen3_omni::code_predictor::CodePredictor;
 use omnicall::model::qwen3_omni::code2wav::Code2Wav;
 use omnicall::model::qwen3_omni::config::Config;
@@ -561,4 +562,89 @@ fn qwen3_multimodal_position_ids_equal_the_reference() {
             "{name} delta"
         );
     }
+}
+
+fn audio_encoder() -> AudioEncoder {
+    let c = config();
+    AudioEncoder::new(
+        &c.thinker_config.audio_config,
+        weights().pp("thinker.audio_tower"),
+    )
+    .unwrap()
+}
+
+/// The AuT encoder on the reference's log-mel: its tokens within 1e-4 (with the chunked
+/// convolutions, per-chunk positions and windowed attention of the reference).
+#[test]
+fn qwen3_audio_encoder_matches() {
+    let cases = Cases::load();
+    let encoder = audio_encoder();
+    let got = encoder.forward(&cases.f32("audio.input_features")).unwrap();
+    assert_close("audio tokens", &got, &cases.f32("audio.features"));
+}
+
+/// Window by window (pieces of n_window_infer frames, the last holding a full chunk) the
+/// encoder gives the whole clip's tokens.
+#[test]
+fn qwen3_audio_encoder_streams_window_by_window() {
+    let cases = Cases::load();
+    let c = config();
+    let encoder = audio_encoder();
+    let features = cases.f32("audio.input_features");
+    let frames = features.dim(1).unwrap();
+    let window = encoder.window_frames();
+    let chunk = 2 * c.thinker_config.audio_config.n_window;
+    assert!(
+        frames > window + chunk,
+        "the fixture clip ({frames} frames) needs more than one window ({window}) and a chunk ({chunk})"
+    );
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    while start < frames {
+        let len = if frames - start >= window + chunk || frames - start <= window {
+            window.min(frames - start)
+        } else {
+            frames - start
+        };
+        pieces.push(
+            encoder
+                .forward(&features.narrow(1, start, len).unwrap())
+                .unwrap(),
+        );
+        start += len;
+    }
+    assert!(pieces.len() > 1);
+    let streamed = Tensor::cat(&pieces, 0).unwrap();
+    let whole = encoder.forward(&features).unwrap();
+    assert_close("streamed audio tokens", &streamed, &whole);
+}
+
+/// The project's Whisper log-mel gives the reference processor's features for the clip, on every
+/// frame whose FFT window lies inside the clip. The frames at the very end differ: the Qwen3-Omni
+/// processor pads to the longest clip of its batch (the STFT reflects the clip's own end), the
+/// project's log-mel pads to `chunk_length` seconds of zeros as Qwen2.5-Omni's does.
+#[test]
+fn qwen3_audio_mel_matches_the_processor() {
+    let cases = Cases::load();
+    let c = config();
+    let fe = omnicall::model::config::FeatureExtractorConfig {
+        feature_size: c.thinker_config.audio_config.num_mel_bins,
+        ..Default::default()
+    };
+    let mel = omnicall::media::mel::LogMel::new(&fe).unwrap();
+    let wave: Vec<f32> = cases.f32("audio.waveform").to_vec1().unwrap();
+    let got = mel
+        .features(&wave)
+        .unwrap()
+        .to_tensor(&Device::Cpu)
+        .unwrap();
+    let want = cases.f32("audio.input_features");
+    assert_eq!(got.dims(), want.dims(), "log-mel frames");
+    let inside = (wave.len() - fe.n_fft / 2) / fe.hop_length + 1;
+    assert!(inside + 2 >= want.dim(1).unwrap());
+    assert_close(
+        "log-mel inside the clip",
+        &got.narrow(1, 0, inside).unwrap(),
+        &want.narrow(1, 0, inside).unwrap(),
+    );
 }

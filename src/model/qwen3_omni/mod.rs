@@ -9,6 +9,7 @@
 //! ConvNet speech decoder that needs no window of future codes.
 
 pub mod attention;
+pub mod audio_encoder;
 pub mod code2wav;
 pub mod code2wav_transformer;
 pub mod code_predictor;
