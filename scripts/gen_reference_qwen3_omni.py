@@ -383,6 +383,46 @@ def add_audio_case(rec, thinker, a):
     rec.add("audio.embedded", captured["embedded"], "(tokens, d_model) after the convolutions, conv_out and the "
             "per-chunk sinusoid positions, valid frames only", "audio_tower.layers[0] input")
     rec.add("audio.features", out, "(tokens, output_dim) audio tower output", "thinker.get_audio_features(...)")
+    return valid
+
+
+def add_multimodal_cases(rec, thinker, audio_features, a):
+    """The vision encoder on seeded pixel patches (an image and a video, their grids from the rope_index.mixed
+    case), then the Thinker's logits on that prompt with the audio (the audio case's first frames), the image
+    and the video merged in, DeepStack included."""
+    g = torch.Generator().manual_seed(a.seed + 4)
+    vc = thinker.config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    grids = {}
+    for kind in ("image", "video"):
+        grid = rec.tensors[f"rope_index.mixed.{kind}_grid_thw"]
+        grids[kind] = grid
+        pixels = torch.rand(int(grid.prod(-1).sum()), patch_dim, generator=g) * 2 - 1
+        with torch.no_grad():
+            out = thinker.visual(pixels, grid_thw=grid)
+        rec.add(f"vision.{kind}.pixel_values", pixels, "(patches, C * temporal_patch * patch^2) seeded uniform [-1, 1], "
+                "in the processor's merge-block order", "torch.rand")
+        rec.add(f"vision.{kind}.embeds", out.pooler_output, "(tokens, out_hidden_size) merged vision tokens",
+                "thinker.visual(pixels, grid_thw).pooler_output")
+        rec.add(f"vision.{kind}.deepstack", torch.stack(out.deepstack_features),
+                "(deepstack layers, tokens, out_hidden_size) the DeepStack mergers' outputs",
+                "thinker.visual(...).deepstack_features")
+    ids = rec.tensors["rope_index.mixed.input_ids"]
+    frames = int(rec.tensors["rope_index.mixed.audio_feature_lengths"][0])
+    feats = audio_features[:, :frames].unsqueeze(0)
+    rec.add("thinker_mm.input_features", feats, "(1, mel bins, frames) the audio case's first frames",
+            "audio.input_features[:, :frames]")
+    with torch.no_grad():
+        out = thinker(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
+                      feature_attention_mask=torch.ones(1, frames, dtype=torch.long),
+                      pixel_values=rec.tensors["vision.image.pixel_values"], image_grid_thw=grids["image"],
+                      pixel_values_videos=rec.tensors["vision.video.pixel_values"], video_grid_thw=grids["video"],
+                      video_second_per_grid=rec.tensors["rope_index.mixed.video_second_per_grid"],
+                      use_cache=False, output_hidden_states=True)
+    rec.add("thinker_mm.inputs_embeds", out.hidden_states[0], "embeddings with the audio, image and video tokens "
+            "merged in", "thinker.forward hidden_states[0]")
+    rec.add("thinker_mm.logits", out.logits, "logits at every position of rope_index.mixed",
+            "thinker.forward(input_ids, input_features, pixel_values, pixel_values_videos, ...)")
 
 
 def main():
@@ -449,7 +489,10 @@ def main():
     add_rope_index_cases(rec, thinker, tok, a)
 
     # ---- audio: log-mel of a seeded clip and the AuT encoder's tokens ----------------------------------
-    add_audio_case(rec, thinker, a)
+    audio_features = add_audio_case(rec, thinker, a)
+
+    # ---- vision and the multimodal Thinker: the rope_index.mixed prompt with its audio, image, video ---
+    add_multimodal_cases(rec, thinker, audio_features, a)
 
     # ---- code2wav: waveform from seeded random codes, offline and chunked ------------------------------
     c2w = model.code2wav

@@ -18,6 +18,7 @@ use omnicall::model::qwen3_omni::config::Config;
 use omnicall::model::qwen3_omni::rope_index::{MediaLayout, RopeIndexTokens, rope_index};
 use omnicall::model::qwen3_omni::speech::{SpeechStream, talker_prompt, thinker_answer};
 use omnicall::model::qwen3_omni::talker::Talker;
+use omnicall::model::qwen3_omni::thinker::{Thinker, ThinkerMedia, VisionInput};
 use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
 use omnicall::model::sampling::{Sampler, SamplingOptions};
 
@@ -101,6 +102,10 @@ fn thinker_text() -> ThinkerText {
         weights().pp("thinker"),
     )
     .unwrap()
+}
+
+fn thinker() -> Thinker {
+    Thinker::new(&config().thinker_config, weights().pp("thinker")).unwrap()
 }
 
 fn prompt_ids(cases: &Cases) -> Tensor {
@@ -408,20 +413,17 @@ fn qwen3_talker_greedy_generate_matches() {
     let c = config();
     let args = &Cases::json()["args"];
     let dev = Device::Cpu;
-    let mut thinker = thinker_text();
+    let mut thinker = thinker();
     let mut talker = Talker::new(&c.talker_config, weights().pp("talker")).unwrap();
     let prompt: Vec<u32> = cases
         .i64s("thinker_text.input_ids")
         .iter()
         .map(|&id| id as u32)
         .collect();
-    let prompt_embeds = thinker.embed(&prompt_ids(&cases)).unwrap();
+    let prepared = thinker.prepare(&prompt, &ThinkerMedia::default()).unwrap();
     let answer = thinker_answer(
-        &mut thinker,
-        &prompt,
-        &prompt_embeds,
-        &text_positions(0, prompt.len(), &dev).unwrap(),
-        0.0,
+        &mut thinker.text,
+        &prepared,
         c.talker_config.accept_hidden_layer,
         args["speech_thinker_tokens"].as_u64().unwrap() as usize,
         c.im_end_token_id,
@@ -439,7 +441,7 @@ fn qwen3_talker_greedy_generate_matches() {
     );
 
     let speaker = args["speaker"].as_str().unwrap();
-    let talker_prompt = talker_prompt(&c, &thinker, &talker, &answer, speaker).unwrap();
+    let talker_prompt = talker_prompt(&c, &thinker.text, &talker, &answer, speaker).unwrap();
     let want_ids: Vec<u32> = cases
         .i64s("speech.talker_input_ids")
         .iter()
@@ -646,5 +648,79 @@ fn qwen3_audio_mel_matches_the_processor() {
         "log-mel inside the clip",
         &got.narrow(1, 0, inside).unwrap(),
         &want.narrow(1, 0, inside).unwrap(),
+    );
+}
+
+fn vision_input(cases: &Cases, kind: &str) -> VisionInput {
+    VisionInput {
+        pixels: cases.f32(&format!("vision.{kind}.pixel_values")),
+        grids: cases
+            .i64s(&format!("rope_index.mixed.{kind}_grid_thw"))
+            .chunks(3)
+            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
+            .collect(),
+    }
+}
+
+/// The vision encoder on an image and on a video: merged tokens and DeepStack features within
+/// 1e-4.
+#[test]
+fn qwen3_vision_encoder_and_deepstack_match() {
+    let cases = Cases::load();
+    let thinker = thinker();
+    for kind in ["image", "video"] {
+        let input = vision_input(&cases, kind);
+        let out = thinker
+            .vision_encoder()
+            .forward(&input.pixels, &input.grids)
+            .unwrap();
+        assert_close(
+            &format!("{kind} tokens"),
+            &out.embeds,
+            &cases.f32(&format!("vision.{kind}.embeds")),
+        );
+        let want = cases.f32(&format!("vision.{kind}.deepstack"));
+        assert_eq!(
+            out.deepstack.len(),
+            want.dim(0).unwrap(),
+            "{kind} deepstack layers"
+        );
+        for (l, got) in out.deepstack.iter().enumerate() {
+            assert_close(&format!("{kind} deepstack {l}"), got, &want.i(l).unwrap());
+        }
+    }
+}
+
+/// The Thinker on a prompt with audio, an image and a video: merged embeddings and the logits at
+/// every position within 1e-4 (audio tower, vision encoder, DeepStack, multimodal positions).
+#[test]
+fn qwen3_thinker_multimodal_logits_match() {
+    let cases = Cases::load();
+    let mut thinker = thinker();
+    let ids: Vec<u32> = cases
+        .i64s("rope_index.mixed.input_ids")
+        .iter()
+        .map(|&id| id as u32)
+        .collect();
+    let layout = media_layout(&cases, "rope_index.mixed");
+    let media = ThinkerMedia {
+        audio: vec![cases.f32("thinker_mm.input_features").squeeze(0).unwrap()],
+        images: Some(vision_input(&cases, "image")),
+        videos: Some(vision_input(&cases, "video")),
+        video_second_per_grid: layout.video_second_per_grid.clone(),
+        use_audio_in_video: layout.use_audio_in_video,
+    };
+    assert_eq!(media.layout().unwrap(), layout);
+    let prompt = thinker.prepare(&ids, &media).unwrap();
+    assert_close(
+        "merged embeddings",
+        &prompt.embeds,
+        &cases.f32("thinker_mm.inputs_embeds"),
+    );
+    let logits = thinker.prompt_logits(&prompt).unwrap();
+    assert_close(
+        "multimodal logits",
+        &logits,
+        &cases.f32("thinker_mm.logits"),
     );
 }

@@ -170,24 +170,38 @@ impl AudioEncoder {
     /// Tokens (n, output_dim) of one clip's log-mel `features` (mel bins, frames); n is
     /// [`audio_output_length`] of the frame count.
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
-        let (bins, frames) = features.dims2()?;
-        if bins != self.num_mel_bins || frames == 0 {
-            candle_core::bail!(
-                "audio features are ({bins}, {frames}); the encoder wants ({}, frames > 0)",
-                self.num_mel_bins
-            );
-        }
+        self.forward_clips(std::slice::from_ref(features))
+    }
+
+    /// The tokens of several clips (mel bins, frames each) encoded in one call, concatenated in
+    /// order: as in the reference, every chunk is padded to the longest chunk of the call and the
+    /// attention window follows from it.
+    pub fn forward_clips(&self, clips: &[Tensor]) -> Result<Tensor> {
         let chunk = 2 * self.n_window;
-        let chunk_lens: Vec<usize> = (0..frames.div_ceil(chunk))
-            .map(|i| chunk.min(frames - i * chunk))
-            .collect();
-        let longest = chunk_lens.iter().copied().max().unwrap_or(0);
-        let padded = chunk_lens
+        let mut chunks = Vec::new(); // (clip, start frame, length)
+        let mut clip_frames = Vec::with_capacity(clips.len());
+        for (c, features) in clips.iter().enumerate() {
+            let (bins, frames) = features.dims2()?;
+            if bins != self.num_mel_bins || frames == 0 {
+                candle_core::bail!(
+                    "audio clip {c} features are ({bins}, {frames}); the encoder wants ({}, frames > 0)",
+                    self.num_mel_bins
+                );
+            }
+            for i in 0..frames.div_ceil(chunk) {
+                chunks.push((c, i * chunk, chunk.min(frames - i * chunk)));
+            }
+            clip_frames.push(frames);
+        }
+        if chunks.is_empty() {
+            candle_core::bail!("audio encoder: no clips");
+        }
+        let longest = chunks.iter().map(|&(_, _, len)| len).max().unwrap_or(0);
+        let padded = chunks
             .iter()
-            .enumerate()
-            .map(|(i, &len)| {
-                features
-                    .narrow(1, i * chunk, len)?
+            .map(|&(c, start, len)| {
+                clips[c]
+                    .narrow(1, start, len)?
                     .pad_with_zeros(1, 0, longest - len)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -201,30 +215,41 @@ impl AudioEncoder {
             .conv_out
             .forward(&x)?
             .broadcast_add(&self.positions.i(..t)?.unsqueeze(0)?)?;
-        let valid: Vec<usize> = chunk_lens
+        let valid: Vec<usize> = chunks
             .iter()
-            .map(|&len| audio_output_length(len, self.n_window))
+            .map(|&(_, _, len)| audio_output_length(len, self.n_window))
             .collect();
-        let kept = valid
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| x.i((i, ..n.min(t), ..)))
-            .collect::<Result<Vec<_>>>()?;
-        let mut h = Tensor::cat(&kept, 0)?;
-        let total = h.dim(0)?;
-        if total != audio_output_length(frames, self.n_window) {
+        if let Some(&n) = valid.iter().find(|&&n| n > t) {
             candle_core::bail!(
-                "audio encoder: {total} tokens after the convolutions, the reference counts {} \
-                 (audio_config.n_window {} does not fit the 3-conv downsampling)",
-                audio_output_length(frames, self.n_window),
+                "audio encoder: the reference counts {n} tokens for a chunk the convolutions make \
+                 {t} of (audio_config.n_window {} does not fit the 3-conv downsampling)",
                 self.n_window
             );
         }
-        // The reference's cu_seqlens: windows of (longest chunk's tokens) * (chunks per window).
+        let kept = valid
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| x.i((i, ..n, ..)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut h = Tensor::cat(&kept, 0)?;
+        // The reference's cu_seqlens: per clip, windows of (longest chunk's tokens) * (chunks
+        // per window).
         let window = valid.iter().copied().max().unwrap_or(0) * (self.n_window_infer / chunk);
-        let windows: Vec<(usize, usize)> = (0..total.div_ceil(window))
-            .map(|i| (i * window, total.min((i + 1) * window)))
-            .collect();
+        let mut windows = Vec::new();
+        let mut start = 0;
+        for &frames in &clip_frames {
+            let tokens = audio_output_length(frames, self.n_window);
+            for i in 0..tokens.div_ceil(window) {
+                windows.push((start + i * window, start + tokens.min((i + 1) * window)));
+            }
+            start += tokens;
+        }
+        if start != h.dim(0)? {
+            candle_core::bail!(
+                "audio encoder: {} tokens after the convolutions, the reference counts {start}",
+                h.dim(0)?
+            );
+        }
         for layer in &self.layers {
             h = layer.forward(&h, &windows)?;
         }

@@ -20,4 +20,6 @@ pub mod rope_index;
 pub mod rotary;
 pub mod speech;
 pub mod talker;
+pub mod thinker;
 pub mod thinker_text;
+pub mod vision_encoder;

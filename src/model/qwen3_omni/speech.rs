@@ -12,6 +12,7 @@ use candle_core::{IndexOp, Result, Tensor};
 use crate::model::qwen3_omni::config::Config;
 use crate::model::qwen3_omni::rope_index::decode_positions;
 use crate::model::qwen3_omni::talker::Talker;
+use crate::model::qwen3_omni::thinker::ThinkerPrompt;
 use crate::model::qwen3_omni::thinker_text::ThinkerText;
 use crate::model::sampling::{Sampler, SamplingOptions};
 
@@ -50,39 +51,40 @@ fn accepted_hidden(
     }
 }
 
-/// Greedy or sampled Thinker answer to `prompt_embeds` (1, p, hidden) at `positions` (3, p) whose
-/// ids are `prompt_ids`; decode positions continue at `cache_len + rope_delta` (see
-/// [`crate::model::qwen3_omni::rope_index`]). Stops after `eos`
-/// or `max_new_tokens`. Starts from an empty cache.
-#[allow(clippy::too_many_arguments)]
+/// Greedy or sampled Thinker answer to `prompt`; decode positions continue at
+/// `cache_len + rope_delta`. Stops after `eos` or `max_new_tokens`. Starts from an empty cache.
 pub fn thinker_answer(
     thinker: &mut ThinkerText,
-    prompt_ids: &[u32],
-    prompt_embeds: &Tensor,
-    positions: &Tensor,
-    rope_delta: f32,
+    prompt: &ThinkerPrompt,
     accept_hidden_layer: usize,
     max_new_tokens: usize,
     eos: u32,
     sampler: &mut Sampler,
 ) -> Result<ThinkerAnswer> {
-    if prompt_embeds.dim(1)? != prompt_ids.len() {
+    let prompt_ids = &prompt.ids;
+    if prompt.embeds.dim(1)? != prompt_ids.len() {
         candle_core::bail!(
             "thinker prompt: {} embeddings for {} ids",
-            prompt_embeds.dim(1)?,
+            prompt.embeds.dim(1)?,
             prompt_ids.len()
         );
     }
     thinker.clear_cache();
-    let dev = prompt_embeds.device().clone();
+    let dev = prompt.embeds.device().clone();
     let mut sequence = prompt_ids.to_vec();
     let mut embeds_parts = Vec::new();
     let mut hidden_parts = Vec::new();
-    let mut input = prompt_embeds.clone();
-    let mut input_positions = positions.clone();
+    let mut input = prompt.embeds.clone();
+    let mut input_positions = prompt.positions.clone();
+    let mut deepstack = prompt.deepstack.as_ref();
     while sequence.len() - prompt_ids.len() < max_new_tokens {
         let mut layers = Vec::new();
-        let normed = thinker.forward_hidden(&input, &input_positions, Some(&mut layers))?;
+        let normed = thinker.forward_hidden_deepstack(
+            &input,
+            &input_positions,
+            Some(&mut layers),
+            deepstack.take(),
+        )?;
         hidden_parts.push(accepted_hidden(
             &input,
             &layers,
@@ -99,7 +101,7 @@ pub fn thinker_answer(
             break;
         }
         input = thinker.embed(&Tensor::new(&[[next]], &dev)?)?;
-        input_positions = decode_positions(thinker.cache_len(), rope_delta, 1, &dev)?;
+        input_positions = decode_positions(thinker.cache_len(), prompt.rope_delta, 1, &dev)?;
     }
     thinker.clear_cache();
     Ok(ThinkerAnswer {
