@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use omnicall::model::loading::{ModelFamily, ModelFiles};
 use omnicall::model::qwen3_omni::audio_encoder::AudioEncoder;
 use omnicall::model::qwen3_omni::code_predictor::CodePredictor;
-use omnicall::model::qwen3_omni::code2wav::Code2Wav;
+use omnicall::model::qwen3_omni::code2wav::{Code2Wav, Code2WavStream};
 use omnicall::model::qwen3_omni::config::Config;
 use omnicall::model::qwen3_omni::rope_index::{MediaLayout, RopeIndexTokens, rope_index};
 use omnicall::model::qwen3_omni::speech::{SpeechStream, talker_prompt, thinker_answer};
@@ -23,6 +23,12 @@ use omnicall::model::qwen3_omni::thinker_text::{ThinkerText, text_positions};
 use omnicall::model::sampling::{Sampler, SamplingOptions};
 
 const TOLERANCE: f32 = 1e-4;
+
+/// Streamed Code2Wav's RMS error relative to the offline decode's RMS, on the frames decoded with
+/// less than their whole history, as measured on the committed fixtures
+/// (`qwen3_code2wav_streaming_stays_near_the_offline_decode`; the tiny random decoder's reach is
+/// far longer than the fixture's 3-frame left context).
+const MEASURED_STREAM_RMS_ERROR: f32 = 0.73;
 
 fn reference_dir() -> PathBuf {
     match std::env::var_os("OMNICALL_QWEN3_REFERENCE_DIR") {
@@ -722,5 +728,82 @@ fn qwen3_thinker_multimodal_logits_match() {
         "multimodal logits",
         &logits,
         &cases.f32("thinker_mm.logits"),
+    );
+}
+
+/// Code2Wav frame by frame against the offline decode of all frames: as long, exact while the
+/// window holds the whole history (everywhere with a left context of all frames), and within 3x
+/// the measured RMS error after, with the fixture's left context.
+#[test]
+fn qwen3_code2wav_streaming_stays_near_the_offline_decode() {
+    let cases = Cases::load();
+    let args = &Cases::json()["args"];
+    let codes = fixture_codes(&cases); // (1, quantizers, frames)
+    let (_, q, frames) = codes.dims3().unwrap();
+    let fixture_context = args["c2w_left_context"].as_u64().unwrap() as usize;
+    assert!(fixture_context < frames);
+    for left_context in [fixture_context, frames] {
+        check_streamed_code2wav(&cases, &codes, q, frames, left_context);
+    }
+}
+
+fn check_streamed_code2wav(
+    cases: &Cases,
+    codes: &Tensor,
+    q: usize,
+    frames: usize,
+    left_context: usize,
+) {
+    let mut decoder = code2wav();
+    let codes_u32 = codes.to_dtype(DType::U32).unwrap();
+    let mut stream = Code2WavStream::new(left_context);
+    let mut streamed = Vec::new();
+    let mut exact_until = 0;
+    for f in 0..frames {
+        let frame: Vec<u32> = codes_u32.i((0, .., f)).unwrap().to_vec1().unwrap();
+        assert_eq!(frame.len(), q);
+        streamed.extend(stream.push_frame(&mut decoder, &frame).unwrap());
+        if f <= left_context {
+            exact_until = streamed.len();
+        }
+    }
+    let offline: Vec<f32> = cases
+        .f32("code2wav.waveform")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(streamed.len(), offline.len(), "streamed samples");
+    let diff = |range: std::ops::Range<usize>| {
+        range
+            .map(|i| (streamed[i] - offline[i]).abs())
+            .fold(0f32, f32::max)
+    };
+    let head = diff(0..exact_until);
+    let rms = |v: &mut dyn Iterator<Item = f32>| {
+        let (sum, n) = v.fold((0f64, 0usize), |(s, n), x| (s + (x as f64).powi(2), n + 1));
+        (sum / n.max(1) as f64).sqrt() as f32
+    };
+    let tail = exact_until..offline.len();
+    if tail.is_empty() {
+        eprintln!("streamed Code2Wav (left context {left_context} frames): max abs diff {head:e}");
+        assert!(head <= TOLERANCE, "whole history: {head:e}");
+        return;
+    }
+    let tail_error = rms(&mut tail.clone().map(|i| streamed[i] - offline[i]))
+        / rms(&mut tail.clone().map(|i| offline[i]));
+    eprintln!(
+        "streamed Code2Wav (left context {left_context} frames): max abs diff {head:e} over the \
+         first {exact_until} samples; after them max abs diff {:e}, RMS error {tail_error:.4} of \
+         the offline RMS",
+        diff(tail)
+    );
+    assert!(
+        head <= TOLERANCE,
+        "frames with their whole history: {head:e}"
+    );
+    assert!(
+        tail_error <= 3.0 * MEASURED_STREAM_RMS_ERROR,
+        "later frames: RMS error {tail_error} of the offline RMS"
     );
 }
