@@ -16,6 +16,7 @@ pub mod code_predictor;
 pub mod config;
 pub mod moe;
 pub mod moe_decoder;
+pub mod pipeline;
 pub mod rope_index;
 pub mod rotary;
 pub mod speech;

@@ -62,6 +62,8 @@ pub struct ThinkerPrompt {
     pub positions: Tensor,
     /// Decode step at cache length `n` sits at `n + rope_delta`.
     pub rope_delta: f32,
+    /// The media's grids and lengths (the Talker lays out its positions from them too).
+    pub layout: MediaLayout,
 }
 
 /// `thinker`: audio tower, vision encoder, text decoder.
@@ -168,13 +170,15 @@ impl Thinker {
             .unsqueeze(0)?;
 
         let deepstack = self.deepstack(&positions[1], &positions[2], &images, &videos)?;
-        let index = rope_index(ids, &self.tokens, &media.layout()?)?;
+        let layout = media.layout()?;
+        let index = rope_index(ids, &self.tokens, &layout)?;
         Ok(ThinkerPrompt {
             ids: ids.to_vec(),
             embeds,
             deepstack,
             positions: index.to_tensor(&device)?,
             rope_delta: index.delta,
+            layout,
         })
     }
 
