@@ -246,7 +246,8 @@ enum BenchCommand {
 
 #[derive(Args)]
 struct ModelBenchArgs {
-    /// 3b, 7b, or a config.json / model folder (only its config is read).
+    /// 3b, 7b, qwen3-omni (the 30B-A3B shapes: speech-out stages only), or a config.json /
+    /// model folder of either family (only its config is read).
     #[arg(long)]
     config: String,
     /// Stages to measure, comma-separated: thinker, audio, vision, speech, engine-input,
@@ -689,10 +690,30 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bench model` for Qwen3-Omni: the speech-out stages (the 30B-A3B Thinker does not fit
+/// this machine class's memory).
+fn bench_qwen3(
+    config: &omnicall::model::qwen3_omni::config::Config,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "qwen3-omni: measuring the Talker, the code predictor and Code2Wav; the Thinker \
+         (30B-A3B, about 61 GB in bf16) is not run on random weights here"
+    );
+    let rows =
+        omnicall::bench::qwen3_omni::bench_qwen3_speech(config, dtype, device, Default::default())?;
+    print!("{}", markdown_table_against(&rows, None));
+    Ok(())
+}
+
 fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
     args.kernels.apply();
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
+    if let Some(config) = omnicall::bench::qwen3_omni::qwen3_config_from_spec(&args.config)? {
+        return bench_qwen3(&config, dtype, &device);
+    }
     let config = config_from_spec(&args.config)?;
     for stage in &args.stages {
         if !BENCH_STAGES.contains(&stage.as_str()) {
