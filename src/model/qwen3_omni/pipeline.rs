@@ -326,12 +326,14 @@ impl Qwen3Omni {
 /// normalised to [-1, 1].
 pub fn processor_defaults(config: &Config) -> ProcessorConfig {
     let vision = &config.thinker_config.vision_config;
-    let mut image = ImageProcessorConfig::default();
-    image.patch_size = vision.patch_size;
-    image.temporal_patch_size = vision.temporal_patch_size;
-    image.merge_size = vision.spatial_merge_size;
-    image.image_mean = IMAGE_MEAN_STD;
-    image.image_std = IMAGE_MEAN_STD;
+    let image = ImageProcessorConfig {
+        patch_size: vision.patch_size,
+        temporal_patch_size: vision.temporal_patch_size,
+        merge_size: vision.spatial_merge_size,
+        image_mean: IMAGE_MEAN_STD,
+        image_std: IMAGE_MEAN_STD,
+        ..Default::default()
+    };
     let feature_extractor = FeatureExtractorConfig {
         feature_size: config.thinker_config.audio_config.num_mel_bins,
         ..Default::default()
