@@ -134,6 +134,7 @@ pub fn bench_qwen3_speech(
     let frame: Vec<u32> = (0..q as u32).collect();
     let mut stream = Code2WavStream::new(CODE2WAV_LEFT_CONTEXT);
     let first = median_time(0, 1, || stream.push_frame(&mut code2wav, &frame));
+    let first_samples = stream.emitted();
     for _ in 1..CODE2WAV_LEFT_CONTEXT {
         stream.push_frame(&mut code2wav, &frame)?;
     }
@@ -142,6 +143,15 @@ pub fn bench_qwen3_speech(
         "qwen3 code2wav first frame",
         "1 frame, f32".into(),
         ms(first),
+        "ms",
+    ));
+    rows.push(row(
+        "qwen3 code2wav first frame audio",
+        format!(
+            "of {} samples per frame (the causal decoder holds back the rest until the next)",
+            code2wav.samples_per_frame()
+        ),
+        first_samples as f64 / SAMPLE_RATE as f64 * 1e3,
         "ms",
     ));
     rows.push(row(
@@ -224,7 +234,7 @@ mod tests {
             offline_frames: 4,
         };
         let rows = bench_qwen3_speech(&config, DType::F32, &Device::Cpu, sizes).unwrap();
-        assert_eq!(rows.len(), 8);
+        assert_eq!(rows.len(), 9);
         for r in &rows {
             assert!(
                 r.value.is_finite() && r.value > 0.0,
