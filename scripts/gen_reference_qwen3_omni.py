@@ -56,6 +56,11 @@ def parse_args():
     p.add_argument("--mlp-only-layers", type=int, nargs="*", default=[], help="layers with a dense MLP")
     p.add_argument("--mrope-section", type=int, nargs=3, default=[2, 3, 3])
     p.add_argument("--rope-theta", type=float, default=1000000.0)
+    # AuT audio encoder. The reference's token count formula hard-codes 13 tokens per 100-frame chunk, so
+    # n_window stays at the published 50; n_window_infer sets the attention window (published 400).
+    p.add_argument("--audio-n-window", type=int, default=50)
+    p.add_argument("--audio-n-window-infer", type=int, default=200)
+    p.add_argument("--audio-seconds", type=float, default=3.2, help="length of the audio case's clip")
     # Code2Wav.
     p.add_argument("--c2w-hidden", type=int, default=32)
     p.add_argument("--c2w-layers", type=int, default=2)
@@ -81,12 +86,31 @@ def parse_args():
     p.add_argument("--id-tts-pad", type=int, default=610, help="<|tts_pad|> (151671)")
     p.add_argument("--id-tts-bos", type=int, default=611, help="<|tts_bos|> (151672)")
     p.add_argument("--id-tts-eos", type=int, default=612, help="<|tts_eos|> (151673)")
+    # The role words are ordinary BPE tokens in the published vocab; the Talker finds the user and
+    # assistant turns by them, so the tiny tokenizer merges each into one token too.
+    p.add_argument("--id-system", type=int, default=620, help="'system' (8948)")
+    p.add_argument("--id-user", type=int, default=621, help="'user' (872)")
+    p.add_argument("--id-assistant", type=int, default=622, help="'assistant' (77091)")
+    # Talker codec vocab: the codebook, then special codec ids; the reference suppresses the top 1024 ids
+    # except EOS while generating, so the vocab is at least codebook + 1024 (published: 2048 + 1024).
+    p.add_argument("--talker-vocab", type=int, default=1088, help="talker codec vocab (3072)")
+    p.add_argument("--codec-pad", type=int, default=1070, help="codec_pad_id (2148)")
+    p.add_argument("--codec-bos", type=int, default=1071, help="codec_bos_id (2149)")
+    p.add_argument("--codec-eos", type=int, default=1072, help="codec_eos_token_id (2150)")
+    p.add_argument("--codec-nothink", type=int, default=1073, help="codec_nothink_id (2155)")
+    p.add_argument("--codec-think-bos", type=int, default=1074, help="codec_think_bos_id (2156)")
+    p.add_argument("--codec-think-eos", type=int, default=1075, help="codec_think_eos_id (2157)")
+    p.add_argument("--speaker-ids", type=int, nargs=2, default=[1076, 1077],
+                   help="codec ids of the voices ethan, chelsie (2302, 2301)")
     # Inputs.
     p.add_argument("--text-prompt", default="Hello! What is the capital of France?")
     p.add_argument("--thinker-new-tokens", type=int, default=8)
     p.add_argument("--c2w-frames", type=int, default=20, help="frames of random codes for Code2Wav")
     p.add_argument("--c2w-chunk-size", type=int, default=7, help="chunked_decode chunk size (frames)")
     p.add_argument("--c2w-left-context", type=int, default=3, help="chunked_decode left context (frames)")
+    p.add_argument("--speech-thinker-tokens", type=int, default=8, help="Thinker tokens of the spoken answer")
+    p.add_argument("--speech-talker-tokens", type=int, default=12, help="Talker max_new_tokens (codebook-0 ids)")
+    p.add_argument("--speaker", default="ethan", help="voice of the speech case")
     return p.parse_args()
 
 
@@ -139,21 +163,38 @@ def special_ids(a) -> dict[str, int]:
     }
 
 
+def role_ids(a) -> dict[str, int]:
+    return {"system": a.id_system, "user": a.id_user, "assistant": a.id_assistant}
+
+
 def build_tokenizer(a):
-    """Qwen2's byte-level BPE with no merges: each byte of ordinary text is the token whose id is the byte
-    value (0..255); the special tokens sit at the ids given on the command line."""
+    """Qwen2's byte-level BPE: each byte of ordinary text is the token whose id is the byte value (0..255),
+    except the role words, which merge letter by letter into one token at the id given on the command line
+    (their prefixes take the free ids from 256); the special tokens sit at the ids given too."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     ids = special_ids(a)
+    roles = role_ids(a)
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     vocab.update(ids)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+    vocab.update(roles)
+    taken = set(vocab.values())
+    free = (i for i in range(256, a.vocab_size) if i not in taken)
+    merges = []
+    for word in roles:
+        for n in range(2, len(word) + 1):
+            merges.append((word[:n - 1], word[n - 1]))
+            if word[:n] not in vocab:
+                vocab[word[:n]] = next(free)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>")
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ids])
     for t, i in ids.items():
         assert tok.convert_tokens_to_ids(t) == i, (t, i)
+    for word, i in roles.items():
+        assert tok("\n" + word).input_ids == [ord("\n"), i], (word, tok("\n" + word).input_ids)
     return tok
 
 
@@ -171,12 +212,12 @@ def build_config(a):
         pad_token_id=a.id_endoftext, tie_word_embeddings=False,
     )
     audio = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
-                 output_dim=a.text_hidden, n_window=8, n_window_infer=32, downsample_hidden_size=16,
+                 output_dim=a.text_hidden, n_window=a.audio_n_window, n_window_infer=a.audio_n_window_infer, downsample_hidden_size=16,
                  max_source_positions=1500, conv_chunksize=500)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=a.text_hidden,
                   patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0])
-    talker_text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    talker_text = dict(vocab_size=a.talker_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
                        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                        shared_expert_intermediate_size=32,
@@ -187,11 +228,12 @@ def build_config(a):
                           num_code_groups=a.c2w_quantizers)
     talker = dict(text_config=talker_text, code_predictor_config=code_predictor,
                   num_code_groups=a.c2w_quantizers, thinker_hidden_size=a.text_hidden,
-                  accept_hidden_layer=a.text_layers - 1, codec_pad_id=120, codec_bos_id=121,
-                  codec_eos_token_id=122, codec_nothink_id=123, codec_think_bos_id=124, codec_think_eos_id=125,
+                  accept_hidden_layer=a.text_layers - 1, codec_pad_id=a.codec_pad, codec_bos_id=a.codec_bos,
+                  codec_eos_token_id=a.codec_eos, codec_nothink_id=a.codec_nothink,
+                  codec_think_bos_id=a.codec_think_bos, codec_think_eos_id=a.codec_think_eos,
                   audio_token_id=a.id_audio, image_token_id=a.id_image, video_token_id=a.id_video,
                   vision_start_token_id=a.id_vision_start, audio_start_token_id=a.id_audio_start,
-                  speaker_id={"ethan": 126, "chelsie": 127}, spatial_merge_size=2)
+                  speaker_id={"ethan": a.speaker_ids[0], "chelsie": a.speaker_ids[1]}, spatial_merge_size=2)
     code2wav = dict(codebook_size=a.c2w_codebook_size, hidden_size=a.c2w_hidden,
                     num_hidden_layers=a.c2w_layers, num_attention_heads=a.c2w_heads,
                     num_key_value_heads=a.c2w_heads, intermediate_size=a.c2w_intermediate,
@@ -205,7 +247,8 @@ def build_config(a):
     return Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=talker, code2wav_config=code2wav,
                               im_start_token_id=a.id_im_start, im_end_token_id=a.id_im_end,
                               tts_pad_token_id=a.id_tts_pad, tts_bos_token_id=a.id_tts_bos,
-                              tts_eos_token_id=a.id_tts_eos)
+                              tts_eos_token_id=a.id_tts_eos, system_token_id=a.id_system,
+                              user_token_id=a.id_user, assistant_token_id=a.id_assistant)
 
 
 def reinit_parameters(model, seed: int):
@@ -233,6 +276,153 @@ def reinit_parameters(model, seed: int):
 def prompt(user_content: str) -> str:
     return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user_content}<|im_end|>\n"
             "<|im_start|>assistant\n")
+
+
+def audio_tokens(n_frames: int, n_window: int) -> int:
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+    return int(_get_feat_extract_output_lengths(torch.tensor(n_frames), n_window))
+
+
+def add_rope_index_cases(rec, thinker, tok, a):
+    """Prompts laid out as the processor lays them out (placeholders per encoder output token), with
+    the grids, seconds per grid and mel lengths given; positions from thinker.get_rope_index."""
+    cfg = thinker.config
+    merge = cfg.vision_config.spatial_merge_size
+    n_window = cfg.audio_config.n_window
+    text = lambda s: tok(s).input_ids
+
+    def audio(frames):
+        return [a.id_audio_start] + [a.id_audio] * audio_tokens(frames, n_window) + [a.id_audio_end]
+
+    def vision(pad, grid):
+        return [a.id_vision_start] + [pad] * (grid[0] * grid[1] * grid[2] // merge ** 2) + [a.id_vision_end]
+
+    def audio_in_video(grid, second_per_grid, frames):
+        # The processor's order: frame tokens and audio tokens merged by time, a frame first on a tie.
+        per_frame = grid[1] * grid[2] // merge ** 2
+        video_t = [k * second_per_grid * cfg.position_id_per_seconds for k in range(grid[0]) for _ in range(per_frame)]
+        audio_t = list(range(audio_tokens(frames, n_window)))
+        out, v, u = [], 0, 0
+        while v < len(video_t) and u < len(audio_t):
+            if video_t[v] <= audio_t[u]:
+                out.append(a.id_video); v += 1
+            else:
+                out.append(a.id_audio); u += 1
+        out += [a.id_video] * (len(video_t) - v) + [a.id_audio] * (len(audio_t) - u)
+        return [a.id_vision_start, a.id_audio_start] + out + [a.id_audio_end, a.id_vision_end]
+
+    head = text("<|im_start|>user\n")
+    tail = text("<|im_end|>\n<|im_start|>assistant\n")
+    image_grid, video_grid, av_grid = [1, 4, 6], [3, 4, 4], [2, 4, 4]
+    cases = {
+        "audio": dict(ids=head + audio(37) + text("What is said?") + tail, audio=[37]),
+        "image": dict(ids=head + vision(a.id_image, image_grid) + text("What is this?") + tail, image=[image_grid]),
+        "video": dict(ids=head + text("Watch ") + vision(a.id_video, video_grid) + tail, video=[video_grid],
+                      spg=[0.6]),
+        "audio_in_video": dict(ids=head + audio_in_video(av_grid, 1.0, 40) + text("Who speaks?") + tail,
+                               video=[av_grid], spg=[1.0], audio=[40], use_audio_in_video=True),
+        "mixed": dict(ids=head + audio(20) + text(" and ") + vision(a.id_image, image_grid) + text(" then ")
+                      + vision(a.id_video, video_grid) + tail, image=[image_grid], video=[video_grid], spg=[0.5],
+                      audio=[20]),
+    }
+    for name, c in cases.items():
+        ids = torch.tensor([c["ids"]])
+        image = torch.tensor(c["image"]) if "image" in c else None
+        video = torch.tensor(c["video"]) if "video" in c else None
+        spg = torch.tensor(c["spg"], dtype=torch.float32) if "spg" in c else None
+        audio_lens = torch.tensor(c["audio"]) if "audio" in c else None
+        with torch.no_grad():
+            pos, delta = thinker.get_rope_index(ids, image, video, torch.ones_like(ids),
+                                                c.get("use_audio_in_video", False), audio_lens, spg)
+        k = f"rope_index.{name}"
+        rec.add(f"{k}.input_ids", ids, "prompt ids with the media placeholders", "processor layout")
+        rec.add(f"{k}.image_grid_thw", image if image is not None else torch.zeros(0, 3, dtype=torch.int64),
+                "(t, h, w) patch grid per image", "image processor")
+        rec.add(f"{k}.video_grid_thw", video if video is not None else torch.zeros(0, 3, dtype=torch.int64),
+                "(t, h, w) patch grid per video", "video processor")
+        rec.add(f"{k}.video_second_per_grid", spg if spg is not None else torch.zeros(0),
+                "seconds per temporal patch per video", "video processor")
+        rec.add(f"{k}.audio_feature_lengths", audio_lens if audio_lens is not None else torch.zeros(0, dtype=torch.int64),
+                "mel frames per audio clip", "feature extractor")
+        rec.add(f"{k}.use_audio_in_video", torch.tensor([int(c.get("use_audio_in_video", False))]),
+                "1: videos carry their audio, interleaved", "generate(use_audio_in_video=...)")
+        rec.add(f"{k}.position_ids", pos.to(torch.float32), "rotary positions (3, 1, len), float as the reference computes them",
+                "thinker.get_rope_index(...)")
+        rec.add(f"{k}.rope_deltas", delta.to(torch.float32), "max position + 1 - length", "get_rope_index")
+
+
+def add_audio_case(rec, thinker, a):
+    """A chirp plus noise, the processor's Whisper log-mel of it (128 bins, padding to the longest clip),
+    and the audio tower's output on the valid frames."""
+    from transformers import WhisperFeatureExtractor
+
+    g = torch.Generator().manual_seed(a.seed + 3)
+    n = int(a.audio_seconds * 16000)
+    t = torch.arange(n, dtype=torch.float64) / 16000
+    wave = 0.3 * torch.sin(2 * math.pi * (200 * t + 300 * t * t)) + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    wave = wave.to(torch.float32)
+    fe = WhisperFeatureExtractor(feature_size=thinker.config.audio_config.num_mel_bins, sampling_rate=16000,
+                                 hop_length=160, n_fft=400, chunk_length=30)
+    feats = fe(wave.numpy(), sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+               return_tensors="pt")
+    mask = feats["attention_mask"]
+    rec.add("audio.waveform", wave, f"{a.audio_seconds} s at 16 kHz: a chirp plus seeded noise", "torch")
+    rec.add("audio.feature_attention_mask", mask, "valid mel frames", "WhisperFeatureExtractor(padding=True)")
+    valid = feats["input_features"].permute(0, 2, 1)[mask.bool()].permute(1, 0)
+    rec.add("audio.input_features", valid, "(mel bins, valid frames) log-mel the encoder reads",
+            "WhisperFeatureExtractor(...).input_features[mask]")
+    captured = {}
+    def capture(module, args):
+        captured["embedded"] = args[0].clone()
+
+    hook = thinker.audio_tower.layers[0].register_forward_pre_hook(capture)
+    with torch.no_grad():
+        out = thinker.get_audio_features(feats["input_features"], feature_attention_mask=mask).last_hidden_state
+    hook.remove()
+    rec.add("audio.embedded", captured["embedded"], "(tokens, d_model) after the convolutions, conv_out and the "
+            "per-chunk sinusoid positions, valid frames only", "audio_tower.layers[0] input")
+    rec.add("audio.features", out, "(tokens, output_dim) audio tower output", "thinker.get_audio_features(...)")
+    return valid
+
+
+def add_multimodal_cases(rec, thinker, audio_features, a):
+    """The vision encoder on seeded pixel patches (an image and a video, their grids from the rope_index.mixed
+    case), then the Thinker's logits on that prompt with the audio (the audio case's first frames), the image
+    and the video merged in, DeepStack included."""
+    g = torch.Generator().manual_seed(a.seed + 4)
+    vc = thinker.config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    grids = {}
+    for kind in ("image", "video"):
+        grid = rec.tensors[f"rope_index.mixed.{kind}_grid_thw"]
+        grids[kind] = grid
+        pixels = torch.rand(int(grid.prod(-1).sum()), patch_dim, generator=g) * 2 - 1
+        with torch.no_grad():
+            out = thinker.visual(pixels, grid_thw=grid)
+        rec.add(f"vision.{kind}.pixel_values", pixels, "(patches, C * temporal_patch * patch^2) seeded uniform [-1, 1], "
+                "in the processor's merge-block order", "torch.rand")
+        rec.add(f"vision.{kind}.embeds", out.pooler_output, "(tokens, out_hidden_size) merged vision tokens",
+                "thinker.visual(pixels, grid_thw).pooler_output")
+        rec.add(f"vision.{kind}.deepstack", torch.stack(out.deepstack_features),
+                "(deepstack layers, tokens, out_hidden_size) the DeepStack mergers' outputs",
+                "thinker.visual(...).deepstack_features")
+    ids = rec.tensors["rope_index.mixed.input_ids"]
+    frames = int(rec.tensors["rope_index.mixed.audio_feature_lengths"][0])
+    feats = audio_features[:, :frames].unsqueeze(0)
+    rec.add("thinker_mm.input_features", feats, "(1, mel bins, frames) the audio case's first frames",
+            "audio.input_features[:, :frames]")
+    with torch.no_grad():
+        out = thinker(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
+                      feature_attention_mask=torch.ones(1, frames, dtype=torch.long),
+                      pixel_values=rec.tensors["vision.image.pixel_values"], image_grid_thw=grids["image"],
+                      pixel_values_videos=rec.tensors["vision.video.pixel_values"], video_grid_thw=grids["video"],
+                      video_second_per_grid=rec.tensors["rope_index.mixed.video_second_per_grid"],
+                      use_cache=False, output_hidden_states=True)
+    rec.add("thinker_mm.inputs_embeds", out.hidden_states[0], "embeddings with the audio, image and video tokens "
+            "merged in", "thinker.forward hidden_states[0]")
+    rec.add("thinker_mm.logits", out.logits, "logits at every position of rope_index.mixed",
+            "thinker.forward(input_ids, input_features, pixel_values, pixel_values_videos, ...)")
 
 
 def main():
@@ -294,6 +484,15 @@ def main():
                 f"{a.thinker_new_tokens} greedy tokens (KV-cache decode)", "thinker.generate(do_sample=False)")
         rec.add("thinker_text.generation_step_logits", torch.stack(gen.logits, dim=1),
                 "the raw logits that chose each generated token", "thinker.generate(output_logits=True)")
+
+    # ---- rope_index: multimodal positions (text, audio, image, video, audio in video) -----------------
+    add_rope_index_cases(rec, thinker, tok, a)
+
+    # ---- audio: log-mel of a seeded clip and the AuT encoder's tokens ----------------------------------
+    audio_features = add_audio_case(rec, thinker, a)
+
+    # ---- vision and the multimodal Thinker: the rope_index.mixed prompt with its audio, image, video ---
+    add_multimodal_cases(rec, thinker, audio_features, a)
 
     # ---- code2wav: waveform from seeded random codes, offline and chunked ------------------------------
     c2w = model.code2wav
@@ -372,12 +571,56 @@ def main():
         rec.add("talker.logits", talker.codec_head(talker_out.last_hidden_state), "codec_head logits at every position",
                 "talker.codec_head(last_hidden)")
 
+    # ---- speech: the whole model's generate, Thinker then Talker + code predictor, greedy --------------
+    captured = {}
+    talker_generate = talker.generate
+
+    def recording_generate(*args, **kwargs):
+        captured["inputs_embeds"] = kwargs["inputs_embeds"]
+        captured["trailing_text_hidden"] = kwargs["trailing_text_hidden"]
+        captured["talker_input_ids"] = kwargs["talker_input_ids"]
+        captured["result"] = talker_generate(*args, **kwargs)
+        return captured["result"]
+
+    talker.generate = recording_generate
+    with torch.no_grad():
+        sequences, wav = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), speaker=a.speaker, return_audio=True,
+            thinker_max_new_tokens=a.speech_thinker_tokens, thinker_eos_token_id=a.id_im_end,
+            thinker_do_sample=False, talker_max_new_tokens=a.speech_talker_tokens, talker_do_sample=False,
+            talker_output_logits=True)
+    talker.generate = talker_generate
+    result = captured["result"]
+    frames = torch.stack([hid[-1] for hid in result.hidden_states if hid[-1] is not None], dim=1)  # (1, f, groups)
+    rec.add("speech.thinker_ids", sequences[:, ids.shape[1]:],
+            "the Thinker's greedy answer to thinker_text.input_ids (stops at <|im_end|>)",
+            "model.generate(thinker_do_sample=False)")
+    rec.add("speech.talker_input_ids", captured["talker_input_ids"],
+            "ids the Talker's rotary positions come from (user turn ids, then tts_pad per assistant prefix slot)",
+            "talker.generate(talker_input_ids=...)")
+    rec.add("speech.talker_inputs_embeds", captured["inputs_embeds"],
+            "the Talker's prompt: projected user turn, then the assistant prefix (text + codec specials + speaker)",
+            "_get_talker_user_parts + _get_talker_assistant_parts")
+    rec.add("speech.trailing_text_hidden", captured["trailing_text_hidden"],
+            "text_projection of the answer's tokens after the first, then tts_eos: one per Talker step",
+            "_get_talker_assistant_parts")
+    rec.add("speech.codebook0_ids", result.sequences,
+            f"greedy codebook-0 ids (repetition penalty 1.05, top 1024 ids but EOS suppressed), <= "
+            f"{a.speech_talker_tokens}", "talker.generate(do_sample=False)")
+    rec.add("speech.talker_step_logits", torch.stack(result.logits, dim=1),
+            "the raw codec_head logits that chose each codebook-0 id", "talker.generate(output_logits=True)")
+    rec.add("speech.codes", frames.transpose(1, 2),
+            "codes (batch, codebook, frame) of every frame the Talker completed (its code 0 and the code "
+            "predictor's greedy residual codes)", "hidden_states[-1] of each talker step")
+    rec.add("speech.waveform", wav, "24 kHz waveform of speech.codes", "code2wav.chunked_decode(codes, 300, 25)")
+
     header = {
         "generator": "scripts/gen_reference_qwen3_omni.py",
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
                      "numpy": np.__version__},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "special_ids": special_ids(a),
+        "role_ids": role_ids(a),
     }
     rec.write(out, header)
     print(f"wrote {len(rec.tensors)} keys to {out}")

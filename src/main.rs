@@ -17,7 +17,9 @@ use omnicall::model::chat::{
     Content, Conversation, Message, Role, SPEECH_SYSTEM_PROMPT, SamplingOverrides, sampling_options,
 };
 use omnicall::model::config::ProcessorConfig;
-use omnicall::model::loading::{ModelFiles, config_from_spec, parse_device, parse_dtype};
+use omnicall::model::loading::{
+    ModelFamily, ModelFiles, config_from_spec, parse_device, parse_dtype,
+};
 use omnicall::model::omni::OmniModel;
 use omnicall::model::pipeline::{MediaInput, SpeechOptions};
 use omnicall::model::sampling::SamplingOptions;
@@ -244,7 +246,8 @@ enum BenchCommand {
 
 #[derive(Args)]
 struct ModelBenchArgs {
-    /// 3b, 7b, or a config.json / model folder (only its config is read).
+    /// 3b, 7b, qwen3-omni (the 30B-A3B shapes: speech-out stages only), or a config.json /
+    /// model folder of either family (only its config is read).
     #[arg(long)]
     config: String,
     /// Stages to measure, comma-separated: thinker, audio, vision, speech, batched (Thinker
@@ -400,6 +403,10 @@ fn chat(args: ChatArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
         check_writable(out)?;
     }
     args.model.kernels.apply();
+    let files = ModelFiles::locate(&args.model.model)?;
+    if files.family()? == ModelFamily::Qwen3Omni {
+        return chat_qwen3(args, matches, &files);
+    }
     let mut model = load_model(&args.model.model, &args.model.dtype, &args.model.device)?;
     if args.speak.is_some() {
         // Fail before any work: a checkpoint without a Talker, an unknown voice.
@@ -504,6 +511,106 @@ fn chat(args: ChatArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `chat` with a Qwen3-Omni model: the same media flags; the answer printed once complete; with
+/// --speak each 80 ms frame rendered as soon as its codes exist.
+fn chat_qwen3(
+    args: ChatArgs,
+    matches: Option<&ArgMatches>,
+    files: &ModelFiles,
+) -> anyhow::Result<()> {
+    use omnicall::model::qwen3_omni::pipeline::{Qwen3Omni, SAMPLE_RATE};
+    let dtype = parse_dtype(&args.model.dtype)?;
+    let device = parse_device(&args.model.device)?;
+    let mut model = Qwen3Omni::load(files, dtype, &device)?;
+    if args.speak.is_some() && model.speech.is_none() {
+        bail!("{} has no Talker: it cannot --speak", files.dir.display());
+    }
+    let preparer = MediaPreparer::new(&model.processor, args.fps)?;
+    let mut items: Vec<MediaInput> = Vec::new();
+    for media in args.media_in_order(matches) {
+        items.push(match media {
+            MediaArg::Audio(path) => preparer.audio_file(&path)?,
+            MediaArg::Image(path) => preparer.image_file(&path)?,
+            MediaArg::Video(path) => preparer.video_file(&path, args.use_audio_in_video)?,
+        });
+    }
+    let prompt = model.prompt(args.system.as_deref(), &items, &args.text)?;
+    let sampling = sampling_options(
+        &model.generation,
+        &SamplingOverrides {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        },
+    );
+    let answer = model.answer(&prompt, args.max_tokens, sampling)?;
+    println!("{}", answer.text);
+    tracing::info!(
+        "{} prompt tokens, {} answer tokens",
+        answer.answer.prompt_len,
+        answer.answer.sequence.len() - answer.answer.prompt_len
+    );
+    let Some(out) = &args.speak else {
+        return Ok(());
+    };
+    // The reference's generate: sampling at temperature 0.9, top-k 50, repetition penalty 1.05;
+    // --temperature 0 is its talker_do_sample=False (greedy, the penalty kept).
+    let talker = if args.temperature == Some(0.0) {
+        SamplingOptions {
+            repetition_penalty: 1.05,
+            seed: args.seed,
+            ..SamplingOptions::greedy()
+        }
+    } else {
+        SamplingOptions {
+            temperature: 0.9,
+            top_k: 50,
+            top_p: 1.0,
+            repetition_penalty: 1.05,
+            seed: args.seed,
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut first_audio = None;
+    let spoken = model.speak(
+        &answer.answer,
+        &prompt.layout,
+        &args.voice,
+        args.max_speech_tokens,
+        talker,
+        |samples| {
+            if first_audio.is_none() && !samples.is_empty() {
+                first_audio = Some(started.elapsed());
+            }
+            Ok(())
+        },
+    )?;
+    if spoken.waveform.is_empty() {
+        eprintln!(
+            "no speech: the Talker produced no frame; {} not written",
+            out.display()
+        );
+        return Ok(());
+    }
+    write_wav(out, &spoken.waveform, SAMPLE_RATE, WavFormat::Pcm16)?;
+    eprintln!(
+        "wrote {}: {} frames ({}), {} samples at {SAMPLE_RATE} Hz ({:.2} s); first audio {:.0} ms after the answer",
+        out.display(),
+        spoken.frames.len(),
+        if spoken.finished {
+            "end of speech"
+        } else {
+            "frame limit"
+        },
+        spoken.waveform.len(),
+        spoken.waveform.len() as f64 / SAMPLE_RATE as f64,
+        first_audio.unwrap_or_default().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
 /// An output file's folder must exist (checked before the model runs, not after).
 fn check_writable(out: &std::path::Path) -> anyhow::Result<()> {
     let dir = match out.parent() {
@@ -586,10 +693,30 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bench model` for Qwen3-Omni: the speech-out stages (the 30B-A3B Thinker does not fit
+/// this machine class's memory).
+fn bench_qwen3(
+    config: &omnicall::model::qwen3_omni::config::Config,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "qwen3-omni: measuring the Talker, the code predictor and Code2Wav; the Thinker \
+         (30B-A3B, about 61 GB in bf16) is not run on random weights here"
+    );
+    let rows =
+        omnicall::bench::qwen3_omni::bench_qwen3_speech(config, dtype, device, Default::default())?;
+    print!("{}", markdown_table_against(&rows, None));
+    Ok(())
+}
+
 fn bench_model(args: ModelBenchArgs) -> anyhow::Result<()> {
     args.kernels.apply();
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
+    if let Some(config) = omnicall::bench::qwen3_omni::qwen3_config_from_spec(&args.config)? {
+        return bench_qwen3(&config, dtype, &device);
+    }
     let config = config_from_spec(&args.config)?;
     for stage in &args.stages {
         if !BENCH_STAGES.contains(&stage.as_str()) {

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod load;
 pub mod peak;
 pub mod plot;
+pub mod qwen3_omni;
 pub mod speech;
 pub mod thinker;
 pub mod vision;

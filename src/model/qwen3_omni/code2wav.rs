@@ -359,3 +359,76 @@ impl Code2Wav {
         Tensor::cat(&pieces, D::Minus1)
     }
 }
+
+/// Frame-by-frame Code2Wav: each frame's samples as soon as its codes exist, decoded with up to
+/// `left_context` earlier frames. Sample `i` of the stream is sample `i` of the offline decode of
+/// all frames so far, up to what the missing context beyond `left_context` changes (the
+/// pre-transformer's window and the convolutions' reach); the first frames, which have all their
+/// history, are exact.
+///
+/// A decode of `n` frames yields `n * samples_per_frame - lag` samples (the causal transposed
+/// convolutions trim their last samples, which need the next frame), so the first frame gives
+/// `samples_per_frame - lag` samples and every later one `samples_per_frame`: the stream stays
+/// aligned with the offline waveform instead of losing `lag` samples per frame.
+#[derive(Debug, Clone)]
+pub struct Code2WavStream {
+    left_context: usize,
+    /// The last `left_context` frames' codes, oldest first (quantizer-major per frame).
+    history: Vec<Vec<u32>>,
+    frames_seen: usize,
+    emitted: usize,
+}
+
+impl Code2WavStream {
+    pub fn new(left_context: usize) -> Self {
+        Self {
+            left_context,
+            history: Vec::new(),
+            frames_seen: 0,
+            emitted: 0,
+        }
+    }
+
+    /// The samples of one more frame (`codes`: one code per quantizer).
+    pub fn push_frame(&mut self, code2wav: &mut Code2Wav, codes: &[u32]) -> Result<Vec<f32>> {
+        if codes.len() != code2wav.num_quantizers {
+            candle_core::bail!(
+                "code2wav stream: a frame has {} codes, the decoder takes {}",
+                codes.len(),
+                code2wav.num_quantizers
+            );
+        }
+        self.history.push(codes.to_vec());
+        if self.history.len() > self.left_context + 1 {
+            self.history.remove(0);
+        }
+        let window = self.history.len();
+        let first = self.frames_seen + 1 - window;
+        self.frames_seen += 1;
+        let q = code2wav.num_quantizers;
+        let flat: Vec<u32> = (0..q)
+            .flat_map(|k| self.history.iter().map(move |frame| frame[k]))
+            .collect();
+        let device = code2wav.code_embedding.embeddings().device().clone();
+        let ids = Tensor::from_vec(flat, (1, q, window), &device)?;
+        let wav = code2wav.forward(&ids)?.flatten_all()?;
+        let len = wav.dim(0)?;
+        // This decode's sample j is sample first * samples_per_frame + j of the stream.
+        let offset = first * code2wav.total_upsample;
+        let end = offset + len;
+        if self.emitted < offset {
+            candle_core::bail!(
+                "code2wav stream: left context {} is shorter than the decoder's trim",
+                self.left_context
+            );
+        }
+        let new = wav.narrow(0, self.emitted - offset, end.saturating_sub(self.emitted))?;
+        self.emitted = end.max(self.emitted);
+        new.to_dtype(candle_core::DType::F32)?.to_vec1()
+    }
+
+    /// Samples given out so far.
+    pub fn emitted(&self) -> usize {
+        self.emitted
+    }
+}

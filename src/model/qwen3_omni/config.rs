@@ -319,6 +319,9 @@ pub struct VisionEncoderConfig {
     pub num_position_embeddings: usize,
     /// Vision layers whose merged outputs are added to the first decoder layers (DeepStack).
     pub deepstack_visual_indexes: Vec<usize>,
+    /// The axial 2-D rotary base (`rope_parameters.rope_theta`, 10000 by default).
+    #[serde(flatten)]
+    pub rope: RopeFields,
 }
 
 impl Default for VisionEncoderConfig {
@@ -336,6 +339,7 @@ impl Default for VisionEncoderConfig {
             out_hidden_size: 3584,
             num_position_embeddings: 2304,
             deepstack_visual_indexes: vec![8, 16, 24],
+            rope: RopeFields::default(),
         }
     }
 }

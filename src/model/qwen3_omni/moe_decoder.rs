@@ -12,6 +12,15 @@ use crate::model::qwen3_omni::moe::{MoeSpec, SparseMoe, SwiGluMlp};
 use crate::model::qwen3_omni::rotary::InterleavedMrope;
 
 /// The shape of one stack, read from the Thinker's or the Talker's text config.
+/// Visual features added to the outputs of the first decoder layers (DeepStack).
+#[derive(Debug, Clone)]
+pub struct Deepstack {
+    /// (n,) u32: the sequence positions of the visual tokens.
+    pub positions: Tensor,
+    /// Per layer from the first, (n, hidden) features in position order.
+    pub features: Vec<Tensor>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeDecoderSpec {
     pub attention: AttentionSpec,
@@ -123,14 +132,30 @@ impl MoeDecoder {
         &mut self,
         embeds: &Tensor,
         positions: &Tensor,
+        layer_outputs: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        self.forward_deepstack(embeds, positions, layer_outputs, None)
+    }
+
+    /// [`Self::forward`], with `deepstack` features added to the outputs of the first layers at
+    /// their positions (the reference's `_deepstack_process`).
+    pub fn forward_deepstack(
+        &mut self,
+        embeds: &Tensor,
+        positions: &Tensor,
         mut layer_outputs: Option<&mut Vec<Tensor>>,
+        deepstack: Option<&Deepstack>,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary.cos_sin(positions, self.dtype)?;
         let mut x = embeds.clone();
-        for layer in self.layers.iter_mut() {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
             x = layer.forward(&x, &cos, &sin)?;
+            // The reference records a layer's output before DeepStack adds to it.
             if let Some(outs) = layer_outputs.as_deref_mut() {
                 outs.push(x.clone());
+            }
+            if let Some((d, f)) = deepstack.and_then(|d| d.features.get(i).map(|f| (d, f))) {
+                x = x.index_add(&d.positions, &f.unsqueeze(0)?.to_dtype(x.dtype())?, 1)?;
             }
         }
         self.norm.forward(&x)

@@ -8,7 +8,7 @@ use crate::model::linear::{Linear, linear_no_bias};
 use crate::model::qwen3_omni::attention::AttentionSpec;
 use crate::model::qwen3_omni::config::TextConfig;
 use crate::model::qwen3_omni::moe::MoeSpec;
-use crate::model::qwen3_omni::moe_decoder::{MoeDecoder, MoeDecoderSpec};
+use crate::model::qwen3_omni::moe_decoder::{Deepstack, MoeDecoder, MoeDecoderSpec};
 
 impl From<&TextConfig> for MoeDecoderSpec {
     fn from(c: &TextConfig) -> Self {
@@ -79,6 +79,22 @@ impl ThinkerText {
         layer_outputs: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         self.decoder.forward(embeds, positions, layer_outputs)
+    }
+
+    /// [`Self::forward_hidden`] with the vision DeepStack features added after the first layers.
+    pub fn forward_hidden_deepstack(
+        &mut self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        layer_outputs: Option<&mut Vec<Tensor>>,
+        deepstack: Option<&Deepstack>,
+    ) -> Result<Tensor> {
+        self.decoder
+            .forward_deepstack(embeds, positions, layer_outputs, deepstack)
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.embeddings().device().clone()
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
