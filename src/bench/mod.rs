@@ -13,6 +13,7 @@ pub mod peak;
 pub mod plot;
 pub mod speech;
 pub mod thinker;
+pub mod turn;
 pub mod vision;
 
 use std::time::{Duration, Instant};
