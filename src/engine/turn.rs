@@ -676,9 +676,10 @@ mod tests {
     #[test]
     fn a_likely_utterance_is_speculated_at_once_and_confirmed_after_a_longer_silence() {
         let mut config = smart();
+        config.smart.pause = ms(60);
         config.smart.threshold = 0.9;
         config.smart.likely_threshold = 0.4;
-        config.smart.complete_silence = ms(150);
+        config.smart.complete_silence = ms(160);
         config.smart.likely_silence = ms(600);
         let smart = config.smart.clone();
         let mut m = TurnTaking::new(config);
