@@ -15,8 +15,10 @@ Needs espeak-ng and sox (scripts/setup.sh installs them) and numpy. Kinds of cli
 Each entry of segments.json: `file`, `kind`, `text`, `voice`, `rate` (espeak words per minute),
 `duration`, `speech` (list of [start, end] in seconds: where each spoken part is louder than
 -40 dBFS), `pauses` (list of [start, end]: the silences between the parts), `prompt_end` (end of
-the last spoken part). Re-running the script rewrites the same files (espeak-ng and sox are
-deterministic; no noise is added).
+the last spoken part). espeak-ng and sox are deterministic (no noise is added), but another build
+of them writes slightly different samples: the first 8 clips of each kind were made with an
+earlier build and are kept as committed (the Smart Turn fixture `smart_turn.json` scores them),
+so to add clips, write to a scratch folder and copy only the new files and their entries.
 """
 import json
 import os
@@ -39,6 +41,18 @@ COMPLETE = [
     ("Why is the sky blue?", "en-us+f4", 155),
     ("Please recommend a good book to read this weekend.", "en-us", 190),
     ("What should I cook for dinner tonight?", "en-gb+m2", 160),
+    ("How do airplanes stay in the air?", "en-us+m1", 135),
+    ("Can you help me plan a birthday party?", "en-gb+f1", 200),
+    ("What is the tallest mountain in Europe?", "en-us+m4", 150),
+    ("Where do penguins live?", "en-gb+m3", 175),
+    ("Is it going to rain tomorrow?", "en-us+f2", 145),
+    ("What games can we play with three people?", "en-gb+m4", 165),
+    ("How many legs does a spider have?", "en-us+m7", 185),
+    ("Tell me something interesting about octopuses.", "en-gb+f3", 140),
+    ("What is your favourite colour?", "en-us+f1", 195),
+    ("How long should I boil an egg?", "en-gb+m1", 155),
+    ("Which planet is closest to the sun?", "en-us+m2", 130),
+    ("Can you translate good morning into Spanish?", "en-gb+f4", 180),
 ]
 # (first part, pause seconds, second part)
 PAUSE = [
@@ -50,6 +64,18 @@ PAUSE = [
     ("So I was thinking that maybe", 0.9, "we could plan a trip to the mountains.", "en-us+f4", 185),
     ("How many people live in", 0.5, "Tokyo and its suburbs?", "en-us", 155),
     ("Tell me the story of", 1.1, "the three little pigs, please.", "en-gb+m2", 170),
+    ("I want to learn how to", 0.7, "play the guitar.", "en-us+m1", 135),
+    ("Could you remind me", 0.9, "what the date is today?", "en-gb+f1", 200),
+    ("The thing I never understood about", 1.0, "the ocean is the tides.", "en-us+m4", 150),
+    ("Do you know if", 0.6, "museums are open on Mondays?", "en-gb+m3", 175),
+    ("What would happen if", 1.2, "the moon disappeared?", "en-us+f2", 145),
+    ("I was wondering whether", 0.8, "you could help me with my homework.", "en-gb+m4", 165),
+    ("Give me three reasons", 0.5, "to learn a new language.", "en-us+m7", 185),
+    ("When I go to the market I usually buy", 1.1, "apples and bread.", "en-gb+f3", 140),
+    ("Explain to me how", 0.7, "a computer stores numbers.", "en-us+f1", 195),
+    ("Is it true that", 0.9, "goldfish have short memories?", "en-gb+m1", 155),
+    ("My brother and I", 1.0, "are arguing about who is taller.", "en-us+m2", 130),
+    ("Please tell me about", 0.6, "the history of chocolate.", "en-gb+f4", 180),
 ]
 BACKCHANNEL = [
     ("mm hmm", "en-us", 150),

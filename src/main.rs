@@ -242,6 +242,10 @@ enum BenchCommand {
     Load(omnicall::bench::load::LoadArgs),
     /// Draw a `bench call` CSV as a PNG.
     Plot(omnicall::bench::plot::PlotArgs),
+    /// The turn-taking models on the spoken turn set: Smart Turn's time per call, the VAD's
+    /// CPU, Smart Turn's probability at each silence, and end-of-turn policies' false
+    /// cut-offs and endpointing delays.
+    Turn(omnicall::bench::turn::TurnBenchArgs),
 }
 
 #[derive(Args)]
@@ -307,6 +311,7 @@ fn main() {
             BenchCommand::Call(args) => omnicall::bench::call::main(args),
             BenchCommand::Load(args) => omnicall::bench::load::main(args),
             BenchCommand::Plot(args) => omnicall::bench::plot::main(args),
+            BenchCommand::Turn(args) => omnicall::bench::turn::main(args),
         },
         Command::Check(args) => check(args),
     };

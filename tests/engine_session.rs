@@ -898,7 +898,7 @@ struct CompleteAfter(Duration);
 impl EndOfTurn for CompleteAfter {
     fn complete_probability(&mut self, audio_16k: &[f32]) -> anyhow::Result<f32> {
         let heard = Duration::from_secs_f64(audio_16k.len() as f64 / 16_000.0);
-        Ok(if heard >= self.0 { 0.9 } else { 0.1 })
+        Ok(if heard >= self.0 { 1.0 } else { 0.0 })
     }
 }
 
@@ -978,7 +978,9 @@ fn a_preemptive_answer_is_held_then_released_at_once_when_the_turn_is_confirmed(
 /// calls the utterance complete after `complete_after`.
 fn turn_with_a_pause(complete_after: Duration) -> Call {
     let mut config = smart_config(complete_after);
-    config.turn.smart.complete_silence = Duration::from_millis(600);
+    let smart = &mut config.turn.smart;
+    smart.complete_silence = Duration::from_millis(600);
+    smart.likely_silence = smart.likely_silence.max(smart.complete_silence);
     let mut call = Call::new(config);
     call.talk(&load("speech.wav"));
     call.silence_until(Duration::from_secs(10), |c| c.answer_done(1));

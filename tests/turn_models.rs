@@ -3,11 +3,9 @@
 //! end-of-turn probability per clip (fixture by scripts/smart_turn_reference.py).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use omnicall::media::silero::{SILERO_FRAME_SAMPLES, SileroVad};
 use omnicall::media::smart_turn::SmartTurn;
-use omnicall::media::vad::{VadBackend, VadConfig, VadDecision, VoiceDetector};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,13 +14,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load_wav(path: &Path) -> Vec<f32> {
-    let mut reader =
-        hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(reader.spec().sample_rate, 16_000, "{}", path.display());
-    reader
-        .samples::<i16>()
-        .map(|s| s.expect("sample") as f32 / 32768.0)
-        .collect()
+    omnicall::bench::turn::load_wav(path).unwrap()
 }
 
 fn load_json(path: &Path) -> serde_json::Value {
@@ -156,155 +148,5 @@ fn smart_turn_is_as_close_to_onnxruntime_as_onnxruntime_is_to_itself() {
         "median {:.4} over twice onnxruntime's own spread {:.4}",
         median(ours),
         median(theirs)
-    );
-}
-
-struct Clip {
-    file: String,
-    kind: String,
-    speech: Vec<(f64, f64)>,
-}
-
-fn turn_set() -> Vec<Clip> {
-    load_json(&fixture("set/segments.json"))
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| Clip {
-            file: c["file"].as_str().unwrap().to_string(),
-            kind: c["kind"].as_str().unwrap().to_string(),
-            speech: c["speech"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| (s[0].as_f64().unwrap(), s[1].as_f64().unwrap()))
-                .collect(),
-        })
-        .collect()
-}
-
-/// Media time (s) from which the detector says silence, for speech that really ends at `end`
-/// (and starts again at `next`, if it does): the end of the last speech frame before `next`,
-/// looking at most 600 ms past `end`.
-fn speech_end_decision(decisions: &[VadDecision], end: f64, next: Option<f64>) -> Option<f64> {
-    let horizon = Duration::from_secs_f64(next.unwrap_or(f64::MAX).min(end + 0.6));
-    let horizon = decisions
-        .iter()
-        .position(|d| d.end() > horizon)
-        .unwrap_or(decisions.len());
-    let last = decisions[..horizon].iter().rposition(|d| d.speech)?;
-    Some(decisions[last].end().as_secs_f64())
-}
-
-/// Figures for the end-of-turn policy (run with `--ignored --nocapture`, release build for the
-/// timings): Smart Turn's probability in each pause and at each true end of the spoken set,
-/// Silero's and WebRTC's speech-end delays, what each detector makes of the backchannels, and
-/// the CPU time of VAD + turn model.
-#[test]
-#[ignore = "prints measurements; run with --ignored --nocapture"]
-fn turn_set_figures() {
-    let clips = turn_set();
-    let mut model = SmartTurn::new().unwrap();
-    let (mut in_pause, mut at_end) = (Vec::new(), Vec::new());
-    let mut turn_calls = Vec::new();
-    println!("clip                point          p(complete)");
-    for clip in clips
-        .iter()
-        .filter(|c| c.kind == "complete" || c.kind == "pause")
-    {
-        for (k, &(_, end)) in clip.speech.iter().enumerate() {
-            let audio = turn_audio(&clip.file, end + 0.2);
-            let started = Instant::now();
-            let p = model.complete_probability(&audio).unwrap();
-            turn_calls.push(started.elapsed());
-            let last = k + 1 == clip.speech.len();
-            println!(
-                "{:18}  {:13}  {p:.3}",
-                clip.file,
-                if last {
-                    "end + 200 ms"
-                } else {
-                    "pause + 200 ms"
-                }
-            );
-            if last {
-                at_end.push(p)
-            } else {
-                in_pause.push(p)
-            }
-        }
-    }
-    println!("threshold  pauses kept open (p < t)  ends confirmed (p >= t)");
-    for t in [0.1f32, 0.2, 0.3, 0.5, 0.7, 0.9] {
-        let open = in_pause.iter().filter(|p| **p < t).count();
-        let done = at_end.iter().filter(|p| **p >= t).count();
-        println!(
-            "{t:9.1}  {open:2}/{}  {done:2}/{}",
-            in_pause.len(),
-            at_end.len()
-        );
-    }
-
-    for backend in [VadBackend::Silero, VadBackend::WebRtc] {
-        let mut delays = Vec::new();
-        let mut audio_seconds = 0.0;
-        let mut vad_time = Duration::ZERO;
-        let mut blips = Vec::new();
-        for clip in &clips {
-            let audio = load_wav(&fixture("set").join(&clip.file));
-            let mut vad =
-                VoiceDetector::new(VadConfig::for_backend(backend), 16_000, Duration::ZERO)
-                    .unwrap();
-            let started = Instant::now();
-            let decisions: Vec<VadDecision> = audio
-                .chunks(320)
-                .flat_map(|piece| vad.push(piece))
-                .collect();
-            vad_time += started.elapsed();
-            audio_seconds += audio.len() as f64 / 16_000.0;
-            match clip.kind.as_str() {
-                "complete" | "pause" => {
-                    for (k, &(_, end)) in clip.speech.iter().enumerate() {
-                        let next = clip.speech.get(k + 1).map(|s| s.0);
-                        match speech_end_decision(&decisions, end, next) {
-                            Some(at) => delays.push(((at - end) * 1000.0).round() as i64),
-                            None => println!(
-                                "{backend:?}: no speech found before {end} s in {}",
-                                clip.file
-                            ),
-                        }
-                    }
-                }
-                "backchannel" => {
-                    let speech: Duration = decisions
-                        .iter()
-                        .filter(|d| d.speech)
-                        .map(|d| d.duration)
-                        .sum();
-                    blips.push(format!("{}: {} ms", clip.file, speech.as_millis()));
-                }
-                _ => {}
-            }
-        }
-        delays.sort();
-        println!(
-            "{backend:?}: speech-end delay (last speech frame end - true end) median {} ms, min {} ms, max {} ms over {} ends",
-            delays[delays.len() / 2],
-            delays[0],
-            delays[delays.len() - 1],
-            delays.len()
-        );
-        println!("{backend:?}: speech in backchannels: {}", blips.join(", "));
-        println!(
-            "{backend:?}: CPU {:.2} ms per second of audio",
-            vad_time.as_secs_f64() * 1000.0 / audio_seconds
-        );
-    }
-    turn_calls.sort();
-    println!(
-        "Smart Turn: {} calls, median {:.1} ms, max {:.1} ms",
-        turn_calls.len(),
-        turn_calls[turn_calls.len() / 2].as_secs_f64() * 1000.0,
-        turn_calls[turn_calls.len() - 1].as_secs_f64() * 1000.0
     );
 }

@@ -15,6 +15,7 @@ pub mod plot;
 pub mod qwen3_omni;
 pub mod speech;
 pub mod thinker;
+pub mod turn;
 pub mod vision;
 
 use std::time::{Duration, Instant};

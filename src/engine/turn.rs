@@ -9,6 +9,7 @@
 //!   `Smart`, the end-of-turn model is asked once per pause, after `smart.pause` of silence,
 //!   about the turn's audio so far. A complete utterance (probability ≥ `smart.threshold`)
 //!   starts the answer speculatively at once and is confirmed after `smart.complete_silence`;
+//!   a likely one (≥ `smart.likely_threshold`) too, confirmed after `smart.likely_silence`;
 //!   an unfinished one waits up to `smart.max_silence`. Speech before the confirmation drops
 //!   the speculative answer and the turn goes on. Either way a turn needs `min_turn_speech` of
 //!   speech (shorter blips are dropped, not answered);
@@ -51,20 +52,30 @@ pub enum TurnDetection {
 pub struct SmartTurnConfig {
     /// Silence after which the end-of-turn model is asked (once per pause).
     pub pause: Duration,
-    /// Probability of a complete utterance from which the turn may end.
+    /// Probability of a complete utterance from which the turn ends after `complete_silence`.
     pub threshold: f32,
     /// Silence that confirms a complete utterance (its answer was started at the prediction).
     pub complete_silence: Duration,
+    /// A lower probability (≥ this, < `threshold`) from which the turn ends after
+    /// `likely_silence`: an utterance that is likely but not surely over waits longer.
+    pub likely_threshold: f32,
+    /// Silence that confirms a likely-complete utterance (its answer, too, was started at the
+    /// prediction).
+    pub likely_silence: Duration,
     /// Longest silence: an utterance the model thinks unfinished ends here all the same.
     pub max_silence: Duration,
 }
 
 impl Default for SmartTurnConfig {
     fn default() -> Self {
+        // From `omnicall bench turn` on the spoken set (docs/engine.md, *Turn-taking*): the
+        // lowest endpointing delay with at most 10 % of the mid-sentence pauses answered.
         Self {
-            pause: Duration::from_millis(60),
-            threshold: 0.5,
-            complete_silence: Duration::from_millis(200),
+            pause: Duration::from_millis(200),
+            threshold: 0.95,
+            complete_silence: Duration::from_millis(600),
+            likely_threshold: 0.1,
+            likely_silence: Duration::from_millis(1000),
             max_silence: Duration::from_millis(1500),
         }
     }
@@ -129,10 +140,19 @@ impl TurnConfig {
                 s.threshold
             ));
         }
-        if !(s.pause <= s.complete_silence && s.complete_silence <= s.max_silence) {
+        if !(0.0..=s.threshold).contains(&s.likely_threshold) {
             return Err(format!(
-                "smart turn silences must grow: pause {:?} <= complete {:?} <= max {:?}",
-                s.pause, s.complete_silence, s.max_silence
+                "smart turn likely threshold {} is outside 0..=threshold ({})",
+                s.likely_threshold, s.threshold
+            ));
+        }
+        if !(s.pause <= s.complete_silence
+            && s.complete_silence <= s.likely_silence
+            && s.likely_silence <= s.max_silence)
+        {
+            return Err(format!(
+                "smart turn silences must grow: pause {:?} <= complete {:?} <= likely {:?} <= max {:?}",
+                s.pause, s.complete_silence, s.likely_silence, s.max_silence
             ));
         }
         if self.interruption.barge_in_speech.is_zero() {
@@ -242,8 +262,9 @@ pub struct TurnTaking {
     /// Pauses asked about so far; the current pause's id once asked.
     pauses: u64,
     asked: Option<u64>,
-    /// The current pause was predicted complete.
-    complete: bool,
+    /// The silence after which the current pause ends the turn, as predicted (`None`: the
+    /// longest silence).
+    confirm_after: Option<Duration>,
     /// A speculative answer is under way (its speech end).
     speculating: Option<Duration>,
     interruption: Option<Interruption>,
@@ -260,7 +281,7 @@ impl TurnTaking {
             turn_speech: Duration::ZERO,
             pauses: 0,
             asked: None,
-            complete: false,
+            confirm_after: None,
             speculating: None,
             interruption: None,
         }
@@ -345,7 +366,7 @@ impl TurnTaking {
     fn on_speech(&mut self, at: Duration, frame: Duration, actions: &mut Vec<TurnAction>) {
         self.silence_since = None;
         self.asked = None;
-        self.complete = false;
+        self.confirm_after = None;
         let since = *self.speech_since.get_or_insert(at);
         let run = at.saturating_sub(since) + frame;
         match self.state {
@@ -421,7 +442,7 @@ impl TurnTaking {
         let enough_speech = self.turn_speech >= self.config.min_turn_speech;
         if silence >= smart.max_silence
             || (!enough_speech && silence >= smart.complete_silence)
-            || (self.complete && silence >= smart.complete_silence)
+            || self.confirm_after.is_some_and(|after| silence >= after)
         {
             self.end_turn(speech_end, self.now, actions);
         } else if silence >= smart.pause && self.asked.is_none() && enough_speech {
@@ -438,16 +459,21 @@ impl TurnTaking {
         let Some(speech_end) = self.silence_since else {
             return;
         };
-        if probability < self.config.smart.threshold {
+        let smart = &self.config.smart;
+        let confirm_after = if probability >= smart.threshold {
+            smart.complete_silence
+        } else if probability >= smart.likely_threshold {
+            smart.likely_silence
+        } else {
             return;
-        }
-        self.complete = true;
+        };
+        self.confirm_after = Some(confirm_after);
         self.speculating = Some(speech_end);
         actions.push(TurnAction::SpeculateEndOfTurn {
             speech_end,
             decided_at: self.now,
         });
-        if self.now.saturating_sub(speech_end) >= self.config.smart.complete_silence {
+        if self.now.saturating_sub(speech_end) >= confirm_after {
             self.end_turn(speech_end, self.now, actions);
         }
     }
@@ -474,7 +500,7 @@ impl TurnTaking {
         }
         self.turn_speech = Duration::ZERO;
         self.asked = None;
-        self.complete = false;
+        self.confirm_after = None;
     }
 }
 
@@ -624,7 +650,7 @@ mod tests {
         assert_eq!(m.state(), TurnState::UserSpeaking);
         let speculate = m.on(TurnInput::EndOfTurnPrediction {
             pause: id,
-            probability: 0.9,
+            probability: smart.threshold,
         });
         assert_eq!(
             speculate,
@@ -649,6 +675,58 @@ mod tests {
     }
 
     #[test]
+    fn a_likely_utterance_is_speculated_at_once_and_confirmed_after_a_longer_silence() {
+        let mut config = smart();
+        config.smart.pause = ms(60);
+        config.smart.threshold = 0.9;
+        config.smart.likely_threshold = 0.4;
+        config.smart.complete_silence = ms(160);
+        config.smart.likely_silence = ms(600);
+        let smart = config.smart.clone();
+        let mut m = TurnTaking::new(config);
+        let mut t = Duration::ZERO;
+        feed(&mut m, &mut t, true, 1000);
+        let id = asked(&feed(&mut m, &mut t, false, smart.pause.as_millis() as u64)).unwrap();
+        let speculate = m.on(TurnInput::EndOfTurnPrediction {
+            pause: id,
+            probability: 0.6,
+        });
+        assert!(matches!(
+            speculate[..],
+            [TurnAction::SpeculateEndOfTurn { .. }]
+        ));
+        // a sure prediction would be confirmed here; this one waits
+        let short = (smart.complete_silence - smart.pause).as_millis() as u64;
+        assert!(feed(&mut m, &mut t, false, short).is_empty());
+        let rest = (smart.likely_silence - smart.complete_silence).as_millis() as u64;
+        assert_eq!(
+            feed(&mut m, &mut t, false, rest),
+            vec![
+                TurnAction::ConfirmEndOfTurn {
+                    at: ms(1000) + smart.likely_silence
+                },
+                TurnAction::State(TurnState::Thinking)
+            ]
+        );
+        // below the likely threshold nothing is started: the longest silence decides
+        let mut m = TurnTaking::new(TurnConfig {
+            smart: smart.clone(),
+            ..self::smart()
+        });
+        let mut t = Duration::ZERO;
+        feed(&mut m, &mut t, true, 1000);
+        let id = asked(&feed(&mut m, &mut t, false, smart.pause.as_millis() as u64)).unwrap();
+        assert!(
+            m.on(TurnInput::EndOfTurnPrediction {
+                pause: id,
+                probability: 0.3,
+            })
+            .is_empty()
+        );
+        assert!(!m.speculating());
+    }
+
+    #[test]
     fn speech_before_the_confirmation_drops_the_speculation_and_an_unfinished_turn_waits() {
         let config = smart();
         let smart = config.smart.clone();
@@ -658,7 +736,7 @@ mod tests {
         let id = asked(&feed(&mut m, &mut t, false, smart.pause.as_millis() as u64)).unwrap();
         m.on(TurnInput::EndOfTurnPrediction {
             pause: id,
-            probability: 0.8,
+            probability: smart.threshold,
         });
         assert_eq!(
             feed(&mut m, &mut t, true, 40),
@@ -680,7 +758,7 @@ mod tests {
         assert!(
             m.on(TurnInput::EndOfTurnPrediction {
                 pause: next,
-                probability: 0.1
+                probability: smart.likely_threshold / 2.0
             })
             .is_empty()
         );
@@ -714,7 +792,7 @@ mod tests {
         .unwrap();
         let actions = m.on(TurnInput::EndOfTurnPrediction {
             pause: id,
-            probability: 0.7,
+            probability: smart.threshold,
         });
         assert!(matches!(actions[0], TurnAction::SpeculateEndOfTurn { .. }));
         assert!(matches!(actions[1], TurnAction::ConfirmEndOfTurn { .. }));

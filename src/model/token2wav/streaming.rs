@@ -30,7 +30,8 @@
 //!
 //! | options | first chunk | DiT look-ahead | first audio after | first audio |
 //! | --- | --- | --- | --- | --- |
-//! | default ([`StreamingOptions::low_latency`]) | 1 block = 12 codes | 12 codes = 240 ms | 24 codes (480 ms of speech) | 24 frames = 240 ms |
+//! | default ([`StreamingOptions::low_latency`]) | early window of 16 codes | 8 codes = 160 ms | 16 codes (320 ms of speech) | 16 frames = 160 ms |
+//! | `low_latency` without the early window (`first_window_codes: 0`) | 1 block = 12 codes | 12 codes = 240 ms | 24 codes (480 ms of speech) | 24 frames = 240 ms |
 //! | [`StreamingOptions::reference`] | 3 blocks = 36 codes | 12 codes = 240 ms | 48 codes (960 ms of speech) | 52 frames = 520 ms |
 //!
 //! Later chunks of the default grow to 2 then 3 blocks (480, 720 ms of audio), each needing
@@ -65,7 +66,12 @@ pub enum VocoderEdge {
 /// Chunking of the streaming decoder, in DiT blocks (`block_size` mel frames).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamingOptions {
-    /// Size of the first chunk.
+    /// An early first DiT window over the first this many codes (0: none), used where it is
+    /// smaller than the block schedule's first window: it commits all its frames but a
+    /// look-ahead (the `future_blocks` look-ahead, at most half the window), so the first
+    /// audio needs only these codes. The block schedule then goes on from its first chunk.
+    pub first_window_codes: usize,
+    /// Size of the first chunk of the block schedule.
     pub first_chunk_blocks: usize,
     /// Each later chunk is one block longer than the one before, up to this size.
     pub max_chunk_blocks: usize,
@@ -85,10 +91,13 @@ impl Default for StreamingOptions {
 }
 
 impl StreamingOptions {
-    /// First audio after one block of codes plus the look-ahead (24 codes for the published
-    /// model); chunks grow to 3 blocks.
+    /// First audio after an early window of 16 codes (the block schedule alone: one block plus
+    /// the look-ahead, 24 codes for the published model); chunks grow to 3 blocks.
     pub fn low_latency() -> Self {
         Self {
+            // the smallest early window within the block schedule's own distance from the
+            // offline decode at the published block size (tests/token2wav_streaming.rs)
+            first_window_codes: 16,
             first_chunk_blocks: 1,
             max_chunk_blocks: 3,
             past_blocks: 2,
@@ -102,6 +111,7 @@ impl StreamingOptions {
     /// 20 frames of vocoder overlap withheld at the right edge.
     pub fn reference() -> Self {
         Self {
+            first_window_codes: 0,
             first_chunk_blocks: 3,
             max_chunk_blocks: 3,
             past_blocks: 2,
@@ -120,7 +130,7 @@ impl StreamingOptions {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    fn validate(&self, dit: &DiTConfig) -> Result<()> {
         if self.first_chunk_blocks == 0 || self.max_chunk_blocks == 0 {
             candle_core::bail!(
                 "streaming token2wav: chunks must be at least one block (first {}, max {})",
@@ -128,7 +138,31 @@ impl StreamingOptions {
                 self.max_chunk_blocks
             );
         }
+        if self.first_window_codes > 0 && self.first_window_codes * dit.repeats < 2 {
+            candle_core::bail!(
+                "streaming token2wav: a first window of {} codes holds fewer than 2 frames",
+                self.first_window_codes
+            );
+        }
         Ok(())
+    }
+
+    /// Codes of the early first window, if it is smaller than the block schedule's first
+    /// window (else there is none: the block schedule alone is already as early).
+    fn early_window_codes(&self, dit: &DiTConfig) -> Option<usize> {
+        (self.first_window_codes > 0
+            && self.first_window_codes < self.block_window_after_codes(dit))
+        .then_some(self.first_window_codes)
+    }
+
+    /// Look-ahead frames of the early first window of `frames` frames.
+    fn first_window_lookahead(&self, frames: usize, block: usize) -> usize {
+        (self.future_blocks * block).min(frames / 2)
+    }
+
+    /// Codes of the block schedule's first window.
+    fn block_window_after_codes(&self, dit: &DiTConfig) -> usize {
+        ((self.first_chunk_blocks + self.future_blocks) * dit.block_size).div_ceil(dit.repeats)
     }
 
     /// Mel frames that can be voiced once `committed` frames are final (before the utterance
@@ -148,13 +182,21 @@ impl StreamingOptions {
     /// How many codes must have arrived before the DiT samples its first window; an utterance
     /// that ends before that is decoded in one piece, as offline.
     pub fn first_window_after_codes(&self, dit: &DiTConfig) -> usize {
-        ((self.first_chunk_blocks + self.future_blocks) * dit.block_size).div_ceil(dit.repeats)
+        self.early_window_codes(dit)
+            .unwrap_or_else(|| self.block_window_after_codes(dit))
     }
 
     /// How many codes must have arrived before the first audio comes out (for an utterance
     /// that is still going on).
     pub fn first_audio_after_codes(&self, dit: &DiTConfig) -> usize {
         let block = dit.block_size;
+        if let Some(codes) = self.early_window_codes(dit) {
+            let frames = codes * dit.repeats;
+            let committed = frames - self.first_window_lookahead(frames, block);
+            if self.voiced_after(committed, block) > 0 {
+                return codes;
+            }
+        }
         let mut committed = 0;
         for index in 0.. {
             committed += self.chunk_blocks(index) * block;
@@ -191,6 +233,8 @@ pub struct StreamingDecoder {
     noise: StreamNoise,
     /// Seeded noise drawn so far, frame-major.
     noise_frames: Vec<f32>,
+    /// Codes of the early first window (0: none).
+    early_window: usize,
     chunk_index: usize,
     committed: usize,
     /// Committed mel `[1, mel_dim, n]` from frame `mel_start` on (older frames are dropped once
@@ -218,8 +262,9 @@ impl StreamingDecoder {
         options: StreamingOptions,
         noise: StreamNoise,
     ) -> Result<Self> {
-        options.validate()?;
         let dit = &t2w.config().dit_config;
+        options.validate(dit)?;
+        let early_window = options.early_window_codes(dit).unwrap_or(0);
         if let StreamNoise::Given(t) = &noise {
             let (b, _, m) = t.dims3()?;
             if b != 1 || m != dit.mel_dim {
@@ -241,6 +286,7 @@ impl StreamingDecoder {
             codes: Vec::new(),
             noise,
             noise_frames: Vec::new(),
+            early_window,
             chunk_index: 0,
             committed: 0,
             mel: None,
@@ -277,9 +323,19 @@ impl StreamingDecoder {
         }
         self.codes.extend_from_slice(codes);
         let mut out = Vec::new();
+        let early = self.early_window * self.repeats;
+        if early > 0 && self.committed == 0 && self.codes.len() * self.repeats >= early {
+            let end = early - self.options.first_window_lookahead(early, self.block);
+            self.commit(t2w, end, early)?;
+            // the block schedule starts over from its first chunk
+            self.chunk_index = 0;
+            out.extend(self.voice(t2w, false)?);
+        }
         let future = self.options.future_blocks * self.block;
         loop {
-            let end = self.committed + self.options.chunk_blocks(self.chunk_index) * self.block;
+            // chunks end on block edges (the early window's end is inside the first block)
+            let start = self.committed / self.block * self.block;
+            let end = start + self.options.chunk_blocks(self.chunk_index) * self.block;
             if self.codes.len() * self.repeats < end + future {
                 break;
             }
