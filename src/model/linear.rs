@@ -30,12 +30,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use omnicall_kernels::{Level, Rows, gemv};
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
+use omnicall_kernels::{Level, Rows, gemv};
+
+pub mod q8;
+
+pub use q8::{Q8Linear, WeightFormat, set_weight_format, weight_format, with_weight_format};
 
 /// Most input rows (all leading dimensions together) sent to [`Bf16Gemv`]; larger inputs
 /// (prefill) go to candle's matmul, whose up-front widening is then shared by many rows.
@@ -119,42 +122,78 @@ pub fn product_work() -> ProductWork {
     }
 }
 
-fn count_product(x: &Tensor, weight: &Tensor) {
-    if let Ok((n, k)) = weight.dims2() {
-        let rows = x.elem_count() / k.max(1);
-        PRODUCT_FLOPS.fetch_add((2 * rows * n * k) as u64, Ordering::Relaxed);
-        PRODUCT_WEIGHT_BYTES.fetch_add(
-            weight.elem_count() as u64 * weight.dtype().size_in_bytes() as u64,
-            Ordering::Relaxed,
-        );
-    }
+/// Adds a product of `x` with an `(n, k)` weight of `weight_bytes` to [`product_work`].
+fn count_product(x: &Tensor, n: usize, k: usize, weight_bytes: usize) {
+    let rows = x.elem_count() / k.max(1);
+    PRODUCT_FLOPS.fetch_add((2 * rows * n * k) as u64, Ordering::Relaxed);
+    PRODUCT_WEIGHT_BYTES.fetch_add(weight_bytes as u64, Ordering::Relaxed);
 }
 
 /// `y = x W^T + b`, a drop-in for `candle_nn::Linear`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Dense(candle_nn::Linear),
+    Q8(Q8Linear),
 }
 
 impl Linear {
-    /// `weight` is `(out_features, in_features)`, `bias` is `(out_features,)`.
+    /// `weight` is `(out_features, in_features)`, `bias` is `(out_features,)`; kept dense.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            inner: candle_nn::Linear::new(weight, bias),
+            kind: Kind::Dense(candle_nn::Linear::new(weight, bias)),
         }
     }
 
+    /// The same product with the weight quantised to Q8_0 (CPU only; see [`q8`]).
+    pub fn new_q8(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            kind: Kind::Q8(Q8Linear::new(weight, bias)?),
+        })
+    }
+
+    /// A loaded Linear in the format [`weight_format`] says.
+    fn from_loaded(inner: candle_nn::Linear) -> Result<Self> {
+        match weight_format() {
+            WeightFormat::Dense => Ok(Self {
+                kind: Kind::Dense(inner),
+            }),
+            WeightFormat::Q8 => Self::new_q8(inner.weight(), inner.bias().cloned()),
+        }
+    }
+
+    /// The weight `(out_features, in_features)`; a q8 Linear dequantises it on first call.
+    ///
+    /// # Panics
+    /// When a q8 weight cannot be dequantised, which a weight quantised here always can.
     pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+        match &self.kind {
+            Kind::Dense(inner) => inner.weight(),
+            Kind::Q8(q8) => q8
+                .dequantized_weight()
+                .expect("a Q8_0 weight quantised on the CPU dequantises"),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        match &self.kind {
+            Kind::Dense(inner) => inner.bias(),
+            Kind::Q8(q8) => q8.bias(),
+        }
+    }
+
+    /// Whether the weight is stored as int8 blocks.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.kind, Kind::Q8(_))
     }
 
     /// The product through [`Bf16Gemv`] or [`Bf16Gemm`] when one applies, `None` otherwise.
-    fn forward_gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let weight = self.inner.weight();
+    fn forward_gemv(inner: &candle_nn::Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        let weight = inner.weight();
         let applies = kernels() == Kernels::Auto
             && weight.device().is_cpu()
             && weight.dtype() == DType::BF16
@@ -184,7 +223,7 @@ impl Linear {
         let mut out_dims = leading.to_vec();
         out_dims.push(y.dim(1)?);
         let y = y.reshape(out_dims)?;
-        match self.inner.bias() {
+        match inner.bias() {
             Some(bias) => y.broadcast_add(bias).map(Some),
             None => Ok(Some(y)),
         }
@@ -193,24 +232,35 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        count_product(x, self.inner.weight());
-        match self.forward_gemv(x)? {
-            Some(y) => Ok(y),
-            None => self.inner.forward(x),
+        match &self.kind {
+            Kind::Dense(inner) => {
+                let weight = inner.weight();
+                if let Ok((n, k)) = weight.dims2() {
+                    let bytes = weight.elem_count() * weight.dtype().size_in_bytes();
+                    count_product(x, n, k, bytes);
+                }
+                match Self::forward_gemv(inner, x)? {
+                    Some(y) => Ok(y),
+                    None => inner.forward(x),
+                }
+            }
+            Kind::Q8(q8) => {
+                count_product(x, q8.out_features(), q8.in_features(), q8.weight_bytes());
+                q8.forward(x)
+            }
         }
     }
 }
 
-/// A [`Linear`] with a bias, like `candle_nn::linear`.
+/// A [`Linear`] with a bias, like `candle_nn::linear`, in the format of [`weight_format`].
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let inner = candle_nn::linear(in_dim, out_dim, vb)?;
-    Ok(Linear { inner })
+    Linear::from_loaded(candle_nn::linear(in_dim, out_dim, vb)?)
 }
 
-/// A [`Linear`] without a bias, like `candle_nn::linear_no_bias`.
+/// A [`Linear`] without a bias, like `candle_nn::linear_no_bias`, in the format of
+/// [`weight_format`].
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let inner = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
-    Ok(Linear { inner })
+    Linear::from_loaded(candle_nn::linear_no_bias(in_dim, out_dim, vb)?)
 }
 
 /// `x (rows, k) @ w (n, k)^T -> (rows, n)`, all bf16, accumulated in f32: CPU only, for a few
