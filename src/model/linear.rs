@@ -13,6 +13,9 @@
 //! * larger inputs (prefill, the encoders) run [`Bf16Gemm`], gemm's f32 kernel on each
 //!   widened block.
 //!
+//! With int8 weights ([`WeightFormat::Q8`], `--weights q8`) the Linears built from a `VarBuilder`
+//! hold Q8_0 blocks and multiply through candle's `QMatMul` instead (see [`q8`]).
+//!
 //! Everything else (f32, CUDA) goes through `candle_nn::Linear` unchanged; f32 on the CPU gets
 //! gemm's AVX-512 kernels where the CPU has them (the `x86-v4` feature, chosen at run time).
 //! Every product adds its work to a process-wide count ([`product_work`]) that the benchmarks
