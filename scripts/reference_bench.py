@@ -4,8 +4,9 @@ of a published config with random weights: the same rows `omnicall bench model` 
 tables can be read side by side.
 
 The model is built from config.json alone (no weight files): `Qwen2_5OmniForConditionalGeneration`
-constructed directly in the target dtype on the target device, token2wav in float32 as the reference
-keeps it. Random weights cost exactly what real weights cost; what they change is the tokens they
+constructed in the target dtype on the target device, token2wav in float32 as the reference keeps it.
+Without the `generate` stage only the parts of the chosen stages are built, each just before its
+stage and freed after it, so that a 3B stage fits in memory in f32. Random weights cost exactly what real weights cost; what they change is the tokens they
 pick, so lengths are forced (min_new_tokens = max_new_tokens) and codec ids the DiT has no embedding
 for are masked. No tokenizer ships with a published config, so the chat template's text is made of
 ordinary-text filler ids of the right count; specials and placeholders come from config.json, and
@@ -203,17 +204,69 @@ def load_processor_settings(config_path: Path) -> dict:
     return {"feature_extractor": {}, "video": {}, "source": "processor class defaults"}
 
 
-def build_model(config, dtype: torch.dtype, device: torch.device, seed: int):
-    """Builds the whole model directly in `dtype` on `device` with the library's random init,
-    then casts token2wav to float32 as `enable_talker` and `generate` do."""
+# The submodules each stage runs, as attribute paths from the whole model. `generate` runs all of it.
+STAGE_PARTS = {
+    "audio": ["thinker.model.audio_tower"],
+    "vision": ["thinker.model.visual"],
+    "thinker": ["thinker.model.language_model", "thinker.lm_head"],
+    "talker": ["talker"],
+    "token2wav": ["token2wav"],
+}
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device, seed: int, stages: list[str]):
+    """The model for `stages`. For `generate`, the whole model, built directly in `dtype` on
+    `device` with the library's random init; otherwise its skeleton on the meta device (no
+    memory), whose parts `materialize` builds for the stage that runs them and `release` frees,
+    so that one f32 stage of the 3B model fits in memory where the whole f32 model does not.
+    Every part is cast to `dtype` (token2wav to float32, as `enable_talker` and `generate` do):
+    transformers builds the text decoder in the config's torch_dtype whatever `dtype` says."""
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     torch.manual_seed(seed)
-    with torch.device(device):
+    whole = "generate" in stages
+    with torch.device(device if whole else "meta"):
         model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=dtype)
+    if whole:
+        model.thinker.to(dtype)
+        model.talker.to(dtype)
     model.token2wav.float()
     model.eval()
     return model
+
+
+def part_of(model, path: str):
+    parent = model
+    *parents, name = path.split(".")
+    for p in parents:
+        parent = getattr(parent, p)
+    return parent, name
+
+
+def materialize(model, path: str, dtype: torch.dtype, device: torch.device):
+    """Builds the part at `path` for real (random init) in its stage's dtype, in place of its
+    meta skeleton; a part already built is left as it is."""
+    from transformers import PreTrainedModel
+
+    parent, name = part_of(model, path)
+    old = getattr(parent, name)
+    if not any(p.is_meta for p in old.parameters()):
+        return
+    part_dtype = torch.float32 if path == "token2wav" else dtype
+    with torch.device(device):
+        if isinstance(old, PreTrainedModel):
+            new = type(old)._from_config(old.config, dtype=part_dtype)
+        elif isinstance(old, torch.nn.Linear):
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        else:
+            raise BenchError(f"do not know how to build {path} ({type(old).__name__}) alone")
+    setattr(parent, name, new.to(part_dtype).eval())
+
+
+def release(model, path: str):
+    """Frees the part at `path` (back to a meta skeleton)."""
+    parent, name = part_of(model, path)
+    setattr(parent, name, getattr(parent, name).to("meta"))
 
 
 def fill_speaker(model, config, config_path: Path, speaker_bos: int | None):
@@ -336,6 +389,18 @@ class Block:
     prep_seconds_per_frame: float
 
 
+def processor_video_size() -> dict:
+    """The processor's default video size bounds: a `_defaults` table of the kwargs class up to
+    transformers 5.17, a class attribute of the processor after."""
+    from transformers import Qwen2_5OmniProcessor
+    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessorKwargs
+
+    table = getattr(Qwen2_5OmniProcessorKwargs, "_defaults", None)
+    if table is not None:
+        return table["videos_kwargs"]["size"]
+    return Qwen2_5OmniProcessor.videos_kwargs["size"]
+
+
 def prepare_block(config, settings: dict, camera: tuple[int, int], fps: float, clock: Clock) -> Block:
     from transformers import WhisperFeatureExtractor
     from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessorKwargs
@@ -368,7 +433,7 @@ def prepare_block(config, settings: dict, camera: tuple[int, int], fps: float, c
     vision = thinker.vision_config
     video_settings = settings["video"]
     # The processor's default video bounds (min/max pixels) replace the image ones for videos.
-    size = dict(Qwen2_5OmniProcessorKwargs._defaults["videos_kwargs"]["size"])
+    size = dict(processor_video_size())
     vp_kwargs = dict(
         patch_size=vision.patch_size,
         temporal_patch_size=vision.temporal_patch_size,
@@ -418,7 +483,6 @@ def block_placeholders(config, block: Block, audio_tokens: int) -> list[str]:
     from transformers import Qwen2_5OmniProcessor
     from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessorKwargs
 
-    defaults = Qwen2_5OmniProcessorKwargs._defaults["videos_kwargs"]
     merge = config.thinker_config.vision_config.spatial_merge_size
     stand_in = SimpleNamespace(
         audio_token="<|AUDIO|>",
@@ -947,11 +1011,13 @@ def run(args: argparse.Namespace) -> dict:
     settings = load_processor_settings(args.config)
     load_before = load_average()
     started = time.perf_counter()
-    model = build_model(config, dtype, device, args.seed)
+    stages = list(args.stages)
+    model = build_model(config, dtype, device, args.seed, stages)
     build_s = time.perf_counter() - started
     speaker = fill_speaker(model, config, args.config, args.speaker_bos)
     params = sum(p.numel() for p in model.parameters())
-    print(f"built {args.config} ({params / 1e9:.2f} B parameters, {args.dtype}, token2wav f32) on "
+    print(f"built {args.config} ({params / 1e9:.2f} B parameters, {args.dtype}, token2wav f32; "
+          f"{'all of it' if 'generate' in stages else 'each part when its stage runs'}) on "
           f"{device_name(device)} in {build_s:.1f} s", file=sys.stderr)
 
     block = prepare_block(config, settings, args.camera, args.fps, clock)
@@ -962,8 +1028,15 @@ def run(args: argparse.Namespace) -> dict:
 
     def stage(name, fn):
         t0 = time.perf_counter()
+        parts = [] if "generate" in stages else STAGE_PARTS[name]
+        for path in parts:
+            materialize(model, path, dtype, device)
+        built = time.perf_counter()
         out = fn()
-        print(f"stage {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        for path in parts:
+            release(model, path)
+        print(f"stage {name}: {time.perf_counter() - built:.1f} s (building its parts {built - t0:.1f} s)",
+              file=sys.stderr)
         return out
 
     if "audio" in args.stages or "vision" in args.stages or "thinker" in args.stages or "generate" in args.stages:

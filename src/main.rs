@@ -80,12 +80,17 @@ struct KernelsArg {
     /// products everywhere: what CUDA runs).
     #[arg(long, env = "OMNICALL_KERNELS", default_value = "auto")]
     kernels: omnicall::model::linear::Kernels,
+    /// dense (the Linear weights in the model's dtype) or q8 (int8 Q8_0 blocks for the
+    /// Thinker, its encoders and the Talker; CPU only; token2wav stays f32).
+    #[arg(long, env = "OMNICALL_WEIGHTS", default_value = "dense")]
+    weights: omnicall::model::linear::WeightFormat,
 }
 
 impl KernelsArg {
     fn apply(&self) {
         let chosen = omnicall::model::linear::set_kernels(self.kernels);
-        tracing::debug!("kernels: {chosen:?}");
+        let weights = omnicall::model::linear::set_weight_format(self.weights);
+        tracing::debug!("kernels: {chosen:?}, weights: {weights:?}");
     }
 }
 
@@ -654,6 +659,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let options = omnicall::check::CheckOptions {
         device: parse_device(&args.device)?,
         dtype: parse_dtype(&args.dtype)?,
+        weights: omnicall::model::linear::weight_format(),
     };
     let fixtures = omnicall::check::Fixtures::open(&args.reference)?;
     let stages: Vec<&str> = args.stages.iter().map(String::as_str).collect();
@@ -676,10 +682,11 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         report.rows.extend(rows);
     }
     println!(
-        "parity with {} on {} in {:?}, kernels {:?}\n",
+        "parity with {} on {} in {:?}, weights {:?}, kernels {:?}\n",
         args.reference.display(),
         args.device,
         options.dtype,
+        options.weights,
         omnicall::model::linear::kernels()
     );
     print!("{}", report.table());

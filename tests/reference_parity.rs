@@ -11,14 +11,21 @@ mod common;
 
 use candle_core::{DType, Device};
 use omnicall::check::{CheckOptions, Fixtures, STAGES, run_stage};
+use omnicall::model::linear::WeightFormat;
 
 /// Runs one stage and fails naming every comparison that failed.
 fn check(stage: &str, dtype: DType) {
+    check_with(stage, dtype, WeightFormat::Dense);
+}
+
+/// [`check`] with the Thinker's and Talker's Linear weights stored in `weights`.
+fn check_with(stage: &str, dtype: DType, weights: WeightFormat) {
     let dir = common::reference_dir();
     let fixtures = Fixtures::open(&dir).unwrap_or_else(|e| panic!("{e:#}"));
     let options = CheckOptions {
         device: Device::Cpu,
         dtype,
+        weights,
     };
     let rows = run_stage(&fixtures, &options, stage);
     assert!(!rows.is_empty(), "{stage}: no comparisons");
@@ -27,7 +34,7 @@ fn check(stage: &str, dtype: DType) {
         let diff = row.max_abs_diff.map_or("-".into(), |d| format!("{d:e}"));
         let tol = row.tolerance.map_or("-".into(), |d| format!("{d:e}"));
         eprintln!(
-            "{stage} {dtype:?}: {}: max abs diff {diff} (atol {tol}) {}",
+            "{stage} {dtype:?} {weights:?}: {}: max abs diff {diff} (atol {tol}) {}",
             row.what,
             if row.pass { "ok" } else { "FAILED" }
         );
@@ -110,4 +117,26 @@ fn bf16_talker() {
 #[test]
 fn bf16_token2wav() {
     check("pipeline_waveform", DType::BF16);
+}
+
+/// The Thinker with int8 (Q8_0) weights, f32 activations: its logits and greedy answer, within
+/// the measured q8 tolerances.
+#[test]
+fn q8_thinker() {
+    check_with("thinker_logits", DType::F32, WeightFormat::Q8);
+    check_with("thinker_greedy", DType::F32, WeightFormat::Q8);
+}
+
+/// The Talker with int8 weights: prefill logits and greedy codes.
+#[test]
+fn q8_talker() {
+    check_with("talker_logits", DType::F32, WeightFormat::Q8);
+    check_with("talker_greedy", DType::F32, WeightFormat::Q8);
+}
+
+/// The audio and vision encoders with int8 weights.
+#[test]
+fn q8_encoders() {
+    check_with("audio_encoder", DType::F32, WeightFormat::Q8);
+    check_with("image_vision_encoder", DType::F32, WeightFormat::Q8);
 }

@@ -17,6 +17,8 @@ use std::fmt::{Debug, Write};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::model::linear::{WeightFormat, with_weight_format};
+
 pub use fixtures::Fixtures;
 
 /// Where and in which dtype the model runs for the check.
@@ -25,6 +27,8 @@ pub struct CheckOptions {
     pub device: Device,
     /// Dtype of the Thinker (with its encoders) and the Talker.
     pub dtype: DType,
+    /// How their Linear weights are stored (token2wav stays dense f32).
+    pub weights: WeightFormat,
 }
 
 impl CheckOptions {
@@ -32,6 +36,7 @@ impl CheckOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            weights: WeightFormat::Dense,
         }
     }
 }
@@ -91,6 +96,18 @@ impl Tolerances {
         }
     }
 
+    /// [`Tolerances::for_dtype`], or the measured q8 tolerances for int8 weights.
+    pub fn for_run(dtype: DType, weights: WeightFormat) -> Self {
+        match weights {
+            WeightFormat::Dense => Self::for_dtype(dtype),
+            WeightFormat::Q8 => Self {
+                encoder: Q8_ENCODER_ATOL,
+                thinker: Q8_THINKER_ATOL,
+                talker: Q8_TALKER_ATOL,
+            },
+        }
+    }
+
     pub fn of(&self, quantity: Quantity) -> f32 {
         match quantity {
             Quantity::Mel => MEL_ATOL,
@@ -112,6 +129,14 @@ impl Tolerances {
 const BF16_ENCODER_ATOL: f32 = 0.15;
 const BF16_THINKER_ATOL: f32 = 0.2;
 const BF16_TALKER_ATOL: f32 = 0.2;
+
+/// q8 tolerances (Q8_0 weights, int8 activations in candle's kernels, f32 activations
+/// elsewhere). Largest errors measured on the committed fixtures (CPU, `omnicall check
+/// --weights q8`): encoders 0.084 (audio_encoder.pooled), Thinker 0.157 (logits), Talker 0.101
+/// (first step logits), greedy ids and codes equal; the tolerances are about twice those.
+const Q8_ENCODER_ATOL: f32 = 0.15;
+const Q8_THINKER_ATOL: f32 = 0.3;
+const Q8_TALKER_ATOL: f32 = 0.2;
 
 /// One comparison of a stage.
 #[derive(Debug, Clone, PartialEq)]
@@ -230,11 +255,12 @@ pub fn run_stage(fixtures: &Fixtures, options: &CheckOptions, name: &str) -> Vec
     let mut check = Checker {
         fixtures,
         options,
-        tolerances: Tolerances::for_dtype(options.dtype),
+        tolerances: Tolerances::for_run(options.dtype, options.weights),
         stage,
         rows: Vec::new(),
     };
-    if let Err(e) = stages::run(&mut check) {
+    // Every model the stage builds, on this thread, gets the run's weight format.
+    if let Err(e) = with_weight_format(options.weights, || stages::run(&mut check)) {
         check.rows.push(Row {
             stage,
             what: "(stage)".to_string(),

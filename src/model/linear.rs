@@ -7,10 +7,14 @@
 //! f32. When the weights are bf16 on the CPU, [`Linear`] instead widens the weight a block of
 //! rows at a time (the block stays in cache), on candle's thread pool, with f32 accumulation
 //! and one rounding of the output to bf16 as candle's own product does:
-//! * inputs of at most [`MAX_GEMV_ROWS`] rows (decoding) run [`Bf16Gemv`], dot products of
-//!   the widened rows;
+//! * inputs of at most [`MAX_GEMV_ROWS`] rows (decoding) run [`Bf16Gemv`]: the weight read
+//!   once, widened in registers (`vdpbf16ps` where the CPU has AVX512-BF16), by the kernels of
+//!   the `omnicall-kernels` crate;
 //! * larger inputs (prefill, the encoders) run [`Bf16Gemm`], gemm's f32 kernel on each
 //!   widened block.
+//!
+//! With int8 weights ([`WeightFormat::Q8`], `--weights q8`) the Linears built from a `VarBuilder`
+//! hold Q8_0 blocks and multiply through candle's `QMatMul` instead (see [`q8`]).
 //!
 //! Everything else (f32, CUDA) goes through `candle_nn::Linear` unchanged; f32 on the CPU gets
 //! gemm's AVX-512 kernels where the CPU has them (the `x86-v4` feature, chosen at run time).
@@ -21,27 +25,30 @@
 //! kernels off, so that the CPU runs the device-generic path a GPU takes and the parity tests
 //! check that path too.
 //!
-//! The inner loops are candle's own optimised CPU primitives (`BackendStorage::to_dtype` for the
-//! widening, `VecOps::vec_dot` for the f32 dot products, its barrier thread pool for the
-//! blocks) and the `gemm` crate's f32 kernel rather than loops written here: the dev profile
-//! compiles this crate unoptimised (only dependencies get opt-level 2), where a hand-written
-//! loop runs at well under 1 GB/s.
+//! The inner loops are not written in this crate: the dev profile compiles it unoptimised,
+//! where a hand-written loop runs at well under 1 GB/s. They are the `omnicall-kernels` crate's
+//! (compiled optimised in every profile), candle's own primitives (`BackendStorage::to_dtype`
+//! for widening prefill blocks, its barrier thread pool) and the `gemm` crate's f32 kernel.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cpu::kernels::VecOps;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
+use omnicall_kernels::{Level, Rows, gemv};
+
+pub mod q8;
+
+pub use q8::{Q8Linear, WeightFormat, set_weight_format, weight_format, with_weight_format};
 
 /// Most input rows (all leading dimensions together) sent to [`Bf16Gemv`]; larger inputs
 /// (prefill) go to candle's matmul, whose up-front widening is then shared by many rows.
 pub const MAX_GEMV_ROWS: usize = 8;
 
-/// Weight rows widened and dotted per work item: 128 rows of a 2048-wide matrix are 1 MiB of
-/// f32, which stays in a core's L2 between the widening and the dot products.
+/// Weight rows per work item of [`Bf16Gemv`]: enough items for every thread of the pool at the
+/// model's smallest output widths, few enough that the pool's overhead stays small.
 const GEMV_BLOCK_ROWS: usize = 128;
 
 /// Which kernels the model's products use.
@@ -118,42 +125,78 @@ pub fn product_work() -> ProductWork {
     }
 }
 
-fn count_product(x: &Tensor, weight: &Tensor) {
-    if let Ok((n, k)) = weight.dims2() {
-        let rows = x.elem_count() / k.max(1);
-        PRODUCT_FLOPS.fetch_add((2 * rows * n * k) as u64, Ordering::Relaxed);
-        PRODUCT_WEIGHT_BYTES.fetch_add(
-            weight.elem_count() as u64 * weight.dtype().size_in_bytes() as u64,
-            Ordering::Relaxed,
-        );
-    }
+/// Adds a product of `x` with an `(n, k)` weight of `weight_bytes` to [`product_work`].
+fn count_product(x: &Tensor, n: usize, k: usize, weight_bytes: usize) {
+    let rows = x.elem_count() / k.max(1);
+    PRODUCT_FLOPS.fetch_add((2 * rows * n * k) as u64, Ordering::Relaxed);
+    PRODUCT_WEIGHT_BYTES.fetch_add(weight_bytes as u64, Ordering::Relaxed);
 }
 
 /// `y = x W^T + b`, a drop-in for `candle_nn::Linear`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Dense(candle_nn::Linear),
+    Q8(Q8Linear),
 }
 
 impl Linear {
-    /// `weight` is `(out_features, in_features)`, `bias` is `(out_features,)`.
+    /// `weight` is `(out_features, in_features)`, `bias` is `(out_features,)`; kept dense.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            inner: candle_nn::Linear::new(weight, bias),
+            kind: Kind::Dense(candle_nn::Linear::new(weight, bias)),
         }
     }
 
+    /// The same product with the weight quantised to Q8_0 (CPU only; see [`q8`]).
+    pub fn new_q8(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            kind: Kind::Q8(Q8Linear::new(weight, bias)?),
+        })
+    }
+
+    /// A loaded Linear in the format [`weight_format`] says.
+    fn from_loaded(inner: candle_nn::Linear) -> Result<Self> {
+        match weight_format() {
+            WeightFormat::Dense => Ok(Self {
+                kind: Kind::Dense(inner),
+            }),
+            WeightFormat::Q8 => Self::new_q8(inner.weight(), inner.bias().cloned()),
+        }
+    }
+
+    /// The weight `(out_features, in_features)`; a q8 Linear dequantises it on first call.
+    ///
+    /// # Panics
+    /// When a q8 weight cannot be dequantised, which a weight quantised here always can.
     pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+        match &self.kind {
+            Kind::Dense(inner) => inner.weight(),
+            Kind::Q8(q8) => q8
+                .dequantized_weight()
+                .expect("a Q8_0 weight quantised on the CPU dequantises"),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        match &self.kind {
+            Kind::Dense(inner) => inner.bias(),
+            Kind::Q8(q8) => q8.bias(),
+        }
+    }
+
+    /// Whether the weight is stored as int8 blocks.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.kind, Kind::Q8(_))
     }
 
     /// The product through [`Bf16Gemv`] or [`Bf16Gemm`] when one applies, `None` otherwise.
-    fn forward_gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let weight = self.inner.weight();
+    fn forward_gemv(inner: &candle_nn::Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        let weight = inner.weight();
         let applies = kernels() == Kernels::Auto
             && weight.device().is_cpu()
             && weight.dtype() == DType::BF16
@@ -183,7 +226,7 @@ impl Linear {
         let mut out_dims = leading.to_vec();
         out_dims.push(y.dim(1)?);
         let y = y.reshape(out_dims)?;
-        match self.inner.bias() {
+        match inner.bias() {
             Some(bias) => y.broadcast_add(bias).map(Some),
             None => Ok(Some(y)),
         }
@@ -192,32 +235,70 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        count_product(x, self.inner.weight());
-        match self.forward_gemv(x)? {
-            Some(y) => Ok(y),
-            None => self.inner.forward(x),
+        match &self.kind {
+            Kind::Dense(inner) => {
+                let weight = inner.weight();
+                if let Ok((n, k)) = weight.dims2() {
+                    let bytes = weight.elem_count() * weight.dtype().size_in_bytes();
+                    count_product(x, n, k, bytes);
+                }
+                match Self::forward_gemv(inner, x)? {
+                    Some(y) => Ok(y),
+                    None => inner.forward(x),
+                }
+            }
+            Kind::Q8(q8) => {
+                count_product(x, q8.out_features(), q8.in_features(), q8.weight_bytes());
+                q8.forward(x)
+            }
         }
     }
 }
 
-/// A [`Linear`] with a bias, like `candle_nn::linear`.
+/// A [`Linear`] with a bias, like `candle_nn::linear`, in the format of [`weight_format`].
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let inner = candle_nn::linear(in_dim, out_dim, vb)?;
-    Ok(Linear { inner })
+    Linear::from_loaded(candle_nn::linear(in_dim, out_dim, vb)?)
 }
 
-/// A [`Linear`] without a bias, like `candle_nn::linear_no_bias`.
+/// A [`Linear`] without a bias, like `candle_nn::linear_no_bias`, in the format of
+/// [`weight_format`].
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let inner = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
-    Ok(Linear { inner })
+    Linear::from_loaded(candle_nn::linear_no_bias(in_dim, out_dim, vb)?)
 }
 
 /// `x (rows, k) @ w (n, k)^T -> (rows, n)`, all bf16, accumulated in f32: CPU only, for a few
-/// rows of `x` (see the module docs).
+/// rows of `x` (see the module docs), with the best kernel this CPU has.
 #[derive(Debug, Clone, Copy)]
 pub struct Bf16Gemv;
 
+/// [`Bf16Gemv`] with a chosen kernel level (lowered to what the CPU has): the tests force each
+/// fallback with it.
+#[derive(Debug, Clone, Copy)]
+pub struct Bf16GemvAt(pub Level);
+
+/// The best [`Level`] of this CPU, detected once.
+fn detected_level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(Level::detect)
+}
+
 impl CustomOp2 for Bf16Gemv {
+    fn name(&self) -> &'static str {
+        "bf16-gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Bf16GemvAt(detected_level()).cpu_fwd(x, x_layout, w, w_layout)
+    }
+}
+
+impl CustomOp2 for Bf16GemvAt {
     fn name(&self) -> &'static str {
         "bf16-gemv"
     }
@@ -234,70 +315,58 @@ impl CustomOp2 for Bf16Gemv {
         if k != w_k {
             candle_core::bail!("bf16-gemv: input has {k} columns but the weight has {w_k}");
         }
-        if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+        let (CpuStorage::BF16(x_all), CpuStorage::BF16(w_all)) = (x, w) else {
             candle_core::bail!(
                 "bf16-gemv: needs bf16 input and weight, got {:?} and {:?}",
                 x.dtype(),
                 w.dtype()
             );
-        }
-        let Some((w_start, _)) = w_layout.contiguous_offsets() else {
+        };
+        let Some((w_start, w_end)) = w_layout.contiguous_offsets() else {
             candle_core::bail!("bf16-gemv: the weight must be contiguous");
         };
-        // Any input layout: the widening walks it in logical order.
-        let CpuStorage::F32(x_f32) = x.to_dtype(x_layout, DType::F32)? else {
-            candle_core::bail!("bf16-gemv: widening the input did not give f32");
-        };
-
-        let mut out = vec![bf16::ZERO; rows * n];
-        let n_blocks = n.div_ceil(GEMV_BLOCK_ROWS);
-        // Block b owns columns [b * GEMV_BLOCK_ROWS, ..) of every output row.
-        let mut blocks: Vec<Vec<&mut [bf16]>> = (0..n_blocks).map(|_| Vec::new()).collect();
-        for out_row in out.chunks_mut(n.max(1)) {
-            for (block, part) in blocks.iter_mut().zip(out_row.chunks_mut(GEMV_BLOCK_ROWS)) {
-                block.push(part);
-            }
+        let mut out = vec![0f32; rows * n];
+        if rows == 0 || n == 0 || k == 0 {
+            let out = out.into_iter().map(bf16::from_f32).collect();
+            return Ok((CpuStorage::BF16(out), Shape::from((rows, n))));
         }
-        let blocks: Vec<Mutex<Vec<&mut [bf16]>>> = blocks.into_iter().map(Mutex::new).collect();
-        let first_error: Mutex<Option<candle_core::Error>> = Mutex::new(None);
+        let w_data = &w_all[w_start..w_end];
+        // Any input layout: a strided one is copied into logical order (it is a few rows).
+        let x_copy;
+        let x_data = match x_layout.contiguous_offsets() {
+            Some((start, end)) => &x_all[start..end],
+            None => {
+                let CpuStorage::BF16(copy) = x.to_dtype(x_layout, DType::BF16)? else {
+                    candle_core::bail!("bf16-gemv: copying the input did not give bf16");
+                };
+                x_copy = copy;
+                &x_copy[..]
+            }
+        };
+        let x_rows = Rows::new(self.0, x_data, k);
 
-        run_blocks(n_blocks, rows * n * k, |block_range| {
+        let shared = SharedOut(out.as_mut_ptr());
+        run_blocks(n.div_ceil(GEMV_BLOCK_ROWS), rows * n * k, |block_range| {
+            let shared = &shared;
             for b in block_range {
-                let result = (|| -> Result<()> {
-                    let mut parts = blocks[b]
-                        .lock()
-                        .map_err(|_| candle_core::Error::msg("bf16-gemv: output block poisoned"))?;
-                    let first = b * GEMV_BLOCK_ROWS;
-                    let len = GEMV_BLOCK_ROWS.min(n - first);
-                    let block_layout =
-                        Layout::contiguous_with_offset((len, k), w_start + first * k);
-                    let CpuStorage::F32(w_f32) = w.to_dtype(&block_layout, DType::F32)? else {
-                        candle_core::bail!("bf16-gemv: widening the weight did not give f32");
+                let first = b * GEMV_BLOCK_ROWS;
+                let len = GEMV_BLOCK_ROWS.min(n - first);
+                let mut block = vec![0f32; rows * len];
+                gemv(&x_rows, &w_data[first * k..(first + len) * k], &mut block);
+                for (r, part) in block.chunks_exact(len).enumerate() {
+                    // SAFETY: columns [first, first + len) of output row r (of `rows` rows of
+                    // n) are written by this block only, and `out` outlives the pool's work.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            part.as_ptr(),
+                            shared.0.add(r * n + first),
+                            len,
+                        )
                     };
-                    // Weight row outer: it stays in L1 while every input row meets it.
-                    for (j, w_row) in w_f32.chunks_exact(k).enumerate() {
-                        for (x_row, out_part) in x_f32.chunks_exact(k).zip(parts.iter_mut()) {
-                            if let Some(y) = out_part.get_mut(j) {
-                                *y = bf16::from_f32(dot(x_row, w_row));
-                            }
-                        }
-                    }
-                    Ok(())
-                })();
-                if let Err(e) = result
-                    && let Ok(mut slot) = first_error.lock()
-                {
-                    slot.get_or_insert(e);
                 }
             }
         });
-
-        if let Some(e) = first_error
-            .into_inner()
-            .map_err(|_| candle_core::Error::msg("bf16-gemv: error slot poisoned"))?
-        {
-            return Err(e);
-        }
+        let out = out.into_iter().map(bf16::from_f32).collect();
         Ok((CpuStorage::BF16(out), Shape::from((rows, n))))
     }
 }
@@ -431,15 +500,6 @@ impl CustomOp2 for Bf16Gemm {
     }
 }
 
-/// `sum(a[i] * b[i])` in f32 with candle's vectorised kernel.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let len = a.len().min(b.len());
-    let mut sum = 0f32;
-    // SAFETY: both pointers are valid for `len` reads and `sum` for one write.
-    unsafe { <f32 as VecOps>::vec_dot(a.as_ptr(), b.as_ptr(), &mut sum, len) };
-    sum
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +623,27 @@ mod tests {
     }
 
     #[test]
+    fn gemv_at_every_level_matches_the_plain_product_on_odd_shapes() -> Result<()> {
+        // Each fallback forced (the levels this CPU lacks run the one below): k odd and past
+        // the vector widths, n = 1 and past a block, rows 1 to the decode limit.
+        for (n, k) in [(1, 1), (1, 67), (9, 33), (GEMV_BLOCK_ROWS + 3, 257)] {
+            for rows in [1, 2, 5, MAX_GEMV_ROWS] {
+                let (x, w, _) = operands(rows, n, k)?;
+                let want = plain_product(&x, &w)?;
+                for level in Level::ALL {
+                    let got = x.apply_op2_no_bwd(&w, &Bf16GemvAt(level))?;
+                    let diff = relative_max_diff(&got, &want)?;
+                    assert!(
+                        diff <= 1.0 / 256.0,
+                        "{level:?} rows {rows} n {n} k {k}: relative diff {diff}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn gemm_matches_the_plain_product_on_odd_shapes() -> Result<()> {
         // k not a multiple of any vector or cache block, n = 1, n just past a weight block,
         // rows just past the decode path, and work both below and above the inline limit.
@@ -648,6 +729,29 @@ mod tests {
         Ok(())
     }
 
+    /// This process's CPU seconds so far: on a loaded machine the CPU time says what a kernel
+    /// does with the cores it gets.
+    fn cpu_seconds() -> f64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `t` is a valid timespec to write.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+    }
+
+    /// Wall and CPU seconds per run of `f`, after one untimed run.
+    fn time(f: &dyn Fn() -> Result<Tensor>, reps: usize) -> Result<(f64, f64)> {
+        f()?;
+        let (start, cpu) = (std::time::Instant::now(), cpu_seconds());
+        for _ in 0..reps {
+            f()?;
+        }
+        let wall = start.elapsed().as_secs_f64() / reps as f64;
+        Ok((wall, (cpu_seconds() - cpu) / reps as f64))
+    }
+
     /// f32 and bf16 products at the 3B Thinker's prefill shapes (a 500-token prompt: the MLP's up
     /// projection, the attention scores of 16 heads as one batched product) and the vision
     /// MLP's, in GFLOP/s. Run with
@@ -656,26 +760,6 @@ mod tests {
     #[ignore = "timing, not a check"]
     fn f32_product_timing() -> Result<()> {
         let dev = Device::Cpu;
-        // Wall and process CPU seconds per run: on a loaded machine the CPU time says what
-        // the kernel does with the cores it gets.
-        let cpu_seconds = || {
-            let mut t = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: `t` is a valid timespec to write.
-            unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
-            t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
-        };
-        let time = |f: &dyn Fn() -> Result<Tensor>, reps: usize| -> Result<(f64, f64)> {
-            f()?;
-            let (start, cpu) = (std::time::Instant::now(), cpu_seconds());
-            for _ in 0..reps {
-                f()?;
-            }
-            let wall = start.elapsed().as_secs_f64() / reps as f64;
-            Ok((wall, (cpu_seconds() - cpu) / reps as f64))
-        };
         for (name, m, k, n) in [
             ("thinker mlp up", 500, 2048, 11008),
             ("thinker mlp down", 500, 11008, 2048),
@@ -731,29 +815,28 @@ mod tests {
         let (n, k) = (11008, 2048);
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?.to_dtype(DType::BF16)?;
-        let time = |f: &dyn Fn() -> Result<Tensor>, reps: usize| -> Result<f64> {
-            f()?;
-            let start = std::time::Instant::now();
-            for _ in 0..reps {
-                f()?;
-            }
-            Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
-        };
-        let w_f32 = w.to_dtype(DType::F32)?;
-        let fast = Linear::new(w.clone(), None);
         let candle_bf16 = candle_nn::Linear::new(w.clone(), None);
-        let candle_f32 = candle_nn::Linear::new(w_f32, None);
+        let candle_f32 = candle_nn::Linear::new(w.to_dtype(DType::F32)?, None);
         let gb = (n * k * 2) as f64 / 1e9;
         for rows in [1, 2, 4, 8] {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?.to_dtype(DType::BF16)?;
             let x_f32 = x.to_dtype(DType::F32)?;
-            let ms_fast = time(&|| fast.forward(&x), 20)?;
-            let ms_bf16 = time(&|| candle_bf16.forward(&x), 3)?;
-            let ms_f32 = time(&|| candle_f32.forward(&x_f32), 10)?;
+            for level in Level::ALL.into_iter().filter(|l| l.is_available()) {
+                let (wall, cpu) = time(&|| x.apply_op2_no_bwd(&w, &Bf16GemvAt(level)), 20)?;
+                println!(
+                    "rows {rows} bf16-gemv {level:?}: {:.2} ms, {:.1} GB/s of bf16 weights, \
+                     {:.1} GB per CPU-second",
+                    wall * 1e3,
+                    gb / wall,
+                    gb / cpu
+                );
+            }
+            let (bf16_wall, _) = time(&|| candle_bf16.forward(&x), 3)?;
+            let (f32_wall, _) = time(&|| candle_f32.forward(&x_f32), 10)?;
             println!(
-                "rows {rows}: bf16-gemv {ms_fast:.2} ms ({:.1} GB/s of bf16 weights), \
-                 candle bf16 {ms_bf16:.2} ms, candle f32 {ms_f32:.2} ms",
-                gb / (ms_fast / 1e3)
+                "rows {rows}: candle bf16 {:.2} ms, candle f32 {:.2} ms",
+                bf16_wall * 1e3,
+                f32_wall * 1e3
             );
         }
         Ok(())

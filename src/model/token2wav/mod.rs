@@ -13,6 +13,7 @@ pub mod dit;
 pub mod ecapa;
 pub mod streaming;
 
+use crate::model::linear::{WeightFormat, with_weight_format};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -94,8 +95,12 @@ impl Token2Wav {
                 cfg.bigvgan_config.mel_dim
             );
         }
+        // The reference runs token2wav in f32; q8 weights are for the Thinker and the Talker.
+        let dit = with_weight_format(WeightFormat::Dense, || {
+            Dit::new(dit_cfg, vb.pp("code2wav_dit_model"))
+        })?;
         Ok(Self {
-            dit: Dit::new(dit_cfg, vb.pp("code2wav_dit_model"))?,
+            dit,
             bigvgan: BigVgan::new(&cfg.bigvgan_config, vb.pp("code2wav_bigvgan_model"))?,
             cfg: cfg.clone(),
         })
