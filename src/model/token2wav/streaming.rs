@@ -496,10 +496,18 @@ mod tests {
     #[test]
     fn first_audio_needs_first_chunk_plus_lookahead() {
         let published = dit(24, 2);
+        // The early first window comes before the block schedule's 24 codes.
+        let low = StreamingOptions::low_latency();
+        assert!(low.first_window_codes > 0 && low.first_window_codes < 24);
         assert_eq!(
-            StreamingOptions::low_latency().first_audio_after_codes(&published),
-            24
+            low.first_audio_after_codes(&published),
+            low.first_window_codes
         );
+        let without_early_window = StreamingOptions {
+            first_window_codes: 0,
+            ..StreamingOptions::low_latency()
+        };
+        assert_eq!(without_early_window.first_audio_after_codes(&published), 24);
         assert_eq!(
             StreamingOptions::reference().first_audio_after_codes(&published),
             48
