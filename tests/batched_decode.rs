@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use omnicall::model::config::Config;
 use omnicall::model::sampling::SamplingOptions;
 use omnicall::model::talker::{
@@ -17,19 +17,7 @@ use omnicall::model::thinker::{LogitsFor, Thinker, ThinkerDecode, ThinkerRows};
 const LOGITS_ATOL: f32 = 1e-5;
 
 fn tiny_model() -> (Config, candle_nn::VarBuilder<'static>) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
-    let cfg = Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap())
-        .expect("models/tiny/config.json parses");
-    // SAFETY: the model file is not modified while the tests map it.
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .unwrap();
-    (cfg, vb)
+    common::tiny_model()
 }
 
 /// One session: a prompt at multimodal positions, a rope delta and how many tokens it decodes.

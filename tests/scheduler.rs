@@ -3,6 +3,8 @@
 //! cancellation or hang-up never changes another's results, work runs by deadline, and the
 //! headroom counts passes, batches and deadline misses.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,18 +24,7 @@ use omnicall::model::thinker::decoder::sequential_positions;
 use omnicall::model::thinker::{LogitsFor, Thinker};
 
 fn tiny() -> (Config, Thinker, Talker) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
-    let cfg = Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap())
-        .expect("models/tiny/config.json parses");
-    // SAFETY: the model file is not modified while the tests map it.
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .unwrap();
+    let (cfg, vb) = common::tiny_model();
     let thinker = Thinker::new(&cfg.thinker_config, vb.pp("thinker")).unwrap();
     let talker = Talker::new(&cfg.talker_config, vb.pp("talker")).unwrap();
     (cfg, thinker, talker)

@@ -34,6 +34,26 @@ pub fn model_weights() -> candle_nn::VarBuilder<'static> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The project's own tiny model (`models/tiny`), its config and f32 weights on the CPU.
+pub fn tiny_model() -> (
+    omnicall::model::config::Config,
+    candle_nn::VarBuilder<'static>,
+) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let cfg =
+        omnicall::model::config::Config::from_json(&text).expect("models/tiny/config.json parses");
+    let weights = dir.join("model.safetensors");
+    // SAFETY: the model file is not modified while the tests map it.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu)
+    }
+    .unwrap_or_else(|e| panic!("{}: {e}", weights.display()));
+    (cfg, vb)
+}
+
 /// The fixture folder's tensors and spec (`omnicall::check::Fixtures`); a missing file or key
 /// is a failure naming it, never a skip.
 pub struct Cases {
