@@ -76,6 +76,7 @@ pub struct LoadRow {
     pub first_error: Option<String>,
     /// Media the server dropped, shed or re-timed during the run (its `/metrics` counters).
     pub media_dropped: Option<f64>,
+    pub media_shed: Option<f64>,
     pub media_retimed: Option<f64>,
     /// Server cores busy on average over the run.
     pub server_cores: Option<f64>,
@@ -127,6 +128,7 @@ struct ServerCounters {
     cpu_seconds: Option<f64>,
     rss_bytes: Option<f64>,
     dropped: Option<f64>,
+    shed: Option<f64>,
     retimed: Option<f64>,
     calls_active: Option<f64>,
 }
@@ -143,6 +145,7 @@ impl ServerCounters {
                 .map(|u| u.resident_bytes as f64)
                 .or_else(|| metric_sum(page, "omnicall_process_resident_bytes")),
             dropped: metric_sum(page, "omnicall_media_dropped_total"),
+            shed: metric_sum(page, "omnicall_media_shed_total"),
             retimed: metric_sum(page, "omnicall_media_retimed_total"),
             calls_active: metric_sum(page, "omnicall_calls_active"),
         }
@@ -242,6 +245,7 @@ async fn run_level(args: &LoadArgs, calls: usize) -> anyhow::Result<LoadRow> {
         failed: 0,
         first_error: None,
         media_dropped: None,
+        media_shed: None,
         media_retimed: None,
         server_cores: None,
         rss_after_mib: None,
@@ -272,6 +276,7 @@ async fn run_level(args: &LoadArgs, calls: usize) -> anyhow::Result<LoadRow> {
         row.v2v_p90 = Some(s.p90);
     }
     row.media_dropped = delta(before.dropped, after.dropped);
+    row.media_shed = delta(before.shed, after.shed);
     row.media_retimed = delta(before.retimed, after.retimed);
     if let (Some(t0), Some(t1)) = (before.at, busy.at) {
         row.server_cores = delta(before.cpu_seconds, busy.cpu_seconds)
@@ -292,13 +297,13 @@ fn cell(v: Option<f64>, digits: usize) -> String {
 /// The runs as a markdown table.
 pub fn load_table(rows: &[LoadRow]) -> String {
     let mut out = String::from(
-        "| calls | turns answered | voice-to-voice p50 (s) | p90 (s) | refused | failed | media dropped | re-timed | server cores | RSS after (MiB) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| calls | turns answered | voice-to-voice p50 (s) | p90 (s) | refused | failed | media dropped | shed | re-timed | server cores | RSS after (MiB) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.calls,
             r.turns_answered,
             r.turns_expected,
@@ -307,6 +312,7 @@ pub fn load_table(rows: &[LoadRow]) -> String {
             r.refused,
             r.failed,
             cell(r.media_dropped, 0),
+            cell(r.media_shed, 0),
             cell(r.media_retimed, 0),
             cell(r.server_cores, 2),
             cell(r.rss_after_mib, 0),
@@ -505,13 +511,14 @@ mod tests {
             failed: 0,
             first_error: None,
             media_dropped: None,
+            media_shed: Some(0.0),
             media_retimed: Some(2.0),
             server_cores: Some(1.5),
             rss_after_mib: Some(300.0),
         };
         let table = load_table(&[row]);
         assert!(
-            table.contains("| 4 | 7/8 | 1.90 | 2.30 | 1 | 0 | n/a | 2 | 1.50 | 300 |"),
+            table.contains("| 4 | 7/8 | 1.90 | 2.30 | 1 | 0 | n/a | 0 | 2 | 1.50 | 300 |"),
             "{table}"
         );
     }
