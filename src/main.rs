@@ -57,7 +57,9 @@ enum Command {
 #[derive(Args)]
 struct CheckArgs {
     /// A fixture folder (cases.safetensors, cases.json, model/), as made by
-    /// tests/fixtures/reference/gen_reference.py.
+    /// tests/fixtures/reference/gen_reference.py (Qwen2.5-Omni) or
+    /// scripts/gen_reference_qwen3_omni.py (Qwen3-Omni); the family, and so the stages, come
+    /// from model/config.json's model_type.
     #[arg(long, value_name = "DIR")]
     reference: PathBuf,
     /// cpu, cuda or cuda:N.
@@ -68,7 +70,7 @@ struct CheckArgs {
     dtype: String,
     #[command(flatten)]
     kernels: KernelsArg,
-    /// Stages to run, comma-separated (default: all).
+    /// Stages to run, comma-separated (default: all of the fixtures' family).
     #[arg(long, value_delimiter = ',')]
     stages: Vec<String>,
 }
@@ -666,7 +668,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let mut report = omnicall::check::Report::default();
     let started = std::time::Instant::now();
     let names = if stages.is_empty() {
-        omnicall::check::STAGES.to_vec()
+        omnicall::check::stages_of(fixtures.family()?).to_vec()
     } else {
         stages
     };

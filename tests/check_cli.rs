@@ -134,3 +134,79 @@ fn a_folder_without_fixtures_is_a_clear_error() {
     assert!(stderr.contains("cannot read fixtures"), "{stderr}");
     assert!(stderr.contains("cases.safetensors"), "{stderr}");
 }
+
+fn qwen3_fixture_dir() -> PathBuf {
+    match std::env::var_os("OMNICALL_QWEN3_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => root().join("tests/fixtures/qwen3-omni"),
+    }
+}
+
+fn run_check_all(reference: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_omnicall"))
+        .args(["check", "--reference"])
+        .arg(reference)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("omnicall runs")
+}
+
+/// A Qwen3-Omni fixture folder (told by its config.json's model_type) runs every Qwen3 stage,
+/// and every row passes in f32.
+#[test]
+fn check_runs_every_qwen3_stage_on_a_qwen3_fixture_folder() {
+    let out = run_check_all(&qwen3_fixture_dir(), &["--dtype", "f32"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for stage in omnicall::check::QWEN3_STAGES {
+        assert!(
+            stdout.contains(&format!("| {stage} |")),
+            "{stage} missing:\n{stdout}"
+        );
+    }
+    assert!(!stdout.contains("| thinker_logits |"), "{stdout}");
+    let rows = stdout.lines().filter(|l| l.starts_with("| qwen3_")).count();
+    let passed = stdout
+        .lines()
+        .filter(|l| l.starts_with("| qwen3_") && l.ends_with("| pass |"))
+        .count();
+    assert!(rows > omnicall::check::QWEN3_STAGES.len(), "{stdout}");
+    assert_eq!(passed, rows, "{stdout}");
+    assert!(stdout.contains(", 0 failed"), "{stdout}");
+}
+
+/// A key taken out of a Qwen3-Omni fixture folder is a failed row naming it, never a skip.
+#[test]
+fn a_missing_qwen3_fixture_key_is_a_failed_row() {
+    let src = qwen3_fixture_dir();
+    let dir = std::env::temp_dir().join(format!("omnicall-check-qwen3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("model")).unwrap();
+    for entry in std::fs::read_dir(src.join("model")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.join("model").join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(src.join("cases.json"), dir.join("cases.json")).unwrap();
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(src.join("cases.safetensors"), &Device::Cpu).unwrap();
+    assert!(tensors.remove("code2wav.upsampled").is_some());
+    candle_core::safetensors::save(&tensors, dir.join("cases.safetensors")).unwrap();
+    let out = run_check_all(&dir, &["--stages", "qwen3_code2wav,qwen3_code2wav_chunked"]);
+    let (stdout, _) = text(&out);
+    assert!(!out.status.success(), "a missing key passed:\n{stdout}");
+    assert!(
+        stdout.contains("fixture key code2wav.upsampled missing from"),
+        "{stdout}"
+    );
+    // The other stage still runs and passes.
+    assert!(
+        stdout.contains("| qwen3_code2wav_chunked | code2wav.chunked_waveform |"),
+        "{stdout}"
+    );
+    let failed = stdout.lines().filter(|l| l.contains("FAIL")).count();
+    assert_eq!(failed, 1, "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -34,7 +34,18 @@ fn the_gpu_check_script_dry_runs_on_the_cpu() {
             "check {dtype}:\n{table}"
         );
         assert!(table.contains(", 0 failed"), "check {dtype}:\n{table}");
+        // The Qwen3-Omni fixtures' table follows the Qwen2.5-Omni one, and passes.
+        assert!(
+            table.contains("| qwen3_code2wav_streaming |") && table.contains("| qwen3_mel |"),
+            "check {dtype}:\n{table}"
+        );
+        let gated = table
+            .split("## measured, not gated")
+            .next()
+            .unwrap_or_default();
+        assert!(!gated.contains("FAIL"), "check {dtype}:\n{table}");
     }
+    assert!(read("check-bf16.md").contains("| qwen3_talker_greedy |"));
     let bench = read("bench-tiny.md");
     for row in [
         "thinker decode",

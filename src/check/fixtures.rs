@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow};
 use candle_core::{DType, Device, Tensor};
 
+use crate::model::loading::{ModelFamily, ModelFiles};
+
 pub struct Fixtures {
     dir: PathBuf,
     tensors: HashMap<String, Tensor>,
@@ -39,6 +41,13 @@ impl Fixtures {
     /// The fixture model's folder.
     pub fn model_dir(&self) -> PathBuf {
         self.dir.join("model")
+    }
+
+    /// The family of the fixture model, from its config.json's `model_type`.
+    pub fn family(&self) -> anyhow::Result<ModelFamily> {
+        ModelFiles::from_dir(&self.model_dir())
+            .and_then(|files| files.family())
+            .context("fixture model folder")
     }
 
     /// A fixture tensor as stored (on the CPU).

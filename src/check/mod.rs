@@ -2,7 +2,8 @@
 //! golden fixture folder: what `tests/reference_parity.rs` asserts and what `omnicall check`
 //! prints, one implementation for both. Each stage records rows (a float comparison through
 //! [`compare::check_close`], or an exact one); an error (a missing fixture key, a model that
-//! fails to build) is a failed row, never a skip.
+//! fails to build) is a failed row, never a skip. The fixture model's config.json tells the
+//! family: Qwen2.5-Omni runs [`STAGES`], Qwen3-Omni [`QWEN3_STAGES`] (`tests/qwen3_parity.rs`).
 //!
 //! The device and dtype are those of [`CheckOptions`]: the Thinker, its encoders and the Talker
 //! run in that dtype, token2wav in f32 (as [`crate::model::omni::OmniModel`] runs it), the
@@ -18,6 +19,7 @@ use std::fmt::{Debug, Write};
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::linear::{WeightFormat, with_weight_format};
+use crate::model::loading::ModelFamily;
 
 pub use fixtures::Fixtures;
 
@@ -223,10 +225,46 @@ pub const STAGES: &[&str] = &[
     "pipeline_waveform",
 ];
 
-/// Runs the named stages (all of [`STAGES`] when `names` is empty) on `fixtures`.
+/// The stages of the Qwen3-Omni family, in the order of the model.
+pub const QWEN3_STAGES: &[&str] = &[
+    "qwen3_rope_index_text",
+    "qwen3_rope_index_multimodal",
+    "qwen3_mel",
+    "qwen3_audio_encoder",
+    "qwen3_audio_encoder_streaming",
+    "qwen3_vision_encoder",
+    "qwen3_thinker_logits",
+    "qwen3_thinker_greedy",
+    "qwen3_thinker_cache_truncation",
+    "qwen3_thinker_mm_logits",
+    "qwen3_talker_logits",
+    "qwen3_code_predictor",
+    "qwen3_talker_greedy",
+    "qwen3_code2wav",
+    "qwen3_code2wav_chunked",
+    "qwen3_code2wav_streaming",
+];
+
+/// The stages of a model family's fixtures.
+pub fn stages_of(family: ModelFamily) -> &'static [&'static str] {
+    match family {
+        ModelFamily::Qwen25Omni => STAGES,
+        ModelFamily::Qwen3Omni => QWEN3_STAGES,
+    }
+}
+
+/// Runs the named stages (all those of the fixtures' family when `names` is empty) on
+/// `fixtures`.
 pub fn run(fixtures: &Fixtures, options: &CheckOptions, names: &[&str]) -> Report {
     let names: Vec<&str> = if names.is_empty() {
-        STAGES.to_vec()
+        match fixtures.family() {
+            Ok(family) => stages_of(family).to_vec(),
+            Err(e) => {
+                return Report {
+                    rows: vec![family_error(&e)],
+                };
+            }
+        }
     } else {
         names.to_vec()
     };
@@ -237,9 +275,27 @@ pub fn run(fixtures: &Fixtures, options: &CheckOptions, names: &[&str]) -> Repor
     report
 }
 
-/// The rows of one stage; an unknown name or an error inside the stage is a failed row.
+/// The fixture model's family could not be told: one failed row saying why.
+fn family_error(e: &anyhow::Error) -> Row {
+    Row {
+        stage: "?",
+        what: "model family".to_string(),
+        max_abs_diff: None,
+        tolerance: None,
+        pass: false,
+        message: format!("{e:#}"),
+    }
+}
+
+/// The rows of one stage of the fixtures' family (from their model's config.json); an unknown
+/// name or an error inside the stage is a failed row.
 pub fn run_stage(fixtures: &Fixtures, options: &CheckOptions, name: &str) -> Vec<Row> {
-    let Some(&stage) = STAGES.iter().find(|&&s| s == name) else {
+    let family = match fixtures.family() {
+        Ok(family) => family,
+        Err(e) => return vec![family_error(&e)],
+    };
+    let known = stages_of(family);
+    let Some(&stage) = known.iter().find(|&&s| s == name) else {
         return vec![Row {
             stage: "?",
             what: name.to_string(),
@@ -247,8 +303,8 @@ pub fn run_stage(fixtures: &Fixtures, options: &CheckOptions, name: &str) -> Vec
             tolerance: None,
             pass: false,
             message: format!(
-                "unknown stage {name:?}; the stages are {}",
-                STAGES.join(", ")
+                "unknown stage {name:?} for {family:?} fixtures; their stages are {}",
+                known.join(", ")
             ),
         }];
     };
@@ -260,7 +316,11 @@ pub fn run_stage(fixtures: &Fixtures, options: &CheckOptions, name: &str) -> Vec
         rows: Vec::new(),
     };
     // Every model the stage builds, on this thread, gets the run's weight format.
-    if let Err(e) = with_weight_format(options.weights, || stages::run(&mut check)) {
+    let result = with_weight_format(options.weights, || match family {
+        ModelFamily::Qwen25Omni => stages::run(&mut check),
+        ModelFamily::Qwen3Omni => stages::run_qwen3(&mut check),
+    });
+    if let Err(e) = result {
         check.rows.push(Row {
             stage,
             what: "(stage)".to_string(),
@@ -437,6 +497,23 @@ mod tests {
         assert!(!rows[0].pass);
         assert!(
             rows[0].message.contains("unknown stage"),
+            "{}",
+            rows[0].message
+        );
+    }
+
+    #[test]
+    fn the_family_of_the_fixture_model_picks_the_stages() {
+        let qwen25 = Fixtures::open(&fixture_dir()).unwrap();
+        assert_eq!(qwen25.family().unwrap(), ModelFamily::Qwen25Omni);
+        let qwen3_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-omni");
+        let qwen3 = Fixtures::open(&qwen3_dir).unwrap();
+        assert_eq!(qwen3.family().unwrap(), ModelFamily::Qwen3Omni);
+        // A stage of the other family is unknown here, a failed row naming this family's.
+        let rows = run_stage(&qwen3, &CheckOptions::cpu_f32(), "thinker_logits");
+        assert!(!rows[0].pass);
+        assert!(
+            rows[0].message.contains("Qwen3Omni") && rows[0].message.contains("qwen3_code2wav"),
             "{}",
             rows[0].message
         );

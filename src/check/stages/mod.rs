@@ -3,6 +3,7 @@
 
 mod audio;
 mod pipeline;
+mod qwen3;
 mod rope;
 mod talker;
 mod thinker;
@@ -17,7 +18,9 @@ use super::Checker;
 use crate::model::config::{Config, ProcessorConfig};
 use crate::model::loading::ModelFiles;
 
-/// Runs `check.stage`.
+pub(super) use qwen3::run as run_qwen3;
+
+/// Runs `check.stage`, one of [`super::STAGES`].
 pub(super) fn run(check: &mut Checker) -> anyhow::Result<()> {
     match check.stage {
         "mel" => audio::mel(check),

@@ -109,6 +109,22 @@ impl EncoderLayer {
     }
 }
 
+/// `conv.forward(x)`, but in f32 for bf16 on the CPU: candle's CPU conv2d lowers to a matmul
+/// kernel that has no bf16, so widen and narrow back as candle's own bf16 matmul does.
+fn conv2d_forward(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::BF16) {
+        return conv.forward(x);
+    }
+    let widened = Conv2d::new(
+        conv.weight().to_dtype(DType::F32)?,
+        conv.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+        *conv.config(),
+    );
+    widened
+        .forward(&x.to_dtype(DType::F32)?)?
+        .to_dtype(DType::BF16)
+}
+
 /// `thinker.audio_tower`.
 #[derive(Debug, Clone)]
 pub struct AudioEncoder {
@@ -206,9 +222,9 @@ impl AudioEncoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let x = Tensor::stack(&padded, 0)?.unsqueeze(1)?; // (chunks, 1, bins, longest)
-        let x = self.conv2d1.forward(&x)?.gelu_erf()?;
-        let x = self.conv2d2.forward(&x)?.gelu_erf()?;
-        let x = self.conv2d3.forward(&x)?.gelu_erf()?;
+        let x = conv2d_forward(&self.conv2d1, &x)?.gelu_erf()?;
+        let x = conv2d_forward(&self.conv2d2, &x)?.gelu_erf()?;
+        let x = conv2d_forward(&self.conv2d3, &x)?.gelu_erf()?;
         let (b, c, f, t) = x.dims4()?;
         let x = x.permute((0, 3, 1, 2))?.reshape((b, t, c * f))?;
         let x = self
