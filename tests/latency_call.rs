@@ -79,14 +79,30 @@ fn number(row: &[(String, String)], column: &str) -> Option<f64> {
 }
 
 /// Every stage's time in a CSV row, checked present and non-decreasing (the last step crosses
-/// from the server's clock to the client's, within the row's clock uncertainty).
+/// from the server's clock to the client's, within the row's clock uncertainty). An answer
+/// started speculatively (`--turn-detection smart`) does its work before the turn is
+/// confirmed, so the stages from `prefill_done` to `first_waveform_chunk` only have to follow the
+/// end of speech; nothing is heard before the confirmation (`first_audio_frame` ≥
+/// `end_of_turn`).
 fn stages_in_order(row: &[(String, String)]) -> Vec<f64> {
     let uncertainty = number(row, "clock_uncertainty_ms").unwrap();
     let times: Vec<f64> = STAGES
         .iter()
         .map(|s| number(row, &format!("{s}_ms")).unwrap_or_else(|| panic!("no {s}: {row:?}")))
         .collect();
+    let at = |stage: &str| times[STAGES.iter().position(|s| *s == stage).unwrap()];
+    assert!(
+        at("first_audio_frame") >= at("end_of_turn"),
+        "audio before the turn was confirmed: {row:?}"
+    );
     for (pair, w) in STAGES.windows(2).zip(times.windows(2)) {
+        // A speculative answer's prefill comes before the confirmation: compare it with the
+        // end of speech instead.
+        let w = if pair == ["end_of_turn", "prefill_done"] {
+            [at("speech_end"), w[1]]
+        } else {
+            [w[0], w[1]]
+        };
         let slack = if pair[1] == "voice_to_voice" {
             uncertainty
         } else {
