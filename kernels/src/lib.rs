@@ -128,7 +128,12 @@ pub fn gemv(x: &Rows, w: &[bf16], out: &mut [f32]) {
         w.len()
     );
     let (rows, n) = (x.count(), w.len() / k);
-    assert_eq!(out.len(), rows * n, "output holds {} values, not {rows} x {n}", out.len());
+    assert_eq!(
+        out.len(),
+        rows * n,
+        "output holds {} values, not {rows} x {n}",
+        out.len()
+    );
     let tiles = Tiles { rows, n, k };
     match x.level {
         #[cfg(target_arch = "x86_64")]
@@ -182,11 +187,7 @@ impl Tiles {
         let k = self.k;
         for (x_row, out_row) in x.chunks_exact(k).zip(out.chunks_exact_mut(self.n)) {
             for (w_row, y) in w.chunks_exact(k).zip(out_row.iter_mut()) {
-                *y = x_row
-                    .iter()
-                    .zip(w_row)
-                    .map(|(a, b)| a * b.to_f32())
-                    .sum();
+                *y = x_row.iter().zip(w_row).map(|(a, b)| a * b.to_f32()).sum();
             }
         }
     }
@@ -201,7 +202,11 @@ mod x86 {
     impl Tiles {
         #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
         pub(super) unsafe fn run_avx512bf16(&self, x: &[bf16], w: &[bf16], out: &mut [f32]) {
-            let (x, w, out) = (x.as_ptr().cast::<u16>(), w.as_ptr().cast::<u16>(), out.as_mut_ptr());
+            let (x, w, out) = (
+                x.as_ptr().cast::<u16>(),
+                w.as_ptr().cast::<u16>(),
+                out.as_mut_ptr(),
+            );
             // SAFETY: this function has the tiles' features; `gemv` checked the lengths.
             unsafe { for_each_tile!(self, tile_avx512bf16, x, w, out) };
         }
