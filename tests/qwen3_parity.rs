@@ -5,10 +5,12 @@
 //! named after it, so that `cargo test --test qwen3_parity STAGE` selects it. A missing fixture
 //! key is a failure, never a skip; every size comes from the fixture's own config.json.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use omnicall::check::{CheckOptions, Fixtures, QWEN3_STAGES, run_stage};
+use omnicall::check::QWEN3_STAGES;
 use omnicall::model::linear::WeightFormat;
 use omnicall::model::loading::{ModelFamily, ModelFiles};
 use omnicall::model::qwen3_omni::config::Config;
@@ -30,32 +32,7 @@ fn config() -> Config {
 
 /// Runs one stage and fails naming every comparison that failed.
 fn check(stage: &str, dtype: DType) {
-    let fixtures = Fixtures::open(&reference_dir()).unwrap_or_else(|e| panic!("{e:#}"));
-    let options = CheckOptions {
-        device: Device::Cpu,
-        dtype,
-        weights: WeightFormat::Dense,
-    };
-    let rows = run_stage(&fixtures, &options, stage);
-    assert!(!rows.is_empty(), "{stage}: no comparisons");
-    let mut failures = Vec::new();
-    for row in &rows {
-        let diff = row.max_abs_diff.map_or("-".into(), |d| format!("{d:e}"));
-        let tol = row.tolerance.map_or("-".into(), |d| format!("{d:e}"));
-        eprintln!(
-            "{stage} {dtype:?}: {}: max abs diff {diff} (atol {tol}) {}",
-            row.what,
-            if row.pass { "ok" } else { "FAILED" }
-        );
-        if !row.pass {
-            failures.push(row.message.clone());
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{stage} in {dtype:?}:\n{}",
-        failures.join("\n")
-    );
+    common::check_stage(&reference_dir(), stage, dtype, WeightFormat::Dense);
 }
 
 macro_rules! stages {

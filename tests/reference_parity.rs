@@ -9,8 +9,8 @@
 
 mod common;
 
-use candle_core::{DType, Device};
-use omnicall::check::{CheckOptions, Fixtures, STAGES, run_stage};
+use candle_core::DType;
+use omnicall::check::STAGES;
 use omnicall::model::linear::WeightFormat;
 
 /// Runs one stage and fails naming every comparison that failed.
@@ -20,33 +20,7 @@ fn check(stage: &str, dtype: DType) {
 
 /// [`check`] with the Thinker's and Talker's Linear weights stored in `weights`.
 fn check_with(stage: &str, dtype: DType, weights: WeightFormat) {
-    let dir = common::reference_dir();
-    let fixtures = Fixtures::open(&dir).unwrap_or_else(|e| panic!("{e:#}"));
-    let options = CheckOptions {
-        device: Device::Cpu,
-        dtype,
-        weights,
-    };
-    let rows = run_stage(&fixtures, &options, stage);
-    assert!(!rows.is_empty(), "{stage}: no comparisons");
-    let mut failures = Vec::new();
-    for row in &rows {
-        let diff = row.max_abs_diff.map_or("-".into(), |d| format!("{d:e}"));
-        let tol = row.tolerance.map_or("-".into(), |d| format!("{d:e}"));
-        eprintln!(
-            "{stage} {dtype:?} {weights:?}: {}: max abs diff {diff} (atol {tol}) {}",
-            row.what,
-            if row.pass { "ok" } else { "FAILED" }
-        );
-        if !row.pass {
-            failures.push(row.message.clone());
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{stage} in {dtype:?}:\n{}",
-        failures.join("\n")
-    );
+    common::check_stage(&common::reference_dir(), stage, dtype, weights);
 }
 
 macro_rules! stages {

@@ -100,3 +100,39 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
         Err(e) => panic!("{what}: {e}"),
     }
 }
+
+/// Runs one stage of `omnicall::check` on the fixture folder `dir` (CPU) and fails naming every
+/// comparison that failed.
+pub fn check_stage(
+    dir: &std::path::Path,
+    stage: &str,
+    dtype: DType,
+    weights: omnicall::model::linear::WeightFormat,
+) {
+    let fixtures = omnicall::check::Fixtures::open(dir).unwrap_or_else(|e| panic!("{e:#}"));
+    let options = omnicall::check::CheckOptions {
+        device: Device::Cpu,
+        dtype,
+        weights,
+    };
+    let rows = omnicall::check::run_stage(&fixtures, &options, stage);
+    assert!(!rows.is_empty(), "{stage}: no comparisons");
+    let mut failures = Vec::new();
+    for row in &rows {
+        let diff = row.max_abs_diff.map_or("-".into(), |d| format!("{d:e}"));
+        let tol = row.tolerance.map_or("-".into(), |d| format!("{d:e}"));
+        eprintln!(
+            "{stage} {dtype:?} {weights:?}: {}: max abs diff {diff} (atol {tol}) {}",
+            row.what,
+            if row.pass { "ok" } else { "FAILED" }
+        );
+        if !row.pass {
+            failures.push(row.message.clone());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{stage} in {dtype:?}:\n{}",
+        failures.join("\n")
+    );
+}
