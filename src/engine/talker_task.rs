@@ -50,6 +50,27 @@ pub(crate) enum TalkerMsg {
     },
 }
 
+impl TalkerMsg {
+    /// The message's name, for traces.
+    fn kind(&self) -> String {
+        match self {
+            Self::Mirror { rows, .. } => format!("mirror {:?}", rows.dims()),
+            Self::Truncate(len) => format!("truncate {len}"),
+            Self::Remove(range) => format!("remove {range:?}"),
+            Self::Begin {
+                turn,
+                epoch,
+                cached_len,
+                ..
+            } => format!("begin {turn} epoch {epoch} after {cached_len}"),
+            Self::Text { turn, text, .. } => match text {
+                TalkerText::Finished => format!("text {turn} finished"),
+                _ => format!("text {turn}"),
+            },
+        }
+    }
+}
+
 struct Answer {
     turn: u64,
     epoch: u64,
@@ -104,10 +125,16 @@ impl TalkerTask {
     pub fn run(mut self, rx: Receiver<(TalkerMsg, WorkToken)>) {
         self.links.probe.set_talker_cache(self.talker.cache_len());
         while let Ok((msg, token)) = rx.recv() {
+            let kind = tracing::enabled!(tracing::Level::TRACE).then(|| msg.kind());
             if let Err(e) = self.on_message(msg) {
                 self.links.events.error(format!("Talker: {e:#}"));
                 self.abandon(true);
             }
+            tracing::trace!(
+                message = kind.as_deref().unwrap_or_default(),
+                cache = self.talker.cache_len(),
+                "talker"
+            );
             self.links.probe.set_talker_cache(self.talker.cache_len());
             drop(token);
         }

@@ -117,6 +117,7 @@ impl ThinkerTask {
             rows: Vec::new(),
             chars: Vec::new(),
             closed: false,
+            spoken,
         };
         let mut text_len = 0;
         let mut failure = None;
@@ -190,7 +191,8 @@ impl ThinkerTask {
                 .emit(SessionEvent::AssistantText { turn, delta });
         }
         if cancelled {
-            // The stop that cancelled it follows: it cuts and closes the answer.
+            // The stop (or the dropped speculation) that cancelled it follows and cuts and
+            // closes it; if what follows is not about this answer, `close_unstopped` does.
             self.last = Some(answer);
             return failure.map_or(Ok(()), Err);
         }
@@ -243,6 +245,42 @@ impl ThinkerTask {
         self.prefill(answer.turn, Vec::new(), Vec::new(), false)?;
         answer.closed = true;
         Ok(())
+    }
+
+    /// Closes a cancelled answer that no stop of its own follows: the epoch also moves on for
+    /// a stop or a dropped speculation naming another turn (a speculation dropped while this
+    /// answer's text was still being generated after its voice had ended). Nothing stopped its
+    /// voice, so the user heard what the Talker made of it. Called before the next message
+    /// touches the context, so the answer is still the context's tail.
+    pub(super) fn close_unstopped(&mut self) -> Result<()> {
+        let Some(mut answer) = self.last.take() else {
+            return Ok(());
+        };
+        let kept = if answer.spoken {
+            let progress = self.links.speech.get();
+            let codes = if progress.turn == answer.turn {
+                progress.codes
+            } else {
+                0
+            };
+            tokens_heard(SpokenAnswer {
+                cumulative_chars: &answer.chars,
+                heard_codes: codes,
+                total_codes: (progress.turn == answer.turn && progress.finished).then_some(codes),
+                heard: self.code_duration * codes as u32,
+            })
+        } else {
+            answer.ids.len()
+        };
+        tracing::debug!(
+            turn = answer.turn,
+            generated = answer.ids.len(),
+            kept,
+            "a cancelled answer without a stop of its own: closed"
+        );
+        let closed = self.close_answer(&mut answer, kept);
+        self.last = Some(answer);
+        closed.context("closing a cancelled answer")
     }
 
     /// A stop: cuts the last answer to what was heard (`heard_samples` of its voice) and

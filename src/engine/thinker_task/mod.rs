@@ -95,6 +95,32 @@ pub(crate) enum ThinkerMsg {
     },
 }
 
+impl ThinkerMsg {
+    /// Whether this message cuts or takes back a cancelled answer to `turn` (its stop, or the
+    /// drop of its speculation).
+    fn settles(&self, answer: u64) -> bool {
+        match self {
+            Self::Stop { turn, .. } => *turn == Some(answer),
+            Self::DropSpeculation { turn } => *turn == answer,
+            _ => false,
+        }
+    }
+
+    /// The message's name and turn, for traces.
+    fn kind(&self) -> String {
+        match self {
+            Self::TurnStarted { turn } => format!("turn started {turn}"),
+            Self::Block { turn, .. } => format!("block {turn}"),
+            Self::TurnEnded { turn, epoch, .. } => format!("turn ended {turn} epoch {epoch}"),
+            Self::TurnCancelled { turn } => format!("turn cancelled {turn}"),
+            Self::Speculate { turn } => format!("speculate {turn}"),
+            Self::DropSpeculation { turn } => format!("drop speculation {turn}"),
+            Self::Typed { turn, epoch, .. } => format!("typed {turn} epoch {epoch}"),
+            Self::Stop { turn, frames, .. } => format!("stop {turn:?} after {frames} frames"),
+        }
+    }
+}
+
 /// What the Thinker thread tells the control thread.
 #[derive(Debug)]
 pub(crate) enum ThinkerReport {
@@ -138,6 +164,8 @@ struct LastAnswer {
     chars: Vec<usize>,
     /// Whether it is closed in the context (`<|im_end|>\n` after it).
     closed: bool,
+    /// Whether the Talker voiced it.
+    spoken: bool,
 }
 
 pub(crate) struct ThinkerTask {
@@ -162,6 +190,8 @@ pub(crate) struct ThinkerTask {
     /// Room kept free for the answer and the template around it.
     reserve: usize,
     samples_per_code: usize,
+    /// Audio per codec code.
+    code_duration: Duration,
     /// Media embeddings of the entries laid out and not yet prefilled, in order.
     pending_media: PendingMedia,
     snapshot: Option<Snapshot>,
@@ -216,6 +246,11 @@ impl ThinkerTask {
             .speech
             .as_ref()
             .map_or(1, |s| s.token2wav.samples_per_code());
+        let code_duration = model.speech.as_ref().map_or(Duration::ZERO, |s| {
+            Duration::from_secs_f64(
+                s.token2wav.samples_per_code() as f64 / s.token2wav.sample_rate() as f64,
+            )
+        });
         let mut eos = model
             .generation_options(1, crate::model::sampling::SamplingOptions::greedy())
             .eos_token_ids;
@@ -239,6 +274,7 @@ impl ThinkerTask {
             closing,
             reserve,
             samples_per_code,
+            code_duration,
             model,
             snapshot: None,
             forgotten: 0,
@@ -254,9 +290,17 @@ impl ThinkerTask {
         self.publish();
         drop(startup);
         while let Ok((msg, token)) = rx.recv() {
+            let kind = tracing::enabled!(tracing::Level::TRACE).then(|| msg.kind());
             if let Err(e) = self.on_message(msg) {
                 self.links.events.error(format!("{e:#}"));
             }
+            // Both caches' lengths after each message: what a Talker out of step is traced by.
+            tracing::trace!(
+                message = kind.as_deref().unwrap_or_default(),
+                context = self.context.len(),
+                cache = self.model.thinker.cache_len(),
+                "thinker"
+            );
             self.publish();
             drop(token);
         }
@@ -291,6 +335,13 @@ impl ThinkerTask {
     }
 
     fn on_message(&mut self, msg: ThinkerMsg) -> Result<()> {
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|a| !a.closed && !msg.settles(a.turn))
+        {
+            self.close_unstopped()?;
+        }
         match msg {
             ThinkerMsg::TurnStarted { turn } => {
                 self.last = None;
@@ -426,7 +477,87 @@ mod tests {
     use crossbeam_channel::unbounded;
 
     use super::*;
+    use crate::engine::links::SpeechProgress;
     use crate::engine::session::{ReplyMode, SessionEvent};
+    use crate::model::talker::TalkerText;
+
+    /// A spoken answer cancelled by work meant for another turn (here: the epoch moves on
+    /// after its third token, and no stop of its own follows) is closed with what its voice
+    /// said before the next turn enters the context, in the Talker's cache too.
+    #[test]
+    fn an_answer_cancelled_without_its_own_stop_is_closed_before_the_next_turn() {
+        let model = crate::engine::links::tiny_model();
+        let (links, _, _events) = crate::engine::links::for_tests(24_000);
+        let cancel = links.cancel.clone();
+        let speech = links.speech.clone();
+        let config = SessionConfig {
+            max_answer_tokens: 32,
+            ..SessionConfig::default()
+        };
+        let (talker_tx, talker_rx) = unbounded::<(TalkerMsg, WorkToken)>();
+        let (reports, _reports_rx) = unbounded();
+        let mut task = ThinkerTask::new(model, config, links, Some(talker_tx), reports).unwrap();
+        task.system_prompt().unwrap();
+        // the Talker's side: after the answer's third row the epoch moves on
+        let watcher = std::thread::spawn(move || {
+            let mut rows = 0;
+            let mut seen = Vec::new();
+            for (msg, _) in talker_rx.iter() {
+                if let TalkerMsg::Text {
+                    text: TalkerText::Reply { .. },
+                    ..
+                } = &msg
+                {
+                    rows += 1;
+                    if rows == 3 {
+                        cancel.advance();
+                    }
+                }
+                seen.push(msg);
+            }
+            seen
+        });
+        task.on_message(ThinkerMsg::Typed {
+            turn: 1,
+            text: "Tell me a long story".into(),
+            epoch: 0,
+            voice: Some("Chelsie".into()),
+        })
+        .unwrap();
+        let answer = task.last.as_ref().expect("the answer");
+        assert!(!answer.closed, "cancelled: it waits for what follows");
+        let (start, generated) = (answer.start, answer.ids.len());
+        assert!(generated >= 3, "{generated} tokens");
+        assert_eq!(task.context.len(), start + generated);
+        // its voice had made 40 codes, all of them played
+        speech.set(SpeechProgress {
+            turn: 1,
+            codes: 40,
+            finished: true,
+        });
+        task.on_message(ThinkerMsg::TurnStarted { turn: 2 })
+            .unwrap();
+        let ids: Vec<u32> = task.context.entries().iter().map(|e| e.id).collect();
+        let before_turn = ids.len() - task.user_header.len();
+        assert!(
+            ids[..before_turn].ends_with(&task.closing),
+            "the answer is closed before the next turn"
+        );
+        let kept = before_turn - task.closing.len() - start;
+        assert!(kept >= 1 && kept <= generated, "{kept} of {generated}");
+        assert_eq!(task.model.thinker.cache_len(), before_turn);
+
+        drop(task);
+        let seen = watcher.join().unwrap();
+        let truncate = seen
+            .iter()
+            .position(|m| matches!(m, TalkerMsg::Truncate(len) if *len == start))
+            .expect("the Talker's cache goes back to the answer's start");
+        match &seen[truncate + 1] {
+            TalkerMsg::Mirror { rows, .. } => assert_eq!(rows.dim(0).unwrap(), kept),
+            other => panic!("the kept rows follow, not {other:?}"),
+        }
+    }
 
     #[test]
     fn a_typed_message_is_answered_in_text_and_closed_in_the_context() {
