@@ -988,6 +988,52 @@ fn turn_with_a_pause(complete_after: Duration) -> Call {
     call
 }
 
+/// "yes", a 740 ms pause, "yes": a turn shorter than one block, so a speculation at the
+/// pause starts before anything of the turn was prefilled (its user header still waits in the
+/// context).
+fn two_short_words(complete_after: Duration) -> Call {
+    let mut config = smart_config(complete_after);
+    let smart = &mut config.turn.smart;
+    smart.complete_silence = Duration::from_millis(1000);
+    smart.likely_silence = smart.likely_silence.max(smart.complete_silence);
+    let mut call = Call::new(config);
+    let yes = load("w_yes.wav");
+    let mut audio = yes.clone();
+    audio.extend(vec![0.0; RATE as usize / 2]);
+    audio.extend(&yes);
+    call.talk(&audio);
+    call.silence_until(Duration::from_secs(10), |c| c.answer_done(1));
+    assert!(call.answer_done(1), "{:?}", kinds(&call, 1));
+    call
+}
+
+#[test]
+fn a_preemptive_answer_dropped_before_the_turns_first_block_leaves_no_trace() {
+    // speculates at the pause (and drops it), then at the end
+    let dropped = two_short_words(Duration::from_millis(300));
+    // speculates at the end only
+    let plain = two_short_words(Duration::from_millis(1300));
+    let (started, gone) = dropped.session.probe.speculations();
+    assert!(
+        gone >= 1 && started == gone + 1,
+        "{started} started, {gone} dropped"
+    );
+    assert_eq!(plain.session.probe.speculations(), (1, 0));
+    for call in [&dropped, &plain] {
+        assert!(call.errors().is_empty(), "{:?}", call.errors());
+        assert_caches_in_step(call);
+    }
+    let (a, b) = (
+        dropped.session.probe.context(),
+        plain.session.probe.context(),
+    );
+    assert_eq!(a.entries, b.entries);
+    assert_eq!(dropped.text(1), plain.text(1));
+    for call in [dropped, plain] {
+        call.session.close().unwrap();
+    }
+}
+
 #[test]
 fn a_dropped_preemptive_answer_leaves_no_trace() {
     // speculates at the pause at 1.9 s (and drops it), then again at the end

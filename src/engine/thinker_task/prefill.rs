@@ -39,10 +39,13 @@ impl ThinkerTask {
                  the turn is dropped (raise max_context)"
             );
         }
-        let len = snapshot.context.len();
+        // The snapshot may hold entries laid out and not prefilled yet (a turn shorter than a
+        // block: its user header): the caches go back to what was prefilled then, and those
+        // entries are prefilled again with the turn's next batch.
+        let prefilled = snapshot.context.len() - snapshot.context.pending();
         self.context = snapshot.context;
-        self.model.thinker.truncate_cache(len);
-        self.talker(TalkerMsg::Truncate(len));
+        self.model.thinker.truncate_cache(prefilled);
+        self.talker(TalkerMsg::Truncate(prefilled));
         self.open = snapshot.open;
         Ok(())
     }
