@@ -311,7 +311,8 @@ fn start(
         Box::new(move || control.run(input_rx, tick_rx, pacer_rx, report_rx, prediction_rx)),
     )?);
 
-    let handle = SessionHandle::with_counters(input_tx, event_rx, queues);
+    let handle = SessionHandle::with_counters(input_tx, event_rx, queues)
+        .with_audio_rate(blocks.sample_rate);
     let probe = SessionProbe::new(ProbeParts {
         clock,
         activity,

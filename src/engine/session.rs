@@ -202,6 +202,8 @@ pub struct SessionHandle {
     pub input: Sender<SessionInput>,
     pub events: Receiver<SessionEvent>,
     counters: Arc<QueueCounters>,
+    /// The rate the session hears audio at (the model's); other rates are resampled to it.
+    audio_rate: Option<u32>,
 }
 
 impl SessionHandle {
@@ -219,7 +221,20 @@ impl SessionHandle {
             input,
             events,
             counters,
+            audio_rate: None,
         }
+    }
+
+    /// This handle, saying that the session hears audio at `rate`.
+    pub(crate) fn with_audio_rate(mut self, rate: u32) -> Self {
+        self.audio_rate = Some(rate);
+        self
+    }
+
+    /// The rate the session hears audio at, if known: a transport that can decode to it
+    /// directly spares the session a resampler (`None`: any rate will do).
+    pub fn audio_rate(&self) -> Option<u32> {
+        self.audio_rate
     }
 
     /// Queues a piece of audio; false once the session has ended (a piece shed because the

@@ -1,7 +1,9 @@
 //! Opus encoding and decoding of 20 ms frames, as WebRTC carries voice.
 //!
-//! - [`OpusDecoder`]: packets from the network to 48 kHz mono (libopus downmixes a stereo
-//!   stream itself when the decoder is mono), with packet-loss concealment and in-band FEC.
+//! - [`OpusDecoder`]: packets from the network to mono at any rate libopus decodes to (48 kHz,
+//!   or the model's 16 kHz directly: libopus then skips the upper band instead of a resampler
+//!   undoing it; it downmixes a stereo stream itself when the decoder is mono), with
+//!   packet-loss concealment and in-band FEC.
 //! - [`OpusEncoder`]: mono VoIP encoder of 20 ms frames.
 //! - [`VoiceEncoder`]: the model's voice at its own rate to 20 ms Opus packets. Rates that
 //!   libopus takes as input (24 kHz, the vocoder's) are encoded as they are: the 48 kHz RTP clock
@@ -22,8 +24,8 @@ pub const MAX_PACKET_SAMPLES: usize = 5_760;
 const PLC_STEP: usize = 120;
 /// Largest encoded packet we produce; 20 ms of VoIP speech is far below it.
 const MAX_ENCODED_BYTES: usize = 1_500;
-/// Input rates libopus accepts.
-const OPUS_INPUT_RATES: [u32; 5] = [8_000, 12_000, 16_000, 24_000, 48_000];
+/// Rates libopus encodes from and decodes to.
+pub const OPUS_INPUT_RATES: [u32; 5] = [8_000, 12_000, 16_000, 24_000, 48_000];
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpusError {
@@ -37,7 +39,7 @@ pub enum OpusError {
     InvalidPacket(String),
     #[error("opus frame of {got} samples, expected {want}")]
     FrameSize { got: usize, want: usize },
-    #[error("opus cannot encode at {0} Hz (expected one of 8000, 12000, 16000, 24000, 48000)")]
+    #[error("opus cannot run at {0} Hz (expected one of 8000, 12000, 16000, 24000, 48000)")]
     Rate(u32),
     #[error(transparent)]
     Resample(#[from] ResampleError),
@@ -47,22 +49,47 @@ fn codec(context: &'static str) -> impl FnOnce(opus::Error) -> OpusError {
     move |source| OpusError::Codec { context, source }
 }
 
-/// Decodes an Opus stream to 48 kHz mono.
+/// Decodes an Opus stream to mono at one of [`OPUS_INPUT_RATES`].
 pub struct OpusDecoder {
     decoder: opus::Decoder,
+    rate: u32,
+    /// RTP clock ticks (48 kHz) per output sample.
+    ticks_per_sample: usize,
     buf: Vec<f32>,
 }
 
 impl OpusDecoder {
+    /// A decoder to 48 kHz.
     pub fn new() -> Result<Self, OpusError> {
+        Self::with_rate(OPUS_RATE)
+    }
+
+    /// A decoder to `rate` (8, 12, 16, 24 or 48 kHz).
+    pub fn with_rate(rate: u32) -> Result<Self, OpusError> {
+        if !OPUS_INPUT_RATES.contains(&rate) {
+            return Err(OpusError::Rate(rate));
+        }
         Ok(Self {
-            decoder: opus::Decoder::new(OPUS_RATE, opus::Channels::Mono)
+            decoder: opus::Decoder::new(rate, opus::Channels::Mono)
                 .map_err(codec("decoder init"))?,
+            rate,
+            ticks_per_sample: (OPUS_RATE / rate) as usize,
             buf: vec![0.0; MAX_PACKET_SAMPLES],
         })
     }
 
-    /// Samples (at 48 kHz) that `packet` decodes to; checks the packet's framing.
+    /// The rate of the decoded audio.
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
+    /// RTP clock ticks (48 kHz) per decoded sample.
+    pub fn ticks_per_sample(&self) -> usize {
+        self.ticks_per_sample
+    }
+
+    /// Samples at 48 kHz (the RTP clock's ticks) that `packet` decodes to; checks the
+    /// packet's framing.
     pub fn packet_samples(packet: &[u8]) -> Result<usize, OpusError> {
         if packet.is_empty() {
             return Err(OpusError::InvalidPacket("empty payload".into()));
@@ -79,7 +106,7 @@ impl OpusDecoder {
 
     /// Decodes one packet.
     pub fn decode(&mut self, packet: &[u8]) -> Result<Vec<f32>, OpusError> {
-        let want = Self::packet_samples(packet)?;
+        let want = Self::packet_samples(packet)? / self.ticks_per_sample;
         let n = self
             .decoder
             .decode_float(packet, &mut self.buf[..want], false)
@@ -87,12 +114,18 @@ impl OpusDecoder {
         Ok(self.buf[..n].to_vec())
     }
 
-    /// Conceals `samples` of lost audio (rounded up to 2.5 ms, at most 120 ms).
+    /// Output samples to ask libopus for in place of `samples` lost ones: whole 2.5 ms steps,
+    /// at most 120 ms.
+    fn concealment_len(&self, samples: usize) -> usize {
+        let step = PLC_STEP / self.ticks_per_sample;
+        let max = MAX_PACKET_SAMPLES / self.ticks_per_sample;
+        samples.div_ceil(step).clamp(1, max / step) * step
+    }
+
+    /// Conceals `samples` (at the output rate) of lost audio (rounded up to 2.5 ms, at most
+    /// 120 ms).
     pub fn conceal(&mut self, samples: usize) -> Result<Vec<f32>, OpusError> {
-        let want = samples
-            .div_ceil(PLC_STEP)
-            .clamp(1, MAX_PACKET_SAMPLES / PLC_STEP)
-            * PLC_STEP;
+        let want = self.concealment_len(samples);
         let n = self
             .decoder
             .decode_float(&[], &mut self.buf[..want], false)
@@ -100,15 +133,12 @@ impl OpusDecoder {
         Ok(self.buf[..n].to_vec())
     }
 
-    /// Recovers the `samples` lost just before `next` from the forward error correction data
-    /// `next` carries (libopus conceals instead when it carries none). `next` itself must then
-    /// be decoded normally.
+    /// Recovers the `samples` (at the output rate) lost just before `next` from the forward
+    /// error correction data `next` carries (libopus conceals instead when it carries none).
+    /// `next` itself must then be decoded normally.
     pub fn recover(&mut self, next: &[u8], samples: usize) -> Result<Vec<f32>, OpusError> {
         Self::packet_samples(next)?;
-        let want = samples
-            .div_ceil(PLC_STEP)
-            .clamp(1, MAX_PACKET_SAMPLES / PLC_STEP)
-            * PLC_STEP;
+        let want = self.concealment_len(samples);
         let n = self
             .decoder
             .decode_float(next, &mut self.buf[..want], true)
@@ -282,6 +312,31 @@ mod tests {
         let tail = &y[4_800..];
         assert!((rms(tail) - rms(&x)).abs() < 0.05, "rms {}", rms(tail));
         assert!((frequency(tail, 48_000) - 440.0).abs() < 5.0);
+    }
+
+    #[test]
+    fn a_48k_stream_decodes_straight_to_16k_with_concealment_at_that_rate() {
+        let mut enc = OpusEncoder::new(48_000).unwrap();
+        let mut dec = OpusDecoder::with_rate(16_000).unwrap();
+        assert_eq!((dec.rate(), dec.ticks_per_sample()), (16_000, 3));
+        let x = sine(440.0, 48_000, 48_000, 0.5);
+        let mut y = Vec::new();
+        for f in x.chunks(960) {
+            let p = enc.encode(f).unwrap();
+            let out = dec.decode(&p).unwrap();
+            assert_eq!(out.len(), 320, "20 ms at 16 kHz");
+            y.extend(out);
+        }
+        let tail = &y[1_600..];
+        assert!((rms(tail) - rms(&x)).abs() < 0.05, "rms {}", rms(tail));
+        assert!((frequency(tail, 16_000) - 440.0).abs() < 5.0);
+        // 20 ms lost: concealed in 2.5 ms steps of the output rate
+        assert_eq!(dec.conceal(320).unwrap().len(), 320);
+        assert_eq!(dec.conceal(1).unwrap().len(), 40);
+        assert!(matches!(
+            OpusDecoder::with_rate(44_100),
+            Err(OpusError::Rate(44_100))
+        ));
     }
 
     #[test]

@@ -204,6 +204,7 @@ fn shifted(at: Duration, from: u64, to: u64) -> Duration {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct AudioStats {
     pub packets: u64,
+    /// Samples at the decoder's rate.
     pub decoded_samples: u64,
     pub concealed_samples: u64,
     pub recovered_samples: u64,
@@ -212,7 +213,8 @@ pub struct AudioStats {
     pub bad_packets: u64,
 }
 
-/// The client's microphone: Opus RTP to 48 kHz mono [`AudioInput`]s.
+/// The client's microphone: Opus RTP to mono [`AudioInput`]s at the decoder's rate (the
+/// session's own when Opus decodes to it). The bookkeeping is in RTP ticks (48 kHz).
 pub struct AudioReceiver {
     seq: SeqUnwrapper,
     ts: TimestampUnwrapper,
@@ -226,12 +228,18 @@ pub struct AudioReceiver {
 }
 
 impl AudioReceiver {
+    /// A receiver decoding to 48 kHz.
     pub fn new() -> Result<Self, OpusError> {
+        Self::with_rate(OPUS_RATE)
+    }
+
+    /// A receiver decoding to `rate` (one of [`OPUS_INPUT_RATES`](crate::media::opus::OPUS_INPUT_RATES)).
+    pub fn with_rate(rate: u32) -> Result<Self, OpusError> {
         Ok(Self {
             seq: SeqUnwrapper::default(),
             ts: TimestampUnwrapper::default(),
             reorder: ReorderBuffer::new(AUDIO_REORDER_DEPTH),
-            decoder: OpusDecoder::new()?,
+            decoder: OpusDecoder::with_rate(rate)?,
             clock: MediaClock::new(OPUS_RATE),
             expected_ts: None,
             loss_pending: false,
@@ -284,10 +292,10 @@ impl AudioReceiver {
         (inputs, errors)
     }
 
-    fn input(at: Duration, samples: Vec<f32>) -> AudioInput {
+    fn input(&self, at: Duration, samples: Vec<f32>) -> AudioInput {
         AudioInput {
             at,
-            sample_rate: OPUS_RATE,
+            sample_rate: self.decoder.rate(),
             samples,
         }
     }
@@ -300,27 +308,33 @@ impl AudioReceiver {
         out: &mut Vec<AudioInput>,
     ) -> Result<(), OpusError> {
         let frame = OpusDecoder::packet_samples(payload)?;
+        let per_sample = self.decoder.ticks_per_sample() as u64;
         if std::mem::take(&mut self.loss_pending)
             && let Some(expected) = self.expected_ts
             && ts > expected
             && ts - expected <= MAX_PACKET_SAMPLES as u64
         {
+            // in RTP ticks
             let gap = (ts - expected) as usize;
             let from_fec = gap.min(frame);
             if gap > from_fec {
-                let concealed = self.decoder.conceal(gap - from_fec)?;
+                let concealed = self
+                    .decoder
+                    .conceal((gap - from_fec) / per_sample as usize)?;
                 self.stats.concealed_samples += concealed.len() as u64;
-                out.push(Self::input(shifted(at, ts, expected), concealed));
+                out.push(self.input(shifted(at, ts, expected), concealed));
             }
-            let recovered = self.decoder.recover(payload, from_fec)?;
+            let recovered = self
+                .decoder
+                .recover(payload, from_fec / per_sample as usize)?;
             self.stats.recovered_samples += recovered.len() as u64;
-            let from = ts - recovered.len() as u64;
-            out.push(Self::input(shifted(at, ts, from), recovered));
+            let from = ts - recovered.len() as u64 * per_sample;
+            out.push(self.input(shifted(at, ts, from), recovered));
         }
         let samples = self.decoder.decode(payload)?;
         self.stats.decoded_samples += samples.len() as u64;
-        self.expected_ts = Some(ts + samples.len() as u64);
-        out.push(Self::input(at, samples));
+        self.expected_ts = Some(ts + samples.len() as u64 * per_sample);
+        out.push(self.input(at, samples));
         Ok(())
     }
 }
@@ -778,6 +792,39 @@ mod tests {
         assert_eq!(stats.lost_packets, 1);
         assert_eq!(stats.recovered_samples, 960);
         assert_eq!(stats.decoded_samples, 9 * 960);
+    }
+
+    #[test]
+    fn audio_decoded_at_16k_keeps_the_same_times_and_recovers_losses_at_that_rate() {
+        let packets = opus_packets(10);
+        let mut rx = AudioReceiver::with_rate(16_000).unwrap();
+        let mut inputs = vec![];
+        // packets 4 and 5 lost: one from the next packet's FEC, one concealed
+        for (i, p) in packets.iter().enumerate() {
+            if i == 4 || i == 5 {
+                continue;
+            }
+            let (got, errors) = rx.push(
+                Duration::from_millis(20 * i as u64),
+                100 + i as u16,
+                9_000 + 960 * i as u32,
+                p.clone(),
+            );
+            assert!(errors.is_empty());
+            inputs.extend(got);
+        }
+        let starts: Vec<u64> = inputs.iter().map(|a| a.at.as_millis() as u64).collect();
+        assert_eq!(starts, vec![0, 20, 40, 60, 80, 100, 120, 140, 160, 180]);
+        assert!(inputs.iter().all(|a| a.sample_rate == 16_000));
+        assert!(inputs.iter().all(|a| a.samples.len() == 320), "20 ms each");
+        let stats = rx.stats();
+        assert_eq!(stats.lost_packets, 2);
+        assert_eq!(
+            (stats.concealed_samples, stats.recovered_samples),
+            (320, 320)
+        );
+        assert_eq!(stats.decoded_samples, 8 * 320);
+        assert!(AudioReceiver::with_rate(44_100).is_err());
     }
 
     #[test]

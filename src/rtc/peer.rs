@@ -31,6 +31,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::engine::session::{Control, ReplyMode, SessionEvent, SessionHandle};
+use crate::media::opus::{OPUS_INPUT_RATES, OPUS_RATE};
 use crate::media::video_decode::VideoCodec;
 use crate::rtc::media_in::{AudioReceiver, DecodeProblem, VideoDecodeWorker, VideoReceiver};
 use crate::rtc::media_out::{AudioTrackOut, OutAudio, OutStats, run_audio_out};
@@ -776,7 +777,13 @@ async fn receive_audio(
     started: Instant,
     metrics: Arc<ServerMetrics>,
 ) {
-    let mut receiver = match AudioReceiver::new() {
+    // Opus decodes straight to the session's rate when it is one of its own (the model's
+    // 16 kHz): no 48 kHz upper band decoded only for a resampler to remove it.
+    let rate = session
+        .audio_rate()
+        .filter(|r| OPUS_INPUT_RATES.contains(r))
+        .unwrap_or(OPUS_RATE);
+    let mut receiver = match AudioReceiver::with_rate(rate) {
         Ok(r) => r,
         Err(e) => {
             let _ = events.send(CallEvent::MediaProblem(format!("audio: {e}")));
