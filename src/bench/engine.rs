@@ -36,6 +36,7 @@ use crate::engine::session::{
     AudioInput, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings, VideoInput,
 };
 use crate::engine::turn::{TurnConfig, TurnDetection};
+use crate::media::opus::{OPUS_INPUT_RATES, OpusDecoder, OpusEncoder};
 use crate::media::resample::StreamResampler;
 use crate::media::vad::{VadConfig, VoiceDetector};
 use crate::model::chat::ChatTokenizer;
@@ -96,6 +97,43 @@ pub fn input_stage_cost(blocks: &BlockConfig, seconds: u64) -> anyhow::Result<Ve
         per_second(start.elapsed()),
         "ms CPU / s of call",
     ));
+
+    // The microphone as WebRTC carries it: 20 ms Opus packets, decoded at 48 kHz and
+    // resampled, or decoded straight at the model's rate when Opus can (what `serve` does).
+    let mut encoder = OpusEncoder::new(MIC_RATE)?;
+    let packets = mic
+        .chunks_exact(piece)
+        .map(|frame| encoder.encode(frame))
+        .collect::<Result<Vec<_>, _>>()?;
+    let start = Instant::now();
+    let mut decoder = OpusDecoder::new()?;
+    let mut resampler = StreamResampler::new(MIC_RATE, blocks.sample_rate)?;
+    for packet in &packets {
+        std::hint::black_box(resampler.push(&decoder.decode(packet)?)?);
+    }
+    rows.push(Measurement::new(
+        "input: Opus decode at 48 kHz + resample",
+        format!("{} packets of 20 ms", packets.len()),
+        per_second(start.elapsed()),
+        "ms CPU / s of call",
+    ));
+    if OPUS_INPUT_RATES.contains(&blocks.sample_rate) {
+        let start = Instant::now();
+        let mut decoder = OpusDecoder::with_rate(blocks.sample_rate)?;
+        for packet in &packets {
+            std::hint::black_box(decoder.decode(packet)?);
+        }
+        rows.push(Measurement::new(
+            "input: Opus decode at the model's rate",
+            format!(
+                "{} Hz, {} packets of 20 ms",
+                blocks.sample_rate,
+                packets.len()
+            ),
+            per_second(start.elapsed()),
+            "ms CPU / s of call",
+        ));
+    }
 
     let vad_config = VadConfig::default();
     let start = Instant::now();
