@@ -76,7 +76,7 @@ use super::session::{
 };
 use super::talker_task;
 use super::thinker_task::{self, ThinkerMsg, ThinkerReport};
-use super::threads::name_compute_pool;
+use super::threads::{ReleaseMemoryOnExit, name_compute_pool};
 pub use super::threads::{SESSION_THREADS, thread_cpu, threads_cpu};
 use super::turn::TurnDetection;
 use super::vocoder_task;
@@ -190,11 +190,14 @@ fn start(
     };
 
     let mut threads = Vec::new();
+    let release_memory = Arc::new(ReleaseMemoryOnExit);
     let spawn_thread = |name: &str, f: Box<dyn FnOnce() + Send>| {
         let (events, thread) = (events.clone(), name.to_string());
+        let release_memory = release_memory.clone();
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                let _release_memory = release_memory;
                 // A bug in a session thread ends that session with an error, never the process.
                 if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
                     let what = panic
