@@ -1327,3 +1327,101 @@ fn a_session_behind_its_input_sheds_camera_frames_first_and_says_so() {
     );
     session.close().unwrap();
 }
+
+/// The spoken set's sounds over an answer (`tests/fixtures/turn/set`: backchannels and a
+/// cough, interruptions), each spoken 300 ms into the answer to a question, through the real
+/// engine with its defaults (Silero VAD, Smart Turn, the interruption rule), on the simulated
+/// clock: whether the answer paused and played on or was cut, and how soon its voice went
+/// silent after the sound's onset. The figures of issue 13 (`README.md`, *Turn-taking*).
+#[test]
+#[ignore = "prints measurements; run with --ignored --nocapture"]
+fn over_the_answer_figures() {
+    let defaults = SessionConfig {
+        max_answer_tokens: 40,
+        max_speech: Duration::from_secs(8),
+        seed: 7,
+        ..SessionConfig::default()
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/turn/set");
+    let segments: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("segments.json")).unwrap()).unwrap();
+    let mut clips: Vec<(String, String, Duration)> = segments
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "backchannel" || c["kind"] == "interruption")
+        .map(|c| {
+            (
+                c["file"].as_str().unwrap().to_string(),
+                c["kind"].as_str().unwrap().to_string(),
+                Duration::from_secs_f64(c["speech"][0][0].as_f64().unwrap()),
+            )
+        })
+        .collect();
+    clips.sort();
+    let (mut kept, mut backchannels, mut cut, mut interruptions) = (0, 0, 0, 0);
+    let mut silent_after = Vec::new();
+    for (name, kind, onset_in_clip) in clips {
+        let (clip, _) = turn_set_clip(&name);
+        let mut call = Call::new(defaults.clone());
+        call.talk(&load("speech.wav"));
+        call.silence_until(Duration::from_secs(8), |c| c.frames(1).len() >= 15);
+        let onset = call.session.now() + onset_in_clip;
+        let playing = !call.answer_done(1);
+        call.talk(&clip);
+        call.silence_until(Duration::from_secs(12), |c| {
+            c.answer_done(1)
+                || c.events()
+                    .any(|e| matches!(e, SessionEvent::Interrupted { .. }))
+        });
+        let at = |f: &dyn Fn(&SessionEvent) -> bool| {
+            call.log.iter().find(|(_, e)| f(e)).map(|(at, _)| *at)
+        };
+        let paused = at(&|e| matches!(e, SessionEvent::Paused { turn: 1 }));
+        let resumed = at(&|e| matches!(e, SessionEvent::Resumed { turn: 1 })).is_some();
+        let interrupted = at(&|e| matches!(e, SessionEvent::Interrupted { turn: 1, .. })).is_some();
+        let last_audible = call
+            .events()
+            .filter_map(|e| match e {
+                SessionEvent::Audio { turn: 1, at, .. } => Some(*at),
+                _ => None,
+            })
+            .filter(|&at| interrupted && at >= onset)
+            .max();
+        let outcome = match (playing, interrupted, paused.is_some(), resumed) {
+            (false, ..) => "the answer had ended",
+            (_, true, ..) => "cut",
+            (_, false, true, true) => "paused, played on",
+            (_, false, false, _) => "played on, no pause",
+            (_, false, true, false) => "paused, never resumed",
+        };
+        let pause_ms = paused.map(|p| (p.as_secs_f64() - onset.as_secs_f64()) * 1e3);
+        let silent_ms = last_audible
+            .map(|a| ((a + FRAME).as_secs_f64() - onset.as_secs_f64()) * 1e3)
+            .or(pause_ms);
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+        println!(
+            "{name:20} {kind:12} {outcome:24} paused {:>6} after the onset, voice silent {:>6} \
+             after it",
+            ms(pause_ms),
+            ms(silent_ms)
+        );
+        if kind == "backchannel" && playing {
+            backchannels += 1;
+            kept += usize::from(!interrupted && (resumed || paused.is_none()));
+        }
+        if kind == "interruption" && playing {
+            interruptions += 1;
+            cut += usize::from(interrupted);
+            silent_after.extend(silent_ms);
+        }
+        assert!(call.errors().is_empty(), "{name}: {:?}", call.errors());
+        call.session.close().unwrap();
+    }
+    silent_after.sort_by(f64::total_cmp);
+    println!(
+        "backchannels: {kept} of {backchannels} answers kept going; interruptions: {cut} of \
+         {interruptions} cut, the voice silent {:?} ms after the onset",
+        silent_after.iter().map(|v| v.round()).collect::<Vec<_>>()
+    );
+}
