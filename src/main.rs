@@ -309,6 +309,10 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // SAFETY: nothing but this thread runs yet (the CLI is parsed, no runtime is started).
+    unsafe {
+        omnicall::engine::threads::settle_compute_threads(matches!(cli.command, Command::Serve(_)))
+    };
     let result = match cli.command {
         Command::Chat(args) => chat(*args, matches.subcommand_matches("chat")),
         Command::Serve(args) => serve(*args),

@@ -30,6 +30,32 @@ pub fn name_compute_pool() {
     });
 }
 
+/// Settles candle's CPU threading from the environment, or these defaults, before the first
+/// model op:
+///
+/// - `RAYON_NUM_THREADS`: candle asks for the thread count on every op, and without the
+///   variable it counts the physical cores by reading `/proc/cpuinfo` each time (5 % of a busy
+///   server's CPU); it is set to the CPUs this process may use (rayon's own default).
+/// - `CANDLE_NUM_THREADS`, with `many_sessions`: candle's element-wise ops run on one
+///   process-wide pool behind a single lock, whose callers spin until its workers are done.
+///   With a session thread busy on every core that spinning took a third of the server's CPU;
+///   one thread runs those ops inline on the session's own thread (the products keep the
+///   compute pool).
+///
+/// # Safety
+/// It sets environment variables: call it before any other thread starts.
+pub unsafe fn settle_compute_threads(many_sessions: bool) {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: the caller guarantees no other thread runs yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", cpus.to_string()) };
+    }
+    if many_sessions && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 /// Held by each thread of a session; when the last one ends, the memory the session freed
 /// is handed back to the system.
 ///
