@@ -46,7 +46,7 @@ pub struct LoadArgs {
     #[arg(long = "udp")]
     pub udp_addrs: Vec<String>,
     /// Instead of the runs: keep --soak-calls calls going (each one turn, then the next
-    /// caller) for this many minutes, sampling the server's memory.
+    /// caller) for this many minutes, sampling the server's memory between calls every 30 s.
     #[arg(long)]
     pub soak_minutes: Option<f64>,
     /// Calls at once during the soak.
@@ -351,26 +351,38 @@ async fn soak(args: &LoadArgs, minutes: f64) -> anyhow::Result<String> {
     let mut samples = Vec::new();
     let (mut done, mut refused, mut failed) = (0usize, 0usize, 0usize);
     let mut running = tokio::task::JoinSet::new();
-    let mut next_sample = start;
-    while Instant::now() < end || !running.is_empty() {
-        while Instant::now() < end && running.len() < args.soak_calls {
-            running.spawn(one_call(options.clone(), Duration::ZERO));
-        }
-        if Instant::now() >= next_sample {
-            let counters = ServerCounters::read(
-                &scrape(&args.url, args.token.as_deref()).await?,
-                args.server_pid,
-            );
-            if let Some(rss) = counters.rss_bytes {
+    let mut next_sample = start + every;
+    // Memory is sampled between calls: when a sample is due no call starts, the running ones
+    // end, the server goes idle, then its RSS is read. In-call samples would measure where each
+    // call was, not what the server keeps.
+    loop {
+        let now = Instant::now();
+        let sampling = now >= next_sample || now >= end;
+        if sampling && running.is_empty() {
+            let idle = wait_idle(args).await?;
+            if let Some(rss) = idle.rss_bytes {
                 samples.push(RssSample {
                     minutes: start.elapsed().as_secs_f64() / 60.0,
                     calls_done: done,
                     rss_mib: mib(rss),
                 });
             }
-            next_sample += every;
+            if Instant::now() >= end {
+                break;
+            }
+            next_sample = Instant::now() + every;
+            continue;
         }
-        let wait = next_sample.saturating_duration_since(Instant::now());
+        if !sampling {
+            while running.len() < args.soak_calls {
+                running.spawn(one_call(options.clone(), Duration::ZERO));
+            }
+        }
+        let wait = if sampling {
+            Duration::from_secs(3600)
+        } else {
+            next_sample.saturating_duration_since(now)
+        };
         if let Ok(Some(outcome)) = tokio::time::timeout(wait, running.join_next()).await {
             match outcome.context("a caller task failed")? {
                 CallOutcome::Answered(_) => done += 1,
@@ -385,7 +397,7 @@ async fn soak(args: &LoadArgs, minutes: f64) -> anyhow::Result<String> {
     let idle = wait_idle(args).await?;
     let mut out = format!(
         "soak: {minutes} min, {} calls at once: {done} calls done, {refused} refused, {failed} failed\n\n\
-         | minute | calls done | RSS (MiB) |\n| ---: | ---: | ---: |\n",
+         | minute | calls done | RSS between calls (MiB) |\n| ---: | ---: | ---: |\n",
         args.soak_calls
     );
     for s in &samples {
