@@ -19,7 +19,7 @@ const GROUP: usize = 4;
 /// The instruction set [`gemm_u8i8`] runs with, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Int8Level {
-    /// AVX-512 VNNI (`vpdpbusd`).
+    /// AVX-512 VNNI (`vpdpbusd`), with AVX-512BW/VL for the byte stores of the codes.
     Avx512Vnni,
     /// Plain Rust, any CPU.
     Scalar,
@@ -39,7 +39,10 @@ impl Int8Level {
         match self {
             #[cfg(target_arch = "x86_64")]
             Int8Level::Avx512Vnni => {
-                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
             }
             #[cfg(not(target_arch = "x86_64"))]
             Int8Level::Avx512Vnni => false,
@@ -152,7 +155,7 @@ pub fn gemm_u8i8(level: Int8Level, a: &[u8], b: &PackedI8, out: &mut [i32]) {
     );
     match level.or_below() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `or_below` checked that the CPU has AVX-512F and VNNI; the lengths were
+        // SAFETY: `or_below` checked that the CPU has AVX-512F/BW/VL and VNNI; the lengths were
         // checked above, which is what the kernel's reads and writes stay within.
         Int8Level::Avx512Vnni => unsafe { vnni::gemm(a, rows, b, out) },
         _ => gemm_scalar(a, rows, b, out),
@@ -214,6 +217,88 @@ mod vnni {
                 r0 += tile;
             }
         }
+    }
+
+    /// [`super::requantize`] of one row, 16 columns at a time (the tail masked).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn requantize_row(
+        c: &super::Columns,
+        a_sum: i32,
+        sums: &[i32],
+        codes: &mut [u8],
+    ) {
+        let n = sums.len();
+        let a_sum = _mm512_set1_epi32(a_sum);
+        let (lo, hi) = (_mm512_set1_ps(-512.0), _mm512_set1_ps(512.0));
+        let out_scale = _mm512_set1_ps(c.out_scale);
+        let out_zero = _mm512_set1_epi32(c.out_zero);
+        let mut j = 0;
+        while j < n {
+            let len = (n - j).min(16);
+            let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
+            // SAFETY: lanes j .. j + len of each slice exist (all hold n values); the rest
+            // are masked off.
+            unsafe {
+                let load_i = |p: *const i32| _mm512_maskz_loadu_epi32(mask, p);
+                let load_f = |p: *const f32| _mm512_maskz_loadu_ps(mask, p);
+                let exact = _mm512_add_epi32(
+                    _mm512_sub_epi32(
+                        load_i(sums.as_ptr().add(j)),
+                        _mm512_mullo_epi32(load_i(c.b_zero.as_ptr().add(j)), a_sum),
+                    ),
+                    load_i(c.offset.as_ptr().add(j)),
+                );
+                let value = _mm512_add_ps(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(exact), load_f(c.scale.as_ptr().add(j))),
+                    load_f(c.bias.as_ptr().add(j)),
+                );
+                let q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(value, out_scale), lo), hi);
+                let code = to_code(q, out_zero);
+                _mm_mask_storeu_epi8(codes.as_mut_ptr().add(j).cast(), mask, code);
+            }
+            j += len;
+        }
+    }
+
+    /// `quantize(e / sum)` for a row of `e`, 16 at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn quantize_quotients(
+        e: &[f32],
+        sum: f32,
+        out_scale: f32,
+        out_zero: i32,
+        out: &mut [u8],
+    ) {
+        let n = e.len();
+        let (lo, hi) = (_mm512_set1_ps(-512.0), _mm512_set1_ps(512.0));
+        let (sum, out_scale) = (_mm512_set1_ps(sum), _mm512_set1_ps(out_scale));
+        let out_zero = _mm512_set1_epi32(out_zero);
+        let mut j = 0;
+        while j < n {
+            let len = (n - j).min(16);
+            let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
+            // SAFETY: lanes j .. j + len of `e` and `out` exist; the rest are masked off.
+            unsafe {
+                let p = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, e.as_ptr().add(j)), sum);
+                let q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(p, out_scale), lo), hi);
+                _mm_mask_storeu_epi8(out.as_mut_ptr().add(j).cast(), mask, to_code(q, out_zero));
+            }
+            j += len;
+        }
+    }
+
+    /// Rounded half to even (the default rounding mode, as `round_half_even`), plus the zero
+    /// point, saturated to 0..=255, narrowed to bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn to_code(q: __m512, zero: __m512i) -> __m128i {
+        let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+        let r = _mm512_add_epi32(r, zero);
+        let r = _mm512_min_epi32(
+            _mm512_max_epi32(r, _mm512_setzero_si512()),
+            _mm512_set1_epi32(255),
+        );
+        _mm512_cvtepi32_epi8(r)
     }
 
     /// Rows `0..R` of `a` against one panel: four accumulators per row, the panel's groups
@@ -299,11 +384,19 @@ pub struct Requantize<'a> {
 }
 
 /// The codes of `sums` (`a.len() / k` rows of `n`, from [`gemm_u8i8`] of `a` and `b`) under
-/// `rq`: `Σ (a - a_zero)(b - b_zero)` from the raw sums, then as [`Requantize`] says.
+/// `rq`: `Σ (a - a_zero)(b - b_zero)` from the raw sums, then as [`Requantize`] says. Every
+/// level gives the same codes (the same float operations, lane by lane).
 ///
 /// # Panics
 /// When the lengths do not agree.
-pub fn requantize(a: &[u8], b: &PackedI8, sums: &[i32], rq: &Requantize, codes: &mut [u8]) {
+pub fn requantize(
+    level: Int8Level,
+    a: &[u8],
+    b: &PackedI8,
+    sums: &[i32],
+    rq: &Requantize,
+    codes: &mut [u8],
+) {
     let (k, n) = (b.k, b.n);
     let rows = a.len() / k;
     assert!(a.len() == rows * k && sums.len() == rows * n && codes.len() == rows * n);
@@ -314,18 +407,56 @@ pub fn requantize(a: &[u8], b: &PackedI8, sums: &[i32], rq: &Requantize, codes: 
         .map(|j| k as i32 * rq.a_zero * rq.b_zero[j] - rq.a_zero * b.sums[j])
         .collect();
     let zero_bias = vec![0f32; n];
-    let bias = rq.bias.unwrap_or(&zero_bias);
+    let columns = Columns {
+        b_zero: rq.b_zero,
+        offset: &column_offset,
+        scale: rq.scale,
+        bias: rq.bias.unwrap_or(&zero_bias),
+        out_scale: rq.out_scale,
+        out_zero: rq.out_zero,
+    };
+    let level = level.or_below();
     for ((a_row, sum_row), code_row) in a
         .chunks_exact(k)
         .zip(sums.chunks_exact(n))
         .zip(codes.chunks_exact_mut(n))
     {
         let a_sum: i32 = a_row.iter().map(|&x| x as i32).sum();
-        for j in 0..n {
-            let exact = sum_row[j] - rq.b_zero[j] * a_sum + column_offset[j];
-            let value = exact as f32 * rq.scale[j] + bias[j];
-            code_row[j] = quantize(value, rq.out_scale, rq.out_zero);
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `or_below` checked that the CPU has AVX-512F/BW/VL; every slice holds
+            // n values.
+            Int8Level::Avx512Vnni => unsafe {
+                vnni::requantize_row(&columns, a_sum, sum_row, code_row)
+            },
+            _ => {
+                for j in 0..n {
+                    code_row[j] = columns.code(j, a_sum, sum_row[j]);
+                }
+            }
         }
+    }
+}
+
+/// The per-column terms of one [`requantize`].
+struct Columns<'a> {
+    b_zero: &'a [i32],
+    offset: &'a [i32],
+    scale: &'a [f32],
+    bias: &'a [f32],
+    out_scale: f32,
+    out_zero: i32,
+}
+
+impl Columns<'_> {
+    #[inline]
+    fn code(&self, j: usize, a_sum: i32, sum: i32) -> u8 {
+        let exact = sum - self.b_zero[j] * a_sum + self.offset[j];
+        quantize(
+            exact as f32 * self.scale[j] + self.bias[j],
+            self.out_scale,
+            self.out_zero,
+        )
     }
 }
 
@@ -345,10 +476,15 @@ fn round_half_even(x: f32) -> f32 {
     (x + SHIFT) - SHIFT
 }
 
+/// Lanes of a softmax row's partial sums: the sum is taken in this order at every level.
+const SUM_LANES: usize = 16;
+
 /// Softmax of each row of uint8 codes of scale `scale` (the values `(c - zero) · scale`; the
 /// zero point cancels), quantized to the codes of `out` (scale, zero). `exp_table[d]` is
-/// `exp(-d · scale)`: every difference to the row's largest code is one of 256 values.
+/// `exp(-d · scale)`: every difference to the row's largest code is one of 256 values. Every
+/// level gives the same codes.
 pub fn softmax_rows(
+    level: Int8Level,
     codes: &[u8],
     row_len: usize,
     exp_table: &[f32; 256],
@@ -357,19 +493,33 @@ pub fn softmax_rows(
     out: &mut [u8],
 ) {
     assert!(row_len > 0 && codes.len().is_multiple_of(row_len) && out.len() == codes.len());
+    let level = level.or_below();
     let mut e = vec![0f32; row_len];
     for (row, out_row) in codes
         .chunks_exact(row_len)
         .zip(out.chunks_exact_mut(row_len))
     {
         let max = *row.iter().max().unwrap_or(&0);
-        let mut sum = 0f32;
-        for (e, &c) in e.iter_mut().zip(row) {
-            *e = exp_table[(max - c) as usize];
-            sum += *e;
+        let mut lanes = [0f32; SUM_LANES];
+        for (e, c) in e.chunks_mut(SUM_LANES).zip(row.chunks(SUM_LANES)) {
+            for ((lane, e), &c) in lanes.iter_mut().zip(e).zip(c) {
+                *e = exp_table[(max - c) as usize];
+                *lane += *e;
+            }
         }
-        for (o, &e) in out_row.iter_mut().zip(&e) {
-            *o = quantize(e / sum, out_scale, out_zero);
+        let sum = lanes.iter().sum::<f32>();
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `or_below` checked that the CPU has AVX-512F/BW/VL; `e` and `out_row`
+            // are one row.
+            Int8Level::Avx512Vnni => unsafe {
+                vnni::quantize_quotients(&e, sum, out_scale, out_zero, out_row)
+            },
+            _ => {
+                for (o, &e) in out_row.iter_mut().zip(&e) {
+                    *o = quantize(e / sum, out_scale, out_zero);
+                }
+            }
         }
     }
 }
@@ -472,7 +622,7 @@ mod tests {
             out_zero: 100,
         };
         let mut codes = vec![0u8; rows * n];
-        requantize(&a, &packed, &sums, &rq, &mut codes);
+        requantize(Int8Level::Scalar, &a, &packed, &sums, &rq, &mut codes);
         for r in 0..rows {
             for j in 0..n {
                 let exact: i64 = (0..k)
@@ -497,12 +647,61 @@ mod tests {
     }
 
     #[test]
+    fn every_level_requantizes_and_normalizes_to_the_same_codes() {
+        // n = 1, n past a vector and not a multiple of 16; rows of one and of several
+        for (rows, n, k) in [(1, 1, 3), (3, 17, 40), (2, 33, 7), (5, 64, 100)] {
+            let a = bytes(rows * k, 11 + n as u32);
+            let b: Vec<i8> = bytes(n * k, 5 + k as u32)
+                .into_iter()
+                .map(|v| v as i8)
+                .collect();
+            let packed = PackedI8::from_rows(&b, k);
+            let mut sums = vec![0i32; rows * n];
+            gemm_u8i8(Int8Level::detect(), &a, &packed, &mut sums);
+            let b_zero: Vec<i32> = (0..n as i32).map(|j| j % 5 - 2).collect();
+            let scale: Vec<f32> = (0..n).map(|j| 1e-3 * (1.0 + j as f32 * 0.37)).collect();
+            let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.77).sin()).collect();
+            let rq = Requantize {
+                a_zero: 9,
+                b_zero: &b_zero,
+                scale: &scale,
+                bias: Some(&bias),
+                out_scale: 0.013,
+                out_zero: 120,
+            };
+            let table: [f32; 256] = std::array::from_fn(|d| (-(d as f32) * 0.05).exp());
+            let (mut want, mut want_probs) = (None, None);
+            for level in Int8Level::ALL {
+                let mut codes = vec![0u8; rows * n];
+                requantize(level, &a, &packed, &sums, &rq, &mut codes);
+                // the codes of a tie, and of values past both ends, are checked above
+                let mut probs = vec![0u8; rows * n];
+                softmax_rows(level, &codes, n, &table, 1.0 / 255.0, 0, &mut probs);
+                assert_eq!(
+                    want.get_or_insert(codes.clone()),
+                    &codes,
+                    "{level:?} {rows} {n}"
+                );
+                assert_eq!(want_probs.get_or_insert(probs.clone()), &probs, "{level:?}");
+            }
+        }
+    }
+
+    #[test]
     fn softmax_of_codes_sums_to_one() {
         let scale = 0.1f32;
         let table: [f32; 256] = std::array::from_fn(|d| (-(d as f32) * scale).exp());
         let codes = [10u8, 20, 30, 30, 0, 255];
         let mut out = [0u8; 6];
-        softmax_rows(&codes, 3, &table, 1.0 / 255.0, 0, &mut out);
+        softmax_rows(
+            Int8Level::Scalar,
+            &codes,
+            3,
+            &table,
+            1.0 / 255.0,
+            0,
+            &mut out,
+        );
         let want = |row: &[u8]| -> Vec<u8> {
             let v: Vec<f64> = row.iter().map(|&c| c as f64 * scale as f64).collect();
             let max = v.iter().cloned().fold(f64::MIN, f64::max);

@@ -201,7 +201,7 @@ impl QuantLinear {
             out_scale: self.output.scale,
             out_zero: self.output.zero_point,
         };
-        requantize(x, &self.weight, &sums, &rq, &mut codes);
+        requantize(level, x, &self.weight, &sums, &rq, &mut codes);
         codes
     }
 
@@ -222,14 +222,15 @@ impl QuantLinear {
 
 /// `table[channel · 256 + code]` for each of the codes, channel = index mod `channels`.
 fn look_up<T: Copy>(codes: &[u8], channels: usize, table: &[T]) -> Vec<T> {
-    codes
-        .chunks_exact(channels)
-        .flat_map(|row| {
+    let mut out = Vec::with_capacity(codes.len());
+    for row in codes.chunks_exact(channels) {
+        out.extend(
             row.iter()
-                .enumerate()
-                .map(|(j, &c)| table[j * CODES + c as usize])
-        })
-        .collect()
+                .zip(table.chunks_exact(CODES))
+                .map(|(&c, values)| values[c as usize]),
+        );
+    }
+    out
 }
 
 /// A LayerNorm whose output is rounded to uint8 codes. It divides by the deviation, as
@@ -360,8 +361,9 @@ impl Attention {
                 out_scale: self.scores.scale,
                 out_zero: self.scores.zero_point,
             };
-            requantize(&q_head, &keys, &sums, &rq, &mut score_codes);
+            requantize(level, &q_head, &keys, &sums, &rq, &mut score_codes);
             softmax_rows(
+                level,
                 &score_codes,
                 t,
                 &self.score_exp,
@@ -382,7 +384,14 @@ impl Attention {
                 out_scale: self.context.scale,
                 out_zero: self.context.zero_point,
             };
-            requantize(&prob_codes, &values, context_sums, &rq, &mut context_codes);
+            requantize(
+                level,
+                &prob_codes,
+                &values,
+                context_sums,
+                &rq,
+                &mut context_codes,
+            );
             for (f, row) in context_codes.chunks_exact(HEAD_DIM).enumerate() {
                 for (d, &c) in row.iter().enumerate() {
                     merged[column(f, d)] = self.merged_codes[c as usize];
