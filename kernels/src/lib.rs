@@ -8,8 +8,13 @@
 //! registers (AVX512-BF16 `vdpbf16ps` where the CPU has it, bf16 shifted into f32 and AVX2 FMA
 //! otherwise, plain loops as the last resort), so decoding runs at the memory bandwidth. It
 //! runs on the calling thread: the caller splits the weight rows among its threads.
+//!
+//! [`int8`] holds the u8 × i8 products of statically quantized graphs (exact i32 sums, AVX-512
+//! VNNI where the CPU has it) and the requantization of their sums.
 
 use half::bf16;
+
+pub mod int8;
 
 /// Weight rows per tile: each weight vector loaded is used by every input row of the tile.
 pub const TILE_W: usize = 4;

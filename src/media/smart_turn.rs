@@ -137,6 +137,8 @@ fn load(vb: VarBuilder) -> anyhow::Result<SmartTurnNet> {
 
 #[cfg(test)]
 mod tests {
+    use omnicall_kernels::int8::Int8Level;
+
     use super::*;
 
     #[test]
@@ -169,6 +171,23 @@ mod tests {
         let b = turn.complete_probability(&longer).unwrap();
         assert_eq!(a, b);
         assert!((0.0..=1.0).contains(&a));
+    }
+
+    #[test]
+    fn the_portable_int8_kernel_gives_the_same_probability() {
+        // the products are exact integer sums at every kernel level, so the answers are equal
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/turn/silero_utterance.wav");
+        let audio = crate::bench::turn::load_wav(&path).unwrap();
+        let vb =
+            VarBuilder::from_slice_safetensors(SHIPPED_WEIGHTS, DType::F32, &Device::Cpu).unwrap();
+        let portable = load(vb).unwrap().with_int8_level(Int8Level::Scalar);
+        let mut portable = SmartTurn::with_net(Arc::new(portable)).unwrap();
+        let mut detected = SmartTurn::new().unwrap();
+        assert_eq!(
+            detected.complete_probability(&audio).unwrap(),
+            portable.complete_probability(&audio).unwrap()
+        );
     }
 
     #[test]
