@@ -1093,7 +1093,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cost_run_takes_turns_and_reports_three_stages() {
+    fn the_cost_run_takes_turns_and_reports_each_stage() {
         let blocks = BlockConfig {
             sample_rate: 16_000,
             block_len: Duration::from_secs(2),
@@ -1101,9 +1101,19 @@ mod tests {
             temporal_patch_size: 2,
         };
         let rows = input_stage_cost(&blocks, 10).unwrap();
-        assert_eq!(rows.len(), 3);
+        let stages: Vec<&str> = rows.iter().map(|r| r.stage.as_str()).collect();
+        assert_eq!(
+            stages,
+            [
+                "input: resample",
+                "input: Opus decode at 48 kHz + resample",
+                "input: Opus decode at the model's rate",
+                "input: VAD",
+                "input: whole stage"
+            ]
+        );
         assert!(rows.iter().all(|r| r.value > 0.0));
         // two bursts of the voice-like signal: two turns
-        assert!(rows[2].setup.contains("2 turns"), "{}", rows[2].setup);
+        assert!(rows[4].setup.contains("2 turns"), "{}", rows[4].setup);
     }
 }
