@@ -8,8 +8,12 @@
 //! registers (AVX512-BF16 `vdpbf16ps` where the CPU has it, bf16 shifted into f32 and AVX2 FMA
 //! otherwise, plain loops as the last resort), so decoding runs at the memory bandwidth. It
 //! runs on the calling thread: the caller splits the weight rows among its threads.
+//!
+//! [`snake`] is BigVGAN's anti-aliased SnakeBeta activation on one channel, fused.
 
 use half::bf16;
+
+pub mod snake;
 
 /// Weight rows per tile: each weight vector loaded is used by every input row of the tile.
 pub const TILE_W: usize = 4;

@@ -39,8 +39,10 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use omnicall_kernels::{Level, Rows, gemv};
 
+pub mod conv;
 pub mod q8;
 
+pub use conv::{Conv1d, conv1d, conv1d_no_bias};
 pub use q8::{Q8Linear, WeightFormat, set_weight_format, weight_format, with_weight_format};
 
 /// Most input rows (all leading dimensions together) sent to [`Bf16Gemv`]; larger inputs
@@ -277,7 +279,7 @@ pub struct Bf16Gemv;
 pub struct Bf16GemvAt(pub Level);
 
 /// The best [`Level`] of this CPU, detected once.
-fn detected_level() -> Level {
+pub(crate) fn detected_level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(Level::detect)
 }
