@@ -9,10 +9,13 @@
 //! otherwise, plain loops as the last resort), so decoding runs at the memory bandwidth. It
 //! runs on the calling thread: the caller splits the weight rows among its threads.
 //!
-//! [`snake`] is BigVGAN's anti-aliased SnakeBeta activation on one channel, fused.
+//! [`snake`] is BigVGAN's anti-aliased SnakeBeta activation on one channel, fused;
+//! [`band_attention`] the DiT's block-local attention of one query block, without a mask.
 
 use half::bf16;
 
+pub mod activation;
+pub mod band_attention;
 pub mod snake;
 
 /// Weight rows per tile: each weight vector loaded is used by every input row of the tile.
