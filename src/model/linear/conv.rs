@@ -285,4 +285,45 @@ mod tests {
         }
         Ok(())
     }
+
+    /// The BigVGAN convolutions of 1.92 s of audio at 3B shapes against candle's conv1d:
+    /// `cargo test --release --lib linear::conv -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing"]
+    fn bigvgan_shapes_timing() -> Result<()> {
+        let dev = Device::Cpu;
+        for (c, t) in [
+            (768, 960),
+            (384, 2880),
+            (192, 5760),
+            (96, 11520),
+            (48, 23040),
+            (24, 46080),
+        ] {
+            for (k, d) in [(3, 1), (7, 3), (11, 5)] {
+                let cfg = Conv1dConfig {
+                    padding: (k * d - d) / 2,
+                    dilation: d,
+                    ..Default::default()
+                };
+                let w = Tensor::randn(0f32, 0.1, (c, c, k), &dev)?;
+                let x = Tensor::randn(0f32, 1.0, (1, c, t), &dev)?;
+                let ours = Conv1d::new(w.clone(), None, cfg)?;
+                let theirs = candle_nn::Conv1d::new(w, None, cfg);
+                let gflop = 2.0 * (c * c * k * t) as f64 / 1e9;
+                let rate = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+                    f()?;
+                    let start = std::time::Instant::now();
+                    f()?;
+                    Ok(gflop / start.elapsed().as_secs_f64())
+                };
+                println!(
+                    "C {c} T {t} k {k}: candle {:.1}, per-tap products {:.1} GFLOP/s",
+                    rate(&|| theirs.forward(&x))?,
+                    rate(&|| ours.forward(&x))?
+                );
+            }
+        }
+        Ok(())
+    }
 }
