@@ -11,10 +11,15 @@
 //!
 //! [`int8`] holds the u8 × i8 products of statically quantized graphs (exact i32 sums, AVX-512
 //! VNNI where the CPU has it) and the requantization of their sums.
+//! [`snake`] is BigVGAN's anti-aliased SnakeBeta activation on one channel, fused;
+//! [`band_attention`] the DiT's block-local attention of one query block, without a mask.
 
 use half::bf16;
 
+pub mod activation;
+pub mod band_attention;
 pub mod int8;
+pub mod snake;
 
 /// Weight rows per tile: each weight vector loaded is used by every input row of the tile.
 pub const TILE_W: usize = 4;

@@ -348,4 +348,62 @@ mod tests {
         assert!(rows.iter().all(|r| r.value.is_finite() && r.value >= 0.0));
         Ok(())
     }
+
+    /// One DiT evaluation (the CFG pair) of a whole 96-code utterance and of the first
+    /// streaming window, and BigVGAN on the utterance's mel, at 3B shapes: the pieces of the
+    /// token2wav figures, short enough to profile (`perf record -g` on the test binary).
+    /// `cargo test --release --lib bench::speech -- --ignored --nocapture token2wav_pieces`.
+    #[test]
+    #[ignore]
+    fn token2wav_pieces_3b() -> Result<()> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/3b/config.json");
+        let config = Config::from_json(&std::fs::read_to_string(path)?)?;
+        let device = Device::Cpu;
+        let t2w_cfg = &config.token2wav_config;
+        let dit_cfg = &t2w_cfg.dit_config;
+        let vb = RandomWeights::var_builder(DType::F32, &device);
+        let t2w = Token2Wav::new(t2w_cfg, vb.pp("token2wav"))?;
+        let voice = Voice {
+            name: "bench".into(),
+            bos_token: 0,
+            cond: deterministic_rows(1, dit_cfg.enc_emb_dim, 5.0, &device)?,
+            ref_mel: deterministic_rows(400, dit_cfg.mel_dim, 6.0, &device)?
+                .affine(4.0, -5.0)?
+                .unsqueeze(0)?,
+        };
+        let speaker = t2w.speaker(&voice)?;
+        let parts = std::env::var("PIECES").unwrap_or_else(|_| "dit,window,bigvgan".into());
+        for (name, codes) in [("dit", 96usize), ("window", 24)] {
+            if !parts.contains(name) {
+                continue;
+            }
+            let ids: Vec<u32> = (0..codes as u32).map(|i| (i * 37 + 5) % 1000).collect();
+            let codes_t = t2w.codes_tensor(&ids)?;
+            let frames = codes * t2w.frames_per_code();
+            let x = t2w.noise_source(1).take_tensor(frames, &device)?;
+            let mut out = None;
+            let took = median_time(1, 3, || {
+                out = Some(t2w.dit().forward_cfg(&x, &speaker, &codes_t, 0.3));
+            });
+            out.expect("ran")?;
+            println!(
+                "DiT evaluation, CFG pair, {codes} codes ({frames} frames): {:.1} ms",
+                took.as_secs_f64() * 1e3
+            );
+        }
+        if parts.contains("bigvgan") {
+            let mel = (deterministic_rows(dit_cfg.mel_dim, 192, 2.0, &device)? * 2.0)?
+                .affine(1.0, -5.0)?
+                .unsqueeze(0)?;
+            let mut out = None;
+            let took = median_time(1, 2, || out = Some(t2w.vocode(&mel)));
+            let samples = out.expect("ran")?.len();
+            println!(
+                "BigVGAN, 192 frames ({:.2} s of audio): {:.1} ms",
+                samples as f64 / t2w.sample_rate() as f64,
+                took.as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    }
 }

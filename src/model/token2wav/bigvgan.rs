@@ -12,10 +12,15 @@
 //! transposed to channels-last, each as one matrix product over shifted copies (the
 //! up-sampler in polyphase form, one row per phase), never as `C` grouped convolutions.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, VarBuilder, conv1d, conv1d_no_bias};
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{Conv1dConfig, VarBuilder};
+use omnicall_kernels::snake::{SnakeResampler, SnakeScratch};
 
 use crate::model::config::BigVGANConfig;
+use crate::model::linear::{Conv1d, Kernels, conv1d, conv1d_no_bias, detected_level, kernels};
 
 /// `conv_pre` and `conv_post` are kernel-7, padding-3 convolutions in the reference.
 const EDGE_CONV_KERNEL: usize = 7;
@@ -136,6 +141,8 @@ struct UpSampler {
     ratio: usize,
     /// `[ratio, span]`.
     kernel: Tensor,
+    /// The same, row-major, for the CPU kernel.
+    taps: Vec<f32>,
     span: usize,
     pad_left: usize,
     pad_right: usize,
@@ -170,7 +177,8 @@ impl UpSampler {
         }
         Ok(Self {
             ratio,
-            kernel: Tensor::from_vec(kernel, (ratio, span), device)?.to_dtype(dtype)?,
+            kernel: Tensor::from_vec(kernel.clone(), (ratio, span), device)?.to_dtype(dtype)?,
+            taps: kernel,
             span,
             pad_left: pad - min_off,
             pad_right: max_off - pad,
@@ -201,6 +209,7 @@ struct DownSampler {
     ratio: usize,
     /// `[1, taps]`.
     kernel: Tensor,
+    filter: Vec<f32>,
     taps: usize,
     pad_left: usize,
     pad_right: usize,
@@ -213,6 +222,7 @@ impl DownSampler {
         Ok(Self {
             ratio,
             kernel: Tensor::from_vec(filter.to_vec(), (1, taps), device)?.to_dtype(dtype)?,
+            filter: filter.to_vec(),
             taps,
             pad_left: taps / 2 - usize::from(even),
             pad_right: taps / 2,
@@ -240,11 +250,35 @@ impl DownSampler {
     }
 }
 
+/// Both resamplers, shared by every activation of the model, with their fused CPU form.
+#[derive(Debug, Clone)]
+struct Resamplers {
+    up: UpSampler,
+    down: DownSampler,
+    cpu: Arc<SnakeResampler>,
+}
+
+impl Resamplers {
+    fn new(up: UpSampler, down: DownSampler) -> Self {
+        let cpu = Arc::new(SnakeResampler {
+            ratio: up.ratio,
+            up: up.taps.clone(),
+            span: up.span,
+            up_pad: (up.pad_left, up.pad_right),
+            down: down.filter.clone(),
+            down_pad: (down.pad_left, down.pad_right),
+        });
+        Self { up, down, cpu }
+    }
+}
+
 /// `TorchActivation1d(SnakeBeta(C))`: upsample, SnakeBeta, downsample.
 ///
-/// The resamplers are depthwise filters shared by every channel, so the activation works on the
-/// signal transposed to channels-last `[T, B C]`: each filter is then a single matrix product
-/// over shifted copies of the whole signal, never `C` grouped convolutions.
+/// On the CPU in f32 the whole activation runs channel by channel in one pass of the
+/// `omnicall-kernels` crate ([`SnakeResampler`]). Elsewhere the resamplers, depthwise filters
+/// shared by every channel, work on the signal transposed to channels-last `[T, B C]`: each
+/// filter is then a single matrix product over shifted copies of the whole signal, never `C`
+/// grouped convolutions.
 #[derive(Debug, Clone)]
 struct AntiAliasedSnake {
     /// `exp(alpha)`, `[1, C]`.
@@ -253,25 +287,53 @@ struct AntiAliasedSnake {
     inverse_magnitude: Tensor,
     up: UpSampler,
     down: DownSampler,
+    /// The fused CPU activation, when the model is on the CPU in f32.
+    cpu: Option<CpuSnake>,
 }
 
 impl AntiAliasedSnake {
     /// `vb` at the `TorchActivation1d` (its SnakeBeta is `act`).
-    fn new(channels: usize, up: &UpSampler, down: &DownSampler, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, resamplers: &Resamplers, vb: VarBuilder) -> Result<Self> {
         let act = vb.pp("act");
         let alpha = act.get(channels, "alpha")?;
         let beta = act.get(channels, "beta")?;
+        let frequency = alpha.exp()?.reshape((1, channels))?;
+        let inverse_magnitude = (beta.exp()? + SNAKE_EPS)?.recip()?.reshape((1, channels))?;
+        let cpu = if frequency.device().is_cpu() && frequency.dtype() == DType::F32 {
+            Some(CpuSnake {
+                resampler: resamplers.cpu.clone(),
+                frequency: Arc::new(frequency.flatten_all()?.to_vec1()?),
+                inverse_magnitude: Arc::new(inverse_magnitude.flatten_all()?.to_vec1()?),
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            frequency: alpha.exp()?.reshape((1, channels))?,
-            inverse_magnitude: (beta.exp()? + SNAKE_EPS)?.recip()?.reshape((1, channels))?,
-            up: up.clone(),
-            down: down.clone(),
+            frequency,
+            inverse_magnitude,
+            up: resamplers.up.clone(),
+            down: resamplers.down.clone(),
+            cpu,
         })
     }
 }
 
 impl Module for AntiAliasedSnake {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(cpu) = &self.cpu
+            && kernels() == Kernels::Auto
+            && xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+        {
+            return xs.apply_op1_no_bwd(cpu);
+        }
+        self.forward_generic(xs)
+    }
+}
+
+impl AntiAliasedSnake {
+    /// The device-generic activation (what a GPU runs).
+    fn forward_generic(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, t) = xs.dims3()?;
         let rows = xs.reshape((b * c, t))?.t()?.contiguous()?; // [T, B C]
         let up = self.up.forward_rows(&rows)?;
@@ -293,6 +355,78 @@ impl Module for AntiAliasedSnake {
     }
 }
 
+/// [`AntiAliasedSnake`] on the CPU: `[B, C, T]` f32, each channel through the fused kernel,
+/// the channels split over candle's thread pool.
+#[derive(Debug, Clone)]
+struct CpuSnake {
+    resampler: Arc<SnakeResampler>,
+    frequency: Arc<Vec<f32>>,
+    inverse_magnitude: Arc<Vec<f32>>,
+}
+
+/// The output rows, shared by the pool's work items: each writes only its own rows.
+struct SharedRows(*mut f32);
+// SAFETY: the work items write disjoint rows of the buffer, which outlives them.
+unsafe impl Sync for SharedRows {}
+
+/// Channels per work item of [`CpuSnake`]: enough items to balance the pool's threads.
+const SNAKE_ROWS_PER_ITEM: usize = 8;
+
+impl CustomOp1 for CpuSnake {
+    fn name(&self) -> &'static str {
+        "anti-aliased-snake"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, t) = layout.shape().dims3()?;
+        if c != self.frequency.len() || t == 0 {
+            candle_core::bail!(
+                "anti-aliased snake: input {:?} for {} channels",
+                layout.shape(),
+                self.frequency.len()
+            );
+        }
+        let copy;
+        let x = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(all), Some((start, end))) => &all[start..end],
+            (CpuStorage::F32(_), None) => {
+                let CpuStorage::F32(c) = storage.to_dtype(layout, DType::F32)? else {
+                    candle_core::bail!("anti-aliased snake: copying did not give f32");
+                };
+                copy = c;
+                &copy[..]
+            }
+            _ => candle_core::bail!("anti-aliased snake: needs f32, got {:?}", storage.dtype()),
+        };
+        let rows = b * c;
+        let mut out = vec![0f32; rows * t];
+        let shared = SharedRows(out.as_mut_ptr());
+        let level = detected_level();
+        let items = rows.div_ceil(SNAKE_ROWS_PER_ITEM);
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+            let shared = &shared;
+            let mut scratch = SnakeScratch::default();
+            for row in
+                range.start * SNAKE_ROWS_PER_ITEM..(range.end * SNAKE_ROWS_PER_ITEM).min(rows)
+            {
+                let ch = row % c;
+                // SAFETY: row `row` of `rows x t` is written by this item only, and `out`
+                // outlives the pool's work.
+                let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(row * t), t) };
+                self.resampler.run(
+                    level,
+                    &x[row * t..(row + 1) * t],
+                    self.frequency[ch],
+                    self.inverse_magnitude[ch],
+                    dst,
+                    &mut scratch,
+                );
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, t))))
+    }
+}
+
 /// `AMPBlock`: per dilation, `x += conv2(act(conv1(act(x))))` with `conv1` dilated.
 #[derive(Debug, Clone)]
 struct AmpBlock {
@@ -306,8 +440,7 @@ impl AmpBlock {
         channels: usize,
         kernel: usize,
         dilations: &[usize],
-        up: &UpSampler,
-        down: &DownSampler,
+        resamplers: &Resamplers,
         vb: VarBuilder,
     ) -> Result<Self> {
         let same = |dilation: usize| Conv1dConfig {
@@ -324,7 +457,7 @@ impl AmpBlock {
             .map(|i| conv1d(channels, channels, kernel, same(1), vb.pp("convs2").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let activations = (0..2 * dilations.len())
-            .map(|i| AntiAliasedSnake::new(channels, up, down, vb.pp("activations").pp(i)))
+            .map(|i| AntiAliasedSnake::new(channels, resamplers, vb.pp("activations").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             convs1,
@@ -428,6 +561,7 @@ impl BigVgan {
         let filter = kaiser_sinc_filter(FILTER_CUTOFF, FILTER_HALF_WIDTH, RESAMPLE_TAPS);
         let up = UpSampler::new(RESAMPLE_RATIO, &filter, &device, dtype)?;
         let down = DownSampler::new(RESAMPLE_RATIO, &filter, &device, dtype)?;
+        let resamplers = Resamplers::new(up, down);
 
         let edge = Conv1dConfig {
             padding: EDGE_CONV_KERNEL / 2,
@@ -462,14 +596,13 @@ impl BigVgan {
                     c_out,
                     rk,
                     dil,
-                    &up,
-                    &down,
+                    &resamplers,
                     vb.pp("resblocks").pp(index),
                 )?);
             }
         }
         let c_last = c0 >> stages;
-        let activation_post = AntiAliasedSnake::new(c_last, &up, &down, vb.pp("activation_post"))?;
+        let activation_post = AntiAliasedSnake::new(c_last, &resamplers, vb.pp("activation_post"))?;
         let conv_post = conv1d_no_bias(c_last, 1, EDGE_CONV_KERNEL, edge, vb.pp("conv_post"))?;
         Ok(Self {
             conv_pre,
@@ -628,7 +761,8 @@ mod tests {
             DType::F32,
             &dev,
         );
-        let act = AntiAliasedSnake::new(c, &up, &down, vb)?;
+        let act = AntiAliasedSnake::new(c, &Resamplers::new(up, down), vb)?;
+        assert!(act.cpu.is_some(), "f32 on the CPU has the fused activation");
         let grouped = Tensor::from_vec(filter.clone(), (1, 1, 12), &dev)?
             .broadcast_as((c, 1, 12))?
             .contiguous()?;
@@ -643,10 +777,18 @@ mod tests {
             let wave = upsampled.broadcast_mul(&freq)?.sin()?.sqr()?;
             let snake = (upsampled + wave.broadcast_mul(&inv)?)?;
             let want = replicate_pad(&snake, 5, 6)?.conv1d(&grouped, 0, 2, 1, c)?;
-            let got = act.forward(&x)?;
-            assert_eq!(got.dims(), &[b, c, t]);
-            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "b {b} t {t}: {diff}");
+            for (path, got) in [
+                ("model's", act.forward(&x)?),
+                ("generic", act.forward_generic(&x)?),
+                (
+                    "strided input",
+                    act.forward(&x.transpose(1, 2)?.contiguous()?.transpose(1, 2)?)?,
+                ),
+            ] {
+                assert_eq!(got.dims(), &[b, c, t]);
+                let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{path} path, b {b} t {t}: {diff}");
+            }
         }
         Ok(())
     }

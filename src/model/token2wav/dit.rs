@@ -19,12 +19,16 @@
 //! `-back_i <= q / block_size - p / block_size <= ahead_i`; it is computed per query block over
 //! its `back_i + 1 + ahead_i` key blocks only, never as a full (N x N) matrix.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Embedding, VarBuilder, embedding};
+use omnicall_kernels::band_attention::{BandScratch, BandShape, Rope, band_attention};
 
 use super::ecapa::EcapaTdnn;
 use crate::model::config::DiTConfig;
-use crate::model::linear::{Linear, linear};
+use crate::model::linear::{Kernels, Linear, detected_level, kernels, linear};
 
 /// Width of the sinusoidal time features (`DiTTimestepEmbedding(freq_embed_dim=256)`).
 const TIME_FREQ_DIM: usize = 256;
@@ -111,6 +115,135 @@ impl PlainLayerNorm {
 /// `norm(x) * (1 + scale) + shift` with the modulation `[1, 1, hidden]` broadcast.
 fn modulate(normed: &Tensor, one_plus_scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
     normed.broadcast_mul(one_plus_scale)?.broadcast_add(shift)
+}
+
+impl PlainLayerNorm {
+    /// `modulate(self.forward(xs), one_plus_scale, shift)`, in one pass on the CPU in f32.
+    fn forward_modulated(
+        &self,
+        xs: &Tensor,
+        one_plus_scale: &Tensor,
+        shift: &Tensor,
+    ) -> Result<Tensor> {
+        if takes_row_op(xs, &[one_plus_scale, shift]) {
+            return xs.apply_op3_no_bwd(one_plus_scale, shift, &RowOp::ModulatedNorm);
+        }
+        modulate(&self.forward(xs)?, one_plus_scale, shift)
+    }
+}
+
+/// `xs + ys * gate` with the gate `[1, 1, hidden]` broadcast, in one pass on the CPU in f32.
+fn gated_residual(xs: &Tensor, ys: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if takes_row_op(xs, &[ys, gate]) && ys.dims() == xs.dims() {
+        return xs.apply_op3_no_bwd(ys, gate, &RowOp::GatedResidual);
+    }
+    xs + ys.broadcast_mul(gate)?
+}
+
+/// Whether [`RowOp`] applies: CPU kernels on, f32 on the CPU, per-hidden parameters.
+fn takes_row_op(xs: &Tensor, others: &[&Tensor]) -> bool {
+    let Some(&hidden) = xs.dims().last() else {
+        return false;
+    };
+    kernels() == Kernels::Auto
+        && xs.device().is_cpu()
+        && xs.dtype() == DType::F32
+        && others.iter().all(|t| t.dtype() == DType::F32)
+        && others
+            .last()
+            .is_some_and(|p| p.elem_count() == hidden && p.dims().last() == Some(&hidden))
+}
+
+/// The DiT's elementwise steps fused on the CPU in f32, row by row on candle's thread pool:
+/// `(x, 1 + scale, shift)` -> `LayerNorm(x) (1 + scale) + shift`, and `(x, y, gate)` ->
+/// `x + y gate`. The last operand has one value per hidden column.
+#[derive(Debug, Clone, Copy)]
+enum RowOp {
+    ModulatedNorm,
+    GatedResidual,
+}
+
+/// Rows per work item of [`RowOp`].
+const ROW_OP_ROWS: usize = 16;
+
+/// A logical-order f32 view of a CPU operand (a copy only when it is strided).
+fn f32_values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(all), Some((a, b))) => Ok(std::borrow::Cow::Borrowed(&all[a..b])),
+        _ => match s.to_dtype(l, DType::F32)? {
+            CpuStorage::F32(c) => Ok(std::borrow::Cow::Owned(c)),
+            _ => candle_core::bail!("DiT CPU op: needs f32, got {:?}", s.dtype()),
+        },
+    }
+}
+
+impl CustomOp3 for RowOp {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::ModulatedNorm => "dit-modulated-norm",
+            Self::GatedResidual => "dit-gated-residual",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (
+            f32_values(x, x_layout)?,
+            f32_values(a, a_layout)?,
+            f32_values(b, b_layout)?,
+        );
+        let hidden = b.len();
+        let per_row_ok = match self {
+            Self::ModulatedNorm => a.len() == hidden,
+            Self::GatedResidual => a.len() == x.len(),
+        };
+        if hidden == 0 || !x.len().is_multiple_of(hidden) || !per_row_ok {
+            candle_core::bail!(
+                "{}: operands {:?}, {:?}, {:?}",
+                self.name(),
+                x_layout.shape(),
+                a_layout.shape(),
+                b_layout.shape()
+            );
+        }
+        let rows = x.len() / hidden;
+        let mut out = vec![0f32; x.len()];
+        let shared = SharedOut(out.as_mut_ptr());
+        let level = detected_level();
+        let op = *self;
+        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROW_OP_ROWS), |range| {
+            let shared = &shared;
+            let start = range.start * ROW_OP_ROWS * hidden;
+            let end = (range.end * ROW_OP_ROWS).min(rows) * hidden;
+            // SAFETY: values [start, end) are this item's alone; `out` outlives the pool's work.
+            let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(start), end - start) };
+            match op {
+                Self::ModulatedNorm => omnicall_kernels::activation::modulated_layer_norm(
+                    level,
+                    &x[start..end],
+                    &a,
+                    &b,
+                    LN_EPS,
+                    dst,
+                ),
+                Self::GatedResidual => omnicall_kernels::activation::gated_residual(
+                    level,
+                    &x[start..end],
+                    &a[start..end],
+                    &b,
+                    dst,
+                ),
+            }
+        });
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
 }
 
 /// The modulation of one transformer block at one time (`AdaLayerNormZero`), each `[1, 1, hidden]`.
@@ -224,6 +357,28 @@ impl TimestepEmbedding {
     }
 }
 
+/// `[B, N, heads · head_dim]` -> `[B, heads, N, head_dim]`, with head 0 rotated (interleaved
+/// pairs).
+fn split_heads(
+    xs: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    rope: Option<&Rotary>,
+) -> Result<Tensor> {
+    let (b, n, _) = xs.dims3()?;
+    let xs = xs
+        .reshape((b, n, heads, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let Some(rope) = rope else { return Ok(xs) };
+    let head0 =
+        candle_nn::rotary_emb::rope_i(&xs.narrow(1, 0, 1)?.contiguous()?, &rope.cos, &rope.sin)?;
+    if heads == 1 {
+        return Ok(head0);
+    }
+    Tensor::cat(&[head0, xs.narrow(1, 1, heads - 1)?], 1)
+}
+
 /// `DiTAttention`: q/k/v projections, RoPE on head 0 only, block-local attention, output proj.
 #[derive(Debug, Clone)]
 struct Attention {
@@ -248,31 +403,38 @@ impl Attention {
         })
     }
 
-    /// `[B, N, inner]` -> `[B, heads, N, head_dim]`, with head 0 rotated (interleaved pairs).
-    fn split_heads(&self, xs: &Tensor, rope: Option<&Rotary>) -> Result<Tensor> {
-        let (b, n, _) = xs.dims3()?;
-        let xs = xs
-            .reshape((b, n, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let Some(rope) = rope else { return Ok(xs) };
-        let head0 = candle_nn::rotary_emb::rope_i(
-            &xs.narrow(1, 0, 1)?.contiguous()?,
-            &rope.cos,
-            &rope.sin,
-        )?;
-        if self.heads == 1 {
-            return Ok(head0);
-        }
-        Tensor::cat(&[head0, xs.narrow(1, 1, self.heads - 1)?], 1)
-    }
-
     fn forward(&self, xs: &Tensor, rope: &Rotary, band: &BlockBand) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(xs)?, Some(rope))?;
-        let k = self.split_heads(&self.to_k.forward(xs)?, Some(rope))?;
-        let v = self.split_heads(&self.to_v.forward(xs)?, None)?;
-        let out = band.attend(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let (q, k, v) = (
+            self.to_q.forward(xs)?,
+            self.to_k.forward(xs)?,
+            self.to_v.forward(xs)?,
+        );
+        if let Some(tables) = &rope.cpu
+            && kernels() == Kernels::Auto
+            && q.device().is_cpu()
+            && q.dtype() == DType::F32
+        {
+            let op = CpuBandAttention {
+                shape: BandShape {
+                    frames: n,
+                    heads: self.heads,
+                    head_dim: self.head_dim,
+                    block: band.block,
+                    back: band.back,
+                    ahead: band.ahead,
+                    scale: scale as f32,
+                },
+                rope: tables.clone(),
+            };
+            return self.to_out.forward(&q.apply_op3_no_bwd(&k, &v, &op)?);
+        }
+        let (h, d) = (self.heads, self.head_dim);
+        let q = split_heads(&q, h, d, Some(rope))?;
+        let k = split_heads(&k, h, d, Some(rope))?;
+        let v = split_heads(&v, h, d, None)?;
+        let out = band.attend(&q, &k, &v, scale)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;
@@ -285,6 +447,14 @@ impl Attention {
 struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    /// The same values for the CPU attention, when the model is on the CPU in f32.
+    cpu: Option<Arc<RopeTables>>,
+}
+
+#[derive(Debug)]
+struct RopeTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl Rotary {
@@ -309,9 +479,11 @@ impl Rotary {
                 sin.push(a.sin());
             }
         }
+        let on_cpu = device.is_cpu() && dtype == DType::F32;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (frames, half), device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (frames, half), device)?.to_dtype(dtype)?,
+            cos: Tensor::from_vec(cos.clone(), (frames, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin.clone(), (frames, half), device)?.to_dtype(dtype)?,
+            cpu: on_cpu.then(|| Arc::new(RopeTables { cos, sin })),
         })
     }
 }
@@ -404,6 +576,109 @@ impl BlockBand {
     }
 }
 
+/// [`BlockBand::attend`] on the CPU in f32, fused: q, k, v `[B, N, heads · head_dim]` straight
+/// from their projections, head 0 rotated on the fly, each (batch item, head, query block) over
+/// its own key range only (no padding, no mask), on candle's thread pool. Returns
+/// `[B, N, heads · head_dim]`, ready for the output projection.
+#[derive(Debug, Clone)]
+struct CpuBandAttention {
+    shape: BandShape,
+    rope: Arc<RopeTables>,
+}
+
+/// The output rows, shared by the pool's work items: each writes only its own (row, head)
+/// segments.
+struct SharedOut(*mut f32);
+// SAFETY: the work items write disjoint segments of the buffer, which outlives them.
+unsafe impl Sync for SharedOut {}
+
+impl CustomOp3 for CpuBandAttention {
+    fn name(&self) -> &'static str {
+        "dit-band-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = self.shape;
+        let (batch, frames, width) = q_layout.shape().dims3()?;
+        let d = shape.head_dim;
+        if frames != shape.frames
+            || width != shape.heads * d
+            || k_layout.shape() != q_layout.shape()
+            || v_layout.shape() != q_layout.shape()
+        {
+            candle_core::bail!(
+                "DiT attention: q {:?}, k {:?}, v {:?} for {shape:?}",
+                q_layout.shape(),
+                k_layout.shape(),
+                v_layout.shape()
+            );
+        }
+        let (q, k, v) = (
+            f32_values(q, q_layout)?,
+            f32_values(k, k_layout)?,
+            f32_values(v, v_layout)?,
+        );
+        let per_item = frames * width;
+        let blocks = shape.blocks();
+        let items = batch * shape.heads * blocks;
+        let mut out = vec![0f32; batch * per_item];
+        let shared = SharedOut(out.as_mut_ptr());
+        let rope = Rope {
+            cos: &self.rope.cos,
+            sin: &self.rope.sin,
+        };
+        let level = detected_level();
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+            let shared = &shared;
+            let mut scratch = BandScratch::default();
+            let mut rows = Vec::new();
+            for item in range {
+                let (b, rest) = (item / (shape.heads * blocks), item % (shape.heads * blocks));
+                let (head, qb) = (rest / blocks, rest % blocks);
+                let first = qb * shape.block;
+                let len = shape.block.min(frames - first);
+                rows.clear();
+                rows.resize(len * d, 0.0);
+                let item_range = b * per_item..(b + 1) * per_item;
+                band_attention(
+                    level,
+                    &shape,
+                    head,
+                    qb,
+                    (
+                        &q[item_range.clone()],
+                        &k[item_range.clone()],
+                        &v[item_range],
+                    ),
+                    (head == 0).then_some(rope),
+                    &mut rows,
+                    &mut scratch,
+                );
+                for (i, row) in rows.chunks_exact(d).enumerate() {
+                    // SAFETY: (frame first + i, head) of batch item b is this item's alone;
+                    // the segment lies within `out`, which outlives the pool's work.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            row.as_ptr(),
+                            shared.0.add(b * per_item + (first + i) * width + head * d),
+                            d,
+                        )
+                    };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((batch, frames, width))))
+    }
+}
+
 /// `DiTMLP`: Linear -> GELU (tanh) -> Linear.
 #[derive(Debug, Clone)]
 struct Mlp {
@@ -424,7 +699,53 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.ff3.forward(&self.ff0.forward(xs)?.gelu()?)
+        let h = self.ff0.forward(xs)?;
+        let h = if kernels() == Kernels::Auto && h.device().is_cpu() && h.dtype() == DType::F32 {
+            h.apply_op1_no_bwd(&CpuGelu)?
+        } else {
+            h.gelu()?
+        };
+        self.ff3.forward(&h)
+    }
+}
+
+/// `gelu` (tanh approximation) on the CPU in f32, vectorised (candle's calls `tanhf` per value,
+/// on one thread), the values split over candle's thread pool.
+#[derive(Debug, Clone, Copy)]
+struct CpuGelu;
+
+/// Values per work item of [`CpuGelu`].
+const GELU_CHUNK: usize = 1 << 14;
+
+impl candle_core::CustomOp1 for CpuGelu {
+    fn name(&self) -> &'static str {
+        "gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let copy;
+        let x = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(all), Some((a, b))) => &all[a..b],
+            _ => {
+                let CpuStorage::F32(c) = storage.to_dtype(layout, DType::F32)? else {
+                    candle_core::bail!("gelu: needs f32, got {:?}", storage.dtype());
+                };
+                copy = c;
+                &copy[..]
+            }
+        };
+        let mut out = vec![0f32; x.len()];
+        let shared = SharedOut(out.as_mut_ptr());
+        let level = detected_level();
+        candle_core::utils::barrier_pool().execute_chunked(x.len().div_ceil(GELU_CHUNK), |range| {
+            let shared = &shared;
+            let start = range.start * GELU_CHUNK;
+            let end = (range.end * GELU_CHUNK).min(x.len());
+            // SAFETY: values [start, end) are this item's alone; `out` outlives the pool's work.
+            let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(start), end - start) };
+            omnicall_kernels::activation::gelu_tanh_slice(level, &x[start..end], dst);
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
@@ -474,12 +795,12 @@ impl DecoderLayer {
         rope: &Rotary,
         band: &BlockBand,
     ) -> Result<Tensor> {
-        let normed = modulate(&norm.forward(xs)?, &m.scale_attn, &m.shift_attn)?;
+        let normed = norm.forward_modulated(xs, &m.scale_attn, &m.shift_attn)?;
         let attn = self.attn.forward(&normed, rope, band)?;
-        let xs = (xs + attn.broadcast_mul(&m.gate_attn)?)?;
-        let normed = modulate(&norm.forward(&xs)?, &m.scale_mlp, &m.shift_mlp)?;
+        let xs = gated_residual(xs, &attn, &m.gate_attn)?;
+        let normed = norm.forward_modulated(&xs, &m.scale_mlp, &m.shift_mlp)?;
         let ff = self.ff.forward(&normed)?;
-        xs + ff.broadcast_mul(&m.gate_mlp)?
+        gated_residual(&xs, &ff, &m.gate_mlp)
     }
 }
 
@@ -784,7 +1105,9 @@ impl Dit {
         for ((layer, m), &band) in self.layers.iter().zip(&tc.blocks).zip(&p.layer_band) {
             h = layer.forward(&h, m, &self.norm, &p.rope, &p.bands[band])?;
         }
-        let h = modulate(&self.norm.forward(&h)?, &tc.final_scale, &tc.final_shift)?;
+        let h = self
+            .norm
+            .forward_modulated(&h, &tc.final_scale, &tc.final_shift)?;
         self.proj_out.forward(&h)
     }
 
@@ -1025,6 +1348,94 @@ mod tests {
                     "frames {frames} back {back} ahead {ahead}: {diff}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// The fused CPU attention equals the generic path (heads split, head 0 rotated, the
+    /// band's padded windows and mask) on odd shapes and a batch of two.
+    #[test]
+    fn cpu_band_attention_matches_the_generic_path() -> Result<()> {
+        let dev = Device::Cpu;
+        for (frames, heads, head_dim, block, back, ahead) in [
+            (1, 1, 2, 3, 0, 0),
+            (7, 2, 6, 3, 1, 0),
+            (10, 3, 4, 3, 1, 1),
+            (50, 2, 64, 24, 1, 1),
+        ] {
+            let rope = Rotary::new(frames, head_dim, 10000.0, &dev, DType::F32)?;
+            let band = BlockBand::new(back, ahead, block, frames, &dev)?;
+            let shape = (2, frames, heads * head_dim);
+            let (q, k, v) = (
+                Tensor::randn(0f32, 1., shape, &dev)?,
+                Tensor::randn(0f32, 1., shape, &dev)?,
+                Tensor::randn(0f32, 1., shape, &dev)?,
+            );
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let want = band
+                .attend(
+                    &split_heads(&q, heads, head_dim, Some(&rope))?,
+                    &split_heads(&k, heads, head_dim, Some(&rope))?,
+                    &split_heads(&v, heads, head_dim, None)?,
+                    scale,
+                )?
+                .transpose(1, 2)?
+                .reshape(shape)?;
+            let op = CpuBandAttention {
+                shape: BandShape {
+                    frames,
+                    heads,
+                    head_dim,
+                    block,
+                    back,
+                    ahead,
+                    scale: scale as f32,
+                },
+                rope: rope.cpu.clone().expect("f32 on the CPU has the tables"),
+            };
+            let got = q.apply_op3_no_bwd(&k, &v, &op)?;
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5,
+                "frames {frames} heads {heads} block {block}: {diff}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn row_ops_match_the_generic_steps() -> Result<()> {
+        let dev = Device::Cpu;
+        let norm = PlainLayerNorm::new(37, &dev)?;
+        let x = (Tensor::randn(0f32, 2., (2, 9, 37), &dev)? + 0.7)?;
+        let y = Tensor::randn(0f32, 1., (2, 9, 37), &dev)?;
+        let scale = (Tensor::randn(0f32, 0.3, (1, 1, 37), &dev)? + 1.0)?;
+        let shift = Tensor::randn(0f32, 0.3, (1, 1, 37), &dev)?;
+        let max_diff = |a: Tensor, b: Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(takes_row_op(&x, &[&scale, &shift]) && takes_row_op(&x, &[&y, &shift]));
+        let want = modulate(&norm.forward(&x)?, &scale, &shift)?;
+        assert!(max_diff(norm.forward_modulated(&x, &scale, &shift)?, want)? < 1e-5);
+        let want = (&x + y.broadcast_mul(&shift)?)?;
+        assert!(max_diff(gated_residual(&x, &y, &shift)?, want)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn cpu_gelu_matches_candle_gelu() -> Result<()> {
+        let x = (Tensor::randn(0f32, 3., (3, 5, 7001), &Device::Cpu)? + 0.5)?;
+        for xs in [x.clone(), x.transpose(1, 2)?] {
+            let diff = (xs.apply_op1_no_bwd(&CpuGelu)? - xs.gelu()?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{diff}");
         }
         Ok(())
     }

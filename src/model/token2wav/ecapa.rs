@@ -7,7 +7,9 @@
 //! outputs, attentive statistics pooling (ASP) and a final 1x1 convolution.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, VarBuilder, conv1d};
+use candle_nn::{Conv1dConfig, VarBuilder};
+
+use crate::model::linear::{Conv1d, conv1d};
 
 use crate::model::config::DiTConfig;
 
