@@ -1295,6 +1295,10 @@ impl Dit {
 mod tests {
     use super::*;
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
     #[test]
     fn time_grid_matches_reference_sway() -> Result<()> {
         let grid = SamplerOptions::default().time_grid()?;
@@ -1338,11 +1342,7 @@ mod tests {
                 let mask = Tensor::from_vec(mask, (frames, frames), &dev)?;
                 let scores = (q.matmul(&k.t()?)? * 0.5)?.broadcast_add(&mask)?;
                 let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-                let diff = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                let diff = max_diff(&got, &want)?;
                 assert!(
                     diff < 1e-5,
                     "frames {frames} back {back} ahead {ahead}: {diff}"
@@ -1394,11 +1394,7 @@ mod tests {
                 rope: rope.cpu.clone().expect("f32 on the CPU has the tables"),
             };
             let got = q.apply_op3_no_bwd(&k, &v, &op)?;
-            let diff = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = max_diff(&got, &want)?;
             assert!(
                 diff < 1e-5,
                 "frames {frames} heads {heads} block {block}: {diff}"
@@ -1415,14 +1411,11 @@ mod tests {
         let y = Tensor::randn(0f32, 1., (2, 9, 37), &dev)?;
         let scale = (Tensor::randn(0f32, 0.3, (1, 1, 37), &dev)? + 1.0)?;
         let shift = Tensor::randn(0f32, 0.3, (1, 1, 37), &dev)?;
-        let max_diff = |a: Tensor, b: Tensor| -> Result<f32> {
-            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-        };
         assert!(takes_row_op(&x, &[&scale, &shift]) && takes_row_op(&x, &[&y, &shift]));
         let want = modulate(&norm.forward(&x)?, &scale, &shift)?;
-        assert!(max_diff(norm.forward_modulated(&x, &scale, &shift)?, want)? < 1e-5);
+        assert!(max_diff(&norm.forward_modulated(&x, &scale, &shift)?, &want)? < 1e-5);
         let want = (&x + y.broadcast_mul(&shift)?)?;
-        assert!(max_diff(gated_residual(&x, &y, &shift)?, want)? < 1e-6);
+        assert!(max_diff(&gated_residual(&x, &y, &shift)?, &want)? < 1e-6);
         Ok(())
     }
 
@@ -1430,11 +1423,7 @@ mod tests {
     fn cpu_gelu_matches_candle_gelu() -> Result<()> {
         let x = (Tensor::randn(0f32, 3., (3, 5, 7001), &Device::Cpu)? + 0.5)?;
         for xs in [x.clone(), x.transpose(1, 2)?] {
-            let diff = (xs.apply_op1_no_bwd(&CpuGelu)? - xs.gelu()?)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = max_diff(&xs.apply_op1_no_bwd(&CpuGelu)?, &xs.gelu()?)?;
             assert!(diff < 1e-5, "{diff}");
         }
         Ok(())
