@@ -257,17 +257,19 @@ impl ThinkerTask {
             return Ok(());
         };
         let kept = if answer.spoken {
-            let progress = self.links.speech.get();
-            let codes = if progress.turn == answer.turn {
-                progress.codes
-            } else {
-                0
-            };
+            let (codes, total_codes) = self.voiced(answer.turn);
+            let rate = self
+                .model
+                .speech
+                .as_ref()
+                .map_or(1, |s| s.token2wav.sample_rate());
             tokens_heard(SpokenAnswer {
                 cumulative_chars: &answer.chars,
                 heard_codes: codes,
-                total_codes: (progress.turn == answer.turn && progress.finished).then_some(codes),
-                heard: self.code_duration * codes as u32,
+                total_codes,
+                heard: Duration::from_secs_f64(
+                    (codes * self.samples_per_code) as f64 / rate as f64,
+                ),
             })
         } else {
             answer.ids.len()
@@ -281,6 +283,16 @@ impl ThinkerTask {
         let closed = self.close_answer(&mut answer, kept);
         self.last = Some(answer);
         closed.context("closing a cancelled answer")
+    }
+
+    /// Codes the Talker has made of the answer to `turn`, and all of them once it has ended
+    /// the answer's speech.
+    fn voiced(&self, turn: u64) -> (usize, Option<usize>) {
+        let progress = self.links.speech.get();
+        if progress.turn != turn {
+            return (0, None);
+        }
+        (progress.codes, progress.finished.then_some(progress.codes))
     }
 
     /// A stop: cuts the last answer to what was heard (`heard_samples` of its voice) and
@@ -305,8 +317,7 @@ impl ThinkerTask {
             self.links.marks.emit(turn, &self.links.events);
             return Ok(());
         };
-        let progress = self.links.speech.get();
-        let total_codes = (progress.turn == turn && progress.finished).then_some(progress.codes);
+        let (_, total_codes) = self.voiced(turn);
         let heard_codes = heard_samples / self.samples_per_code.max(1);
         let kept = if voice {
             tokens_heard(SpokenAnswer {

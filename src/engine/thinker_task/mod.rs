@@ -190,8 +190,6 @@ pub(crate) struct ThinkerTask {
     /// Room kept free for the answer and the template around it.
     reserve: usize,
     samples_per_code: usize,
-    /// Audio per codec code.
-    code_duration: Duration,
     /// Media embeddings of the entries laid out and not yet prefilled, in order.
     pending_media: PendingMedia,
     snapshot: Option<Snapshot>,
@@ -246,11 +244,6 @@ impl ThinkerTask {
             .speech
             .as_ref()
             .map_or(1, |s| s.token2wav.samples_per_code());
-        let code_duration = model.speech.as_ref().map_or(Duration::ZERO, |s| {
-            Duration::from_secs_f64(
-                s.token2wav.samples_per_code() as f64 / s.token2wav.sample_rate() as f64,
-            )
-        });
         let mut eos = model
             .generation_options(1, crate::model::sampling::SamplingOptions::greedy())
             .eos_token_ids;
@@ -274,7 +267,6 @@ impl ThinkerTask {
             closing,
             reserve,
             samples_per_code,
-            code_duration,
             model,
             snapshot: None,
             forgotten: 0,
