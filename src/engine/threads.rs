@@ -63,7 +63,7 @@ pub unsafe fn settle_compute_threads(many_sessions: bool) {
 /// 32 MiB), so after a call ends a session's KV caches and activations are heap memory it
 /// keeps; without this the server's RSS grows with every busiest moment and never comes
 /// back. `malloc_trim` returns the free pages (a few milliseconds, once per call).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReleaseMemoryOnExit;
 
 impl Drop for ReleaseMemoryOnExit {
@@ -73,7 +73,7 @@ impl Drop for ReleaseMemoryOnExit {
 }
 
 /// Hands the allocator's free pages back to the system (glibc on Linux; elsewhere a no-op).
-pub fn return_freed_memory() {
+fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
     unsafe {

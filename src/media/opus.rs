@@ -53,8 +53,6 @@ fn codec(context: &'static str) -> impl FnOnce(opus::Error) -> OpusError {
 pub struct OpusDecoder {
     decoder: opus::Decoder,
     rate: u32,
-    /// RTP clock ticks (48 kHz) per output sample.
-    ticks_per_sample: usize,
     buf: Vec<f32>,
 }
 
@@ -73,7 +71,6 @@ impl OpusDecoder {
             decoder: opus::Decoder::new(rate, opus::Channels::Mono)
                 .map_err(codec("decoder init"))?,
             rate,
-            ticks_per_sample: (OPUS_RATE / rate) as usize,
             buf: vec![0.0; MAX_PACKET_SAMPLES],
         })
     }
@@ -85,7 +82,7 @@ impl OpusDecoder {
 
     /// RTP clock ticks (48 kHz) per decoded sample.
     pub fn ticks_per_sample(&self) -> usize {
-        self.ticks_per_sample
+        (OPUS_RATE / self.rate) as usize
     }
 
     /// Samples at 48 kHz (the RTP clock's ticks) that `packet` decodes to; checks the
@@ -106,7 +103,7 @@ impl OpusDecoder {
 
     /// Decodes one packet.
     pub fn decode(&mut self, packet: &[u8]) -> Result<Vec<f32>, OpusError> {
-        let want = Self::packet_samples(packet)? / self.ticks_per_sample;
+        let want = Self::packet_samples(packet)? / self.ticks_per_sample();
         let n = self
             .decoder
             .decode_float(packet, &mut self.buf[..want], false)
@@ -117,8 +114,8 @@ impl OpusDecoder {
     /// Output samples to ask libopus for in place of `samples` lost ones: whole 2.5 ms steps,
     /// at most 120 ms.
     fn concealment_len(&self, samples: usize) -> usize {
-        let step = PLC_STEP / self.ticks_per_sample;
-        let max = MAX_PACKET_SAMPLES / self.ticks_per_sample;
+        let step = PLC_STEP / self.ticks_per_sample();
+        let max = MAX_PACKET_SAMPLES / self.ticks_per_sample();
         samples.div_ceil(step).clamp(1, max / step) * step
     }
 
