@@ -645,7 +645,16 @@ fn timed_turn(model: &OmniModel, sizes: &EngineBenchSizes) -> Result<TurnTimings
             .iter()
             .any(|e| matches!(e, SessionEvent::Audio { turn: t, .. } if *t == turn))
         {
-            break driver.probe.timings(turn);
+            if let Some(marks) = driver.probe.timings(turn) {
+                break Some(marks);
+            }
+            // a short answer has ended already: its marks went out in its event
+            std::thread::sleep(TICK);
+            driver.collect();
+            break driver.events.iter().find_map(|e| match e {
+                SessionEvent::Timings(t) if t.turn == turn => Some(t.clone()),
+                _ => None,
+            });
         }
         if driver.answered(turn) {
             bail!("the answer ended without a sound: {:?}", driver.errors());
