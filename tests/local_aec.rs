@@ -278,6 +278,15 @@ fn a_quiet_interruption_stops_the_answer_with_the_canceller_but_not_with_the_gat
     );
     assert!(aec.log.contains("you (turn 2)"), "{}", aec.log);
     assert!(aec.level(1.8, at) > 0.0, "no voice before the interruption");
+    // the same bound as tests/local_e2e.rs: the voice stops within a second of the onset
+    let paused = aec
+        .said_at("[paused] answer to turn 1")
+        .unwrap_or_else(|| panic!("the voice was never paused: {}", aec.log));
+    assert!(
+        paused <= at + 1.0,
+        "the voice paused {:.2} s after the onset",
+        paused - at
+    );
     // Speech this quiet comes out of the canceller's suppressor with gaps, so the answer may
     // resume once before the barge-in is decided: decided while the user still speaks, and
     // silent from then on.
