@@ -27,6 +27,12 @@ use omnicall::model::speakers::DEFAULT_VOICE;
 use omnicall::model::talker::TalkerOptions;
 use omnicall::model::token2wav::dit::SamplerOptions;
 
+/// jemalloc rather than glibc's malloc: with calls starting and ending, glibc's per-thread arenas
+/// kept the server's RSS wherever its busiest moment had left the heap; jemalloc's size classes
+/// fragment less, and a finished call's pages are purged (`engine::threads::ReleaseMemoryOnExit`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "omnicall",

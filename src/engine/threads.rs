@@ -59,10 +59,11 @@ pub unsafe fn settle_compute_threads(many_sessions: bool) {
 /// Held by each thread of a session; when the last one ends, the memory the session freed
 /// is handed back to the system.
 ///
-/// glibc's allocator raises its mmap threshold to the largest block freed so far (up to
-/// 32 MiB), so after a call ends a session's KV caches and activations are heap memory it
-/// keeps; without this the server's RSS grows with every busiest moment and never comes
-/// back. `malloc_trim` returns the free pages (a few milliseconds, once per call).
+/// An allocator keeps freed pages for reuse (glibc raises its mmap threshold to the largest
+/// block freed so far, up to 32 MiB; jemalloc purges only as it allocates, after a decay), so
+/// after a call ends a session's KV caches and activations stay memory the server holds;
+/// without this its RSS grows with every busiest moment and does not come back on an idle
+/// server. Purging returns the free pages (a few milliseconds, once per call).
 #[derive(Debug)]
 pub struct ReleaseMemoryOnExit;
 
@@ -72,8 +73,21 @@ impl Drop for ReleaseMemoryOnExit {
     }
 }
 
-/// Hands the allocator's free pages back to the system (glibc on Linux; elsewhere a no-op).
+/// Hands the allocators' free pages back to the system: jemalloc's (the binary's global
+/// allocator: every arena's dirty and muzzy pages) and glibc's (the C libraries' codecs and, in
+/// the library's own tests, everything).
 fn return_freed_memory() {
+    // SAFETY: "arena.<MALLCTL_ARENAS_ALL>.purge" takes and returns nothing (null pointers, zero
+    // length) and only releases jemalloc's own unused pages.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"arena.4096.purge".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
     unsafe {
