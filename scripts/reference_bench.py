@@ -205,13 +205,28 @@ def load_processor_settings(config_path: Path) -> dict:
 
 
 # The submodules each stage runs, as attribute paths from the whole model. `generate` runs all of it.
+# Each part is a list of the paths it has had across transformers versions (5.24 nests the towers
+# and the text decoder under `thinker.model`; 5.17 has them on the thinker, the decoder as `model`):
+# the first that exists is used.
 STAGE_PARTS = {
-    "audio": ["thinker.model.audio_tower"],
-    "vision": ["thinker.model.visual"],
-    "thinker": ["thinker.model.language_model", "thinker.lm_head"],
-    "talker": ["talker"],
-    "token2wav": ["token2wav"],
+    "audio": [["thinker.model.audio_tower", "thinker.audio_tower"]],
+    "vision": [["thinker.model.visual", "thinker.visual"]],
+    "thinker": [["thinker.model.language_model", "thinker.model"], ["thinker.lm_head"]],
+    "talker": [["talker"]],
+    "token2wav": [["token2wav"]],
 }
+
+
+def resolve_part(model, paths: list[str]) -> str:
+    """The first of a part's paths that exists in this transformers version's model."""
+    for path in paths:
+        try:
+            parent, name = part_of(model, path)
+        except AttributeError:
+            continue
+        if isinstance(getattr(parent, name, None), torch.nn.Module):
+            return path
+    raise BenchError(f"none of {paths} is in this transformers version's model")
 
 
 def build_model(config, dtype: torch.dtype, device: torch.device, seed: int, stages: list[str]):
@@ -1028,7 +1043,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def stage(name, fn):
         t0 = time.perf_counter()
-        parts = [] if "generate" in stages else STAGE_PARTS[name]
+        parts = [] if "generate" in stages else [resolve_part(model, p) for p in STAGE_PARTS[name]]
         for path in parts:
             materialize(model, path, dtype, device)
         built = time.perf_counter()
