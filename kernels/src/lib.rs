@@ -9,6 +9,10 @@
 //! otherwise, plain loops as the last resort), so decoding runs at the memory bandwidth. It
 //! runs on the calling thread: the caller splits the weight rows among its threads.
 //!
+//! [`bf16_gemm`] is the same product for many rows (prefill, encoders) where the CPU has
+//! AVX512-BF16: outer-product tiles of `vdpbf16ps` over weights packed in pairs, no horizontal
+//! sums.
+//!
 //! [`int8`] holds the u8 × i8 products of statically quantized graphs (exact i32 sums, AVX-512
 //! VNNI where the CPU has it) and the requantization of their sums.
 //! [`snake`] is BigVGAN's anti-aliased SnakeBeta activation on one channel, fused;
@@ -17,6 +21,7 @@
 use half::bf16;
 
 pub mod activation;
+pub mod bf16_gemm;
 pub mod band_attention;
 pub mod int8;
 pub mod snake;

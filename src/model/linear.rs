@@ -10,8 +10,8 @@
 //! * inputs of at most [`MAX_GEMV_ROWS`] rows (decoding) run [`Bf16Gemv`]: the weight read
 //!   once, widened in registers (`vdpbf16ps` where the CPU has AVX512-BF16), by the kernels of
 //!   the `omnicall-kernels` crate;
-//! * larger inputs (prefill, the encoders) run [`Bf16Gemm`], gemm's f32 kernel on each
-//!   widened block.
+//! * larger inputs (prefill, the encoders) run [`Bf16Gemm`]: `vdpbf16ps` dot products in cache
+//!   blocks where the CPU has AVX512-BF16, else gemm's f32 kernel on each widened block.
 //!
 //! With int8 weights ([`WeightFormat::Q8`], `--weights q8`) the Linears built from a `VarBuilder`
 //! hold Q8_0 blocks and multiply through candle's `QMatMul` instead (see [`q8`]).
@@ -37,6 +37,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
+use omnicall_kernels::bf16_gemm::{PackedWeights, gemm_packed};
 use omnicall_kernels::{Level, Rows, gemv};
 
 pub mod conv;
@@ -414,14 +415,63 @@ fn run_blocks(n_blocks: usize, macs: usize, f: impl Fn(std::ops::Range<usize>) +
 /// 2 MiB of f32, about one core's L2.
 const GEMM_BLOCK_ROWS: usize = 256;
 
+/// Weight rows per cache block of the AVX512-BF16 prefill path: packed with [`DOT_BLOCK_K`] of
+/// depth they are 128 KiB, which stay in a core's L2 while every input row passes over them.
+const DOT_BLOCK_ROWS: usize = 128;
+/// The depth of one k block of the AVX512-BF16 prefill path: a tile's panels (3 x 16 weight
+/// rows) of this depth are 48 KiB, read from L2 for each tile of input rows.
+const DOT_BLOCK_K: usize = 512;
+
 /// `x (rows, k) @ w (n, k)^T -> (rows, n)`, all bf16, for prefill-sized inputs on the CPU.
 ///
-/// candle's bf16 matmul widens the whole weight to f32 on one thread for every call; here
-/// each work item widens [`GEMM_BLOCK_ROWS`] weight rows (the block stays in cache) and runs
-/// gemm's f32 kernel on it, writing its columns of an f32 output. The blocks run on candle's
-/// pool; the f32 result is rounded to bf16 once, as candle's own product does.
+/// candle's bf16 matmul widens the whole weight to f32 on one thread for every call. Where the
+/// CPU has AVX512-BF16 the product runs as `vdpbf16ps` dot products on bf16 as stored (twice
+/// the multiply-adds of an f32 FMA per instruction), in cache blocks of weight rows and of k
+/// ([`dot_block_bf16`]); elsewhere each work item widens [`GEMM_BLOCK_ROWS`] weight rows (the
+/// block stays in cache) and runs gemm's f32 kernel on it. Either writes its columns of an f32
+/// output, the blocks run on candle's pool, and the f32 result is rounded to bf16 once, as
+/// candle's own product does.
 #[derive(Debug, Clone, Copy)]
 pub struct Bf16Gemm;
+
+/// [`Bf16Gemm`] with a chosen kernel: [`Level::Avx512Bf16`] (where the CPU has it) the dot
+/// products, any other level the widened blocks through gemm. The tests force each with it.
+#[derive(Debug, Clone, Copy)]
+pub struct Bf16GemmAt(pub Level);
+
+/// The AVX512-BF16 path of [`Bf16GemmAt`]: `x` (rows, k) and `w` (n, k) row-major, f32 out.
+/// `None` when the CPU has no AVX512-BF16.
+fn dot_product_blocks(x: &[bf16], w: &[bf16], rows: usize, n: usize, k: usize) -> Option<Vec<f32>> {
+    if !Level::Avx512Bf16.is_available() {
+        return None;
+    }
+    let mut out = vec![0f32; rows * n];
+    let shared = SharedOut(out.as_mut_ptr());
+    run_blocks(n.div_ceil(DOT_BLOCK_ROWS), rows * n * k, |block_range| {
+        let shared = &shared;
+        let mut packed = PackedWeights::default();
+        for b in block_range {
+            let first = b * DOT_BLOCK_ROWS;
+            let len = DOT_BLOCK_ROWS.min(n - first);
+            // the block's columns of every row, summed over the k blocks, then copied out
+            let mut block = vec![0f32; rows * len];
+            for i0 in (0..k).step_by(DOT_BLOCK_K) {
+                let depth = DOT_BLOCK_K.min(k - i0);
+                packed.pack(&w[first * k + i0..], k, len, depth);
+                let done = gemm_packed(&x[i0..], k, rows, &packed, &mut block, len, i0 > 0);
+                debug_assert!(done, "AVX512-BF16 was detected");
+            }
+            for (r, part) in block.chunks_exact(len).enumerate() {
+                // SAFETY: columns [first, first + len) of output row r (of `rows` rows of n)
+                // are written by this block only, and `out` outlives the pool's work.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(part.as_ptr(), shared.0.add(r * n + first), len)
+                };
+            }
+        }
+    });
+    Some(out)
+}
 
 /// The output buffer, shared by the work items: each writes only its own columns.
 struct SharedOut(*mut f32);
@@ -429,6 +479,22 @@ struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 
 impl CustomOp2 for Bf16Gemm {
+    fn name(&self) -> &'static str {
+        "bf16-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Bf16GemmAt(detected_level()).cpu_fwd(x, x_layout, w, w_layout)
+    }
+}
+
+impl CustomOp2 for Bf16GemmAt {
     fn name(&self) -> &'static str {
         "bf16-gemm"
     }
@@ -452,9 +518,32 @@ impl CustomOp2 for Bf16Gemm {
                 w.dtype()
             );
         }
-        let Some((w_start, _)) = w_layout.contiguous_offsets() else {
+        let Some((w_start, w_end)) = w_layout.contiguous_offsets() else {
             candle_core::bail!("bf16-gemm: the weight must be contiguous");
         };
+        if let (Level::Avx512Bf16, CpuStorage::BF16(x_all), CpuStorage::BF16(w_all)) =
+            (self.0, x, w)
+            && rows > 0
+            && n > 0
+            && k > 0
+        {
+            let x_copy;
+            let x_data = match x_layout.contiguous_offsets() {
+                Some((start, end)) => &x_all[start..end],
+                None => {
+                    let CpuStorage::BF16(copy) = x.to_dtype(x_layout, DType::BF16)? else {
+                        candle_core::bail!("bf16-gemm: copying the input did not give bf16");
+                    };
+                    x_copy = copy;
+                    &x_copy[..]
+                }
+            };
+            if let Some(out) = dot_product_blocks(x_data, &w_all[w_start..w_end], rows, n, k) {
+                let out = CpuStorage::F32(out);
+                let rounded = out.to_dtype(&Layout::contiguous((rows, n)), DType::BF16)?;
+                return Ok((rounded, Shape::from((rows, n))));
+            }
+        }
         // The input is activations (rows x k), small beside the weight: widened whole, in
         // logical order whatever its layout.
         let CpuStorage::F32(x_f32) = x.to_dtype(x_layout, DType::F32)? else {
@@ -719,15 +808,21 @@ mod tests {
             (17, GEMM_BLOCK_ROWS + 3, 67),
             (33, 2 * GEMM_BLOCK_ROWS + 1, 129),
             (130, 300, 257),
+            // more than one k block of the dot-product path, the last one odd
+            (10, 6, 2 * DOT_BLOCK_K + 3),
         ] {
             let (x, w, _) = operands(rows, n, k)?;
-            let got = x.apply_op2_no_bwd(&w, &Bf16Gemm)?;
-            assert_eq!(got.dims(), &[rows, n]);
-            let diff = relative_max_diff(&got, &plain_product(&x, &w)?)?;
-            assert!(
-                diff <= 1.0 / 256.0,
-                "rows {rows} n {n} k {k}: relative diff {diff}"
-            );
+            let want = plain_product(&x, &w)?;
+            // the dot products (where the CPU has AVX512-BF16) and the widened blocks
+            for level in [Level::Avx512Bf16, Level::Avx2Fma] {
+                let got = x.apply_op2_no_bwd(&w, &Bf16GemmAt(level))?;
+                assert_eq!(got.dims(), &[rows, n]);
+                let diff = relative_max_diff(&got, &want)?;
+                assert!(
+                    diff <= 1.0 / 256.0,
+                    "{level:?} rows {rows} n {n} k {k}: relative diff {diff}"
+                );
+            }
         }
         Ok(())
     }
@@ -841,9 +936,16 @@ mod tests {
             );
             let fast_bf16 = Linear::new(w_bf16.clone(), None);
             let candle_bf16 = candle_nn::Linear::new(w_bf16, None);
-            let runs: [(&str, &dyn Fn() -> Result<Tensor>); 3] = [
+            let w_bf16 = fast_bf16.weight().clone();
+            let runs: [(&str, &dyn Fn() -> Result<Tensor>); 5] = [
                 ("f32", &|| lin.forward(&x)),
                 ("bf16 (this module)", &|| fast_bf16.forward(&x_bf16)),
+                ("bf16 AVX512-BF16 tiles", &|| {
+                    x_bf16.apply_op2_no_bwd(&w_bf16, &Bf16GemmAt(Level::Avx512Bf16))
+                }),
+                ("bf16 widened blocks + gemm f32", &|| {
+                    x_bf16.apply_op2_no_bwd(&w_bf16, &Bf16GemmAt(Level::Avx2Fma))
+                }),
                 ("bf16 (candle)", &|| candle_bf16.forward(&x_bf16)),
             ];
             for (kind, run) in runs {
