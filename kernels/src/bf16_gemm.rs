@@ -37,7 +37,10 @@ impl PackedWeights {
     /// # Panics
     /// When `w_stride < k` or `w` does not reach the last row's last value.
     pub fn pack(&mut self, w: &[bf16], w_stride: usize, n: usize, k: usize) {
-        assert!(w_stride >= k, "weight stride {w_stride} is shorter than k {k}");
+        assert!(
+            w_stride >= k,
+            "weight stride {w_stride} is shorter than k {k}"
+        );
         assert!(
             n == 0 || w.len() >= (n - 1) * w_stride + k,
             "{} weight values do not hold {n} rows of {k} at stride {w_stride}",
@@ -53,12 +56,17 @@ impl PackedWeights {
         for g in 0..panels {
             let rows = (n - g * PANEL).min(PANEL);
             let panel = &mut self.data[g * pairs * PANEL..(g + 1) * pairs * PANEL];
-            let starts: [usize; PANEL] = std::array::from_fn(|l| (g * PANEL + l.min(rows - 1)) * w_stride);
+            let starts: [usize; PANEL] =
+                std::array::from_fn(|l| (g * PANEL + l.min(rows - 1)) * w_stride);
             for (p, lanes) in panel.chunks_exact_mut(PANEL).enumerate() {
                 for (l, lane) in lanes[..rows].iter_mut().enumerate() {
                     let at = starts[l] + 2 * p;
                     let low = w[at].to_bits() as u32;
-                    let high = if p < whole { w[at + 1].to_bits() as u32 } else { 0 };
+                    let high = if p < whole {
+                        w[at + 1].to_bits() as u32
+                    } else {
+                        0
+                    };
                     *lane = low | (high << 16);
                 }
             }
@@ -238,7 +246,11 @@ mod x86 {
             for (c, a) in acc_row.iter().enumerate() {
                 let first = (g0 + c) * PANEL;
                 let cols = (s.n - first).min(PANEL);
-                let mask: __mmask16 = if cols == PANEL { !0 } else { (1u16 << cols) - 1 };
+                let mask: __mmask16 = if cols == PANEL {
+                    !0
+                } else {
+                    (1u16 << cols) - 1
+                };
                 // SAFETY: columns first..first + cols of row r0 + r are inside `out`.
                 unsafe {
                     let y = out.add((r0 + r) * s.out_stride + first);
@@ -300,7 +312,15 @@ mod tests {
                 return;
             }
             packed.pack(&w[split..], stride, n, k - split);
-            assert!(gemm_packed(&x[split..], stride, rows, &packed, &mut got, out_stride, true));
+            assert!(gemm_packed(
+                &x[split..],
+                stride,
+                rows,
+                &packed,
+                &mut got,
+                out_stride,
+                true
+            ));
             for r in 0..rows {
                 for j in 0..n {
                     let want: f64 = (0..k)
@@ -312,7 +332,10 @@ mod tests {
                         "rows {rows} n {n} k {k} at ({r}, {j}): {g} vs {want}"
                     );
                 }
-                assert!(got[r * out_stride + n].is_nan(), "a column past n was written");
+                assert!(
+                    got[r * out_stride + n].is_nan(),
+                    "a column past n was written"
+                );
             }
         }
     }

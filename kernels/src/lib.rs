@@ -21,8 +21,8 @@
 use half::bf16;
 
 pub mod activation;
-pub mod bf16_gemm;
 pub mod band_attention;
+pub mod bf16_gemm;
 pub mod int8;
 pub mod snake;
 
