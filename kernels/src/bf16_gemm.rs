@@ -269,18 +269,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<bf16> {
-        let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                bf16::from_f32((state as f32 / u32::MAX as f32) * 2.0 - 1.0)
-            })
-            .collect()
-    }
+    use crate::tests::values;
 
     #[test]
     fn matches_the_plain_product_on_odd_shapes_with_strides_and_accumulation() {

@@ -349,8 +349,8 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1), rounded to bf16.
-    fn values(len: usize, seed: u32) -> Vec<bf16> {
+    /// Deterministic values in [-1, 1), rounded to bf16 (also the other kernels' tests').
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<bf16> {
         let mut state = seed.wrapping_mul(2_654_435_761).max(1);
         (0..len)
             .map(|_| {

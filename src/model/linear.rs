@@ -358,17 +358,8 @@ impl CustomOp2 for Bf16GemvAt {
         }
         let w_data = &w_all[w_start..w_end];
         // Any input layout: a strided one is copied into logical order (it is a few rows).
-        let x_copy;
-        let x_data = match x_layout.contiguous_offsets() {
-            Some((start, end)) => &x_all[start..end],
-            None => {
-                let CpuStorage::BF16(copy) = x.to_dtype(x_layout, DType::BF16)? else {
-                    candle_core::bail!("bf16-gemv: copying the input did not give bf16");
-                };
-                x_copy = copy;
-                &x_copy[..]
-            }
-        };
+        let x_data = logical_bf16(x, x_all, x_layout)?;
+        let x_data = &x_data[..];
         let x_rows = Rows::new(self.0, x_data, k);
 
         let shared = SharedOut(out.as_mut_ptr());
@@ -394,6 +385,21 @@ impl CustomOp2 for Bf16GemvAt {
         });
         let out = out.into_iter().map(bf16::from_f32).collect();
         Ok((CpuStorage::BF16(out), Shape::from((rows, n))))
+    }
+}
+
+/// The bf16 values of `x` in logical (row-major) order: borrowed when contiguous, else copied.
+fn logical_bf16<'a>(
+    x: &CpuStorage,
+    all: &'a [bf16],
+    layout: &Layout,
+) -> Result<std::borrow::Cow<'a, [bf16]>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(std::borrow::Cow::Borrowed(&all[start..end])),
+        None => match x.to_dtype(layout, DType::BF16)? {
+            CpuStorage::BF16(copy) => Ok(std::borrow::Cow::Owned(copy)),
+            _ => candle_core::bail!("copying a bf16 input did not give bf16"),
+        },
     }
 }
 
@@ -527,18 +533,8 @@ impl CustomOp2 for Bf16GemmAt {
             && n > 0
             && k > 0
         {
-            let x_copy;
-            let x_data = match x_layout.contiguous_offsets() {
-                Some((start, end)) => &x_all[start..end],
-                None => {
-                    let CpuStorage::BF16(copy) = x.to_dtype(x_layout, DType::BF16)? else {
-                        candle_core::bail!("bf16-gemm: copying the input did not give bf16");
-                    };
-                    x_copy = copy;
-                    &x_copy[..]
-                }
-            };
-            if let Some(out) = dot_product_blocks(x_data, &w_all[w_start..w_end], rows, n, k) {
+            let x_data = logical_bf16(x, x_all, x_layout)?;
+            if let Some(out) = dot_product_blocks(&x_data, &w_all[w_start..w_end], rows, n, k) {
                 let out = CpuStorage::F32(out);
                 let rounded = out.to_dtype(&Layout::contiguous((rows, n)), DType::BF16)?;
                 return Ok((rounded, Shape::from((rows, n))));
