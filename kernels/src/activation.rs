@@ -2,6 +2,7 @@
 //! (libm's `expf`/`tanhf` are calls, one lane at a time).
 
 use crate::Level;
+use crate::unary::Lane;
 
 /// `e^x` to about 2 f32 ulps: `x = n ln 2 + r` (ln 2 split in two, Cody-Waite), a degree-6
 /// polynomial in `r` (|r| <= ln 2 / 2), scaled by `2^n` through the exponent bits. Arguments
@@ -33,42 +34,6 @@ pub fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + exp(-2.0 * u))
 }
 
-/// [`gelu_tanh`] over `x` into `out`, on the best level of this CPU at or below `level`.
-///
-/// # Panics
-/// When the lengths differ.
-pub fn gelu_tanh_slice(level: Level, x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), out.len(), "gelu: lengths");
-    match level.or_below() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `or_below` returned a level this CPU has.
-        Level::Avx512Bf16 => unsafe { gelu_avx512(x, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Level::Avx2Fma => unsafe { gelu_avx2(x, out) },
-        _ => gelu_generic(x, out),
-    }
-}
-
-#[inline(always)]
-fn gelu_generic(x: &[f32], out: &mut [f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = gelu_tanh(v);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn gelu_avx512(x: &[f32], out: &mut [f32]) {
-    gelu_generic(x, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(x: &[f32], out: &mut [f32]) {
-    gelu_generic(x, out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,27 +53,6 @@ mod tests {
         assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
         assert!(exp(1000.0).is_finite());
     }
-
-    #[test]
-    fn gelu_matches_the_tanh_formula_on_every_level() {
-        let x: Vec<f32> = (-4000..4000)
-            .map(|i| i as f32 * 0.005)
-            .chain([-100.0, 100.0, 0.0])
-            .collect();
-        for level in Level::ALL {
-            let mut out = vec![f32::NAN; x.len()];
-            gelu_tanh_slice(level, &x, &mut out);
-            for (&v, &g) in x.iter().zip(&out) {
-                let v64 = v as f64;
-                let inner = (2.0 / std::f64::consts::PI).sqrt() * (v64 + 0.044715 * v64.powi(3));
-                let want = 0.5 * v64 * (1.0 + inner.tanh());
-                assert!(
-                    (g as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
-                    "{level:?} gelu({v}) = {g}, want {want}"
-                );
-            }
-        }
-    }
 }
 
 /// `LayerNorm` without affine parameters, then `· one_plus_scale + shift` (the DiT's
@@ -125,12 +69,38 @@ pub fn modulated_layer_norm(
     eps: f32,
     out: &mut [f32],
 ) {
-    let dim = one_plus_scale.len();
+    layer_norm(level, x, one_plus_scale, Some(shift), eps, out)
+}
+
+/// `LayerNorm` over each row of `x` (rows of `weight.len()` values): `(x - mean) / √(var +
+/// eps) · weight + bias`, statistics in f32 whatever `T` (as candle's `layer_norm`), one
+/// rounding per output value.
+///
+/// # Panics
+/// When the lengths do not match.
+pub fn layer_norm<T: Lane>(
+    level: Level,
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    eps: f32,
+    out: &mut [T],
+) {
+    let dim = weight.len();
     assert!(
-        dim > 0 && shift.len() == dim && x.len() == out.len() && x.len().is_multiple_of(dim),
-        "modulated layer norm: lengths"
+        dim > 0
+            && bias.is_none_or(|b| b.len() == dim)
+            && x.len() == out.len()
+            && x.len().is_multiple_of(dim),
+        "layer norm: lengths"
     );
-    let args = (x, one_plus_scale, shift, eps);
+    let args = NormArgs {
+        x,
+        weight,
+        bias,
+        eps,
+        center: true,
+    };
     match level.or_below() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `or_below` returned a level this CPU has.
@@ -142,44 +112,104 @@ pub fn modulated_layer_norm(
     }
 }
 
-type NormArgs<'a> = (&'a [f32], &'a [f32], &'a [f32], f32);
+/// `RMSNorm` over each row of `x` (rows of `weight.len()` values): `x / √(mean(x²) + eps) ·
+/// weight`, in f32 whatever `T` (as candle's `rms_norm`).
+///
+/// # Panics
+/// When the lengths do not match.
+pub fn rms_norm<T: Lane>(level: Level, x: &[T], weight: &[T], eps: f32, out: &mut [T]) {
+    let dim = weight.len();
+    assert!(
+        dim > 0 && x.len() == out.len() && x.len().is_multiple_of(dim),
+        "rms norm: lengths"
+    );
+    let args = NormArgs {
+        x,
+        weight,
+        bias: None,
+        eps,
+        center: false,
+    };
+    match level.or_below() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `or_below` returned a level this CPU has.
+        Level::Avx512Bf16 => unsafe { norm_avx512(args, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2Fma => unsafe { norm_avx2(args, out) },
+        _ => norm_generic(args, out),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct NormArgs<'a, T> {
+    x: &'a [T],
+    weight: &'a [T],
+    bias: Option<&'a [T]>,
+    eps: f32,
+    /// LayerNorm (subtract the mean) or RMSNorm (do not).
+    center: bool,
+}
 
 #[inline(always)]
-fn norm_generic((x, scale, shift, eps): NormArgs, out: &mut [f32]) {
+fn norm_generic<T: Lane>(args: NormArgs<T>, out: &mut [T]) {
     const LANES: usize = 16;
-    let dim = scale.len();
+    let NormArgs {
+        x,
+        weight,
+        bias,
+        eps,
+        center,
+    } = args;
+    let dim = weight.len();
     for (row, dst) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        // Sums in 16 lanes, so that they vectorise.
         let (mut sum, mut sum2) = ([0f32; LANES], [0f32; LANES]);
         let whole = dim - dim % LANES;
         for chunk in row[..whole].chunks_exact(LANES) {
             for l in 0..LANES {
-                sum[l] += chunk[l];
-                sum2[l] += chunk[l] * chunk[l];
+                let v = chunk[l].widen();
+                sum[l] += v;
+                sum2[l] += v * v;
             }
         }
         let (mut s, mut s2) = (sum.iter().sum::<f32>(), sum2.iter().sum::<f32>());
         for &v in &row[whole..] {
+            let v = v.widen();
             s += v;
             s2 += v * v;
         }
-        let mean = s / dim as f32;
-        let var = s2 / dim as f32 - mean * mean;
+        let (mean, mean2) = (s / dim as f32, s2 / dim as f32);
+        let (mean, var) = if center {
+            (mean, mean2 - mean * mean)
+        } else {
+            (0.0, mean2)
+        };
         let inv_std = 1.0 / (var + eps).sqrt();
-        for (((o, &v), &a), &b) in dst.iter_mut().zip(row).zip(scale).zip(shift) {
-            *o = (v - mean) * inv_std * a + b;
+        match bias {
+            Some(bias) => {
+                for (((o, &v), &a), &b) in dst.iter_mut().zip(row).zip(weight).zip(bias) {
+                    *o = T::narrow((v.widen() - mean) * inv_std * a.widen() + b.widen());
+                }
+            }
+            None => {
+                for ((o, &v), &a) in dst.iter_mut().zip(row).zip(weight) {
+                    *o = T::narrow((v.widen() - mean) * inv_std * a.widen());
+                }
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn norm_avx512(args: NormArgs, out: &mut [f32]) {
+unsafe fn norm_avx512<T: Lane>(args: NormArgs<T>, out: &mut [T]) {
     norm_generic(args, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn norm_avx2(args: NormArgs, out: &mut [f32]) {
+unsafe fn norm_avx2<T: Lane>(args: NormArgs<T>, out: &mut [T]) {
     norm_generic(args, out)
 }
 
@@ -259,6 +289,46 @@ mod norm_tests {
                             "{level:?} dim {dim} row {r} col {i}: {} vs {want}",
                             got[i]
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_and_bf16_layer_norm_match_the_definition_on_every_level() {
+        use half::bf16;
+        for dim in [1, 7, 33, 1280] {
+            let x: Vec<f32> = (0..3 * dim)
+                .map(|i| (i as f32 * 0.37).sin() * 3.0 + 1.0)
+                .collect();
+            let w: Vec<f32> = (0..dim).map(|i| 1.0 + (i as f32 * 0.11).cos()).collect();
+            let b: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.23).sin()).collect();
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let bb: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+            for level in Level::ALL {
+                let mut out = vec![f32::NAN; x.len()];
+                rms_norm(level, &x, &w, 1e-6, &mut out);
+                let mut out_b = vec![bf16::ZERO; x.len()];
+                layer_norm(level, &xb, &wb, Some(&bb), 1e-5, &mut out_b);
+                for (r, row) in x.chunks(dim).enumerate() {
+                    let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / dim as f64;
+                    let rowb: Vec<f64> = xb[r * dim..(r + 1) * dim]
+                        .iter()
+                        .map(|v| v.to_f64())
+                        .collect();
+                    let mean = rowb.iter().sum::<f64>() / dim as f64;
+                    let var = rowb.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / dim as f64;
+                    for i in 0..dim {
+                        let want = row[i] as f64 / (ms + 1e-6).sqrt() * w[i] as f64;
+                        let got = out[r * dim + i] as f64;
+                        assert!((got - want).abs() < 1e-4, "{level:?} rms {dim} {r} {i}");
+                        let want = (rowb[i] - mean) / (var + 1e-5).sqrt() * wb[i].to_f64()
+                            + bb[i].to_f64();
+                        let got = out_b[r * dim + i].to_f64();
+                        // one bf16 rounding of values up to ~10
+                        assert!((got - want).abs() <= 0.04, "{level:?} bf16 {dim} {r} {i}");
                     }
                 }
             }

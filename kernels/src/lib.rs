@@ -25,6 +25,7 @@ pub mod band_attention;
 pub mod bf16_gemm;
 pub mod int8;
 pub mod snake;
+pub mod unary;
 
 /// Weight rows per tile: each weight vector loaded is used by every input row of the tile.
 pub const TILE_W: usize = 4;

@@ -34,10 +34,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 use omnicall_kernels::bf16_gemm::{PackedWeights, gemm_packed};
+use omnicall_kernels::unary::add_bias_round;
 use omnicall_kernels::{Level, Rows, gemv};
 
 pub mod conv;
@@ -244,17 +245,22 @@ impl Linear {
             return Ok(None);
         }
         let x = x.reshape((rows, in_features))?;
-        let y = if rows <= MAX_GEMV_ROWS {
-            x.apply_op2_no_bwd(weight, &Bf16Gemv)?
-        } else {
-            x.apply_op2_no_bwd(weight, &Bf16Gemm)?
+        // The bias is added to the f32 sums before the one rounding.
+        let bias = inner
+            .bias()
+            .filter(|b| b.dtype() == DType::BF16 && b.dims() == [weight.dim(0).unwrap_or(0)]);
+        let y = match (rows <= MAX_GEMV_ROWS, bias) {
+            (true, None) => x.apply_op2_no_bwd(weight, &Bf16Gemv)?,
+            (true, Some(bias)) => x.apply_op3_no_bwd(weight, bias, &Bf16Gemv)?,
+            (false, None) => x.apply_op2_no_bwd(weight, &Bf16Gemm)?,
+            (false, Some(bias)) => x.apply_op3_no_bwd(weight, bias, &Bf16Gemm)?,
         };
         let mut out_dims = leading.to_vec();
         out_dims.push(y.dim(1)?);
         let y = y.reshape(out_dims)?;
         match inner.bias() {
-            Some(bias) => y.broadcast_add(bias).map(Some),
-            None => Ok(Some(y)),
+            Some(other) if bias.is_none() => y.broadcast_add(other).map(Some),
+            _ => Ok(Some(y)),
         }
     }
 }
@@ -336,56 +342,110 @@ impl CustomOp2 for Bf16GemvAt {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, k) = x_layout.shape().dims2()?;
-        let (n, w_k) = w_layout.shape().dims2()?;
-        if k != w_k {
-            candle_core::bail!("bf16-gemv: input has {k} columns but the weight has {w_k}");
-        }
-        let (CpuStorage::BF16(x_all), CpuStorage::BF16(w_all)) = (x, w) else {
-            candle_core::bail!(
-                "bf16-gemv: needs bf16 input and weight, got {:?} and {:?}",
-                x.dtype(),
-                w.dtype()
-            );
-        };
-        let Some((w_start, w_end)) = w_layout.contiguous_offsets() else {
-            candle_core::bail!("bf16-gemv: the weight must be contiguous");
-        };
-        let mut out = vec![0f32; rows * n];
-        if rows == 0 || n == 0 || k == 0 {
-            let out = out.into_iter().map(bf16::from_f32).collect();
-            return Ok((CpuStorage::BF16(out), Shape::from((rows, n))));
-        }
-        let w_data = &w_all[w_start..w_end];
-        // Any input layout: a strided one is copied into logical order (it is a few rows).
-        let x_data = logical_bf16(x, x_all, x_layout)?;
-        let x_data = &x_data[..];
-        let x_rows = Rows::new(self.0, x_data, k);
-
-        let shared = SharedOut(out.as_mut_ptr());
-        run_blocks(n.div_ceil(GEMV_BLOCK_ROWS), rows * n * k, |block_range| {
-            let shared = &shared;
-            for b in block_range {
-                let first = b * GEMV_BLOCK_ROWS;
-                let len = GEMV_BLOCK_ROWS.min(n - first);
-                let mut block = vec![0f32; rows * len];
-                gemv(&x_rows, &w_data[first * k..(first + len) * k], &mut block);
-                for (r, part) in block.chunks_exact(len).enumerate() {
-                    // SAFETY: columns [first, first + len) of output row r (of `rows` rows of
-                    // n) are written by this block only, and `out` outlives the pool's work.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            part.as_ptr(),
-                            shared.0.add(r * n + first),
-                            len,
-                        )
-                    };
-                }
-            }
-        });
-        let out = out.into_iter().map(bf16::from_f32).collect();
-        Ok((CpuStorage::BF16(out), Shape::from((rows, n))))
+        gemv_cpu(self.0, x, x_layout, w, w_layout, None)
     }
+}
+
+impl CustomOp3 for Bf16Gemv {
+    fn name(&self) -> &'static str {
+        "bf16-gemv-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bias = bias_values(CustomOp3::name(self), w_layout, bias, bias_layout)?;
+        gemv_cpu(detected_level(), x, x_layout, w, w_layout, Some(bias))
+    }
+}
+
+/// The bias of a product: contiguous bf16, one value per weight row.
+fn bias_values<'a>(
+    op: &str,
+    w_layout: &Layout,
+    bias: &'a CpuStorage,
+    bias_layout: &Layout,
+) -> Result<&'a [bf16]> {
+    let (n, _) = w_layout.shape().dims2()?;
+    match (bias, bias_layout.contiguous_offsets()) {
+        (CpuStorage::BF16(all), Some((start, end))) if end - start == n => Ok(&all[start..end]),
+        _ => candle_core::bail!(
+            "{op}: the bias must be {n} contiguous bf16 values, got {:?} {:?}",
+            bias.dtype(),
+            bias_layout.shape()
+        ),
+    }
+}
+
+/// `x (rows, k) @ w (n, k)^T (+ bias)` for a few rows, bf16 out, at `level`.
+fn gemv_cpu(
+    level: Level,
+    x: &CpuStorage,
+    x_layout: &Layout,
+    w: &CpuStorage,
+    w_layout: &Layout,
+    bias: Option<&[bf16]>,
+) -> Result<(CpuStorage, Shape)> {
+    let (rows, k) = x_layout.shape().dims2()?;
+    let (n, w_k) = w_layout.shape().dims2()?;
+    if k != w_k {
+        candle_core::bail!("bf16-gemv: input has {k} columns but the weight has {w_k}");
+    }
+    let (CpuStorage::BF16(x_all), CpuStorage::BF16(w_all)) = (x, w) else {
+        candle_core::bail!(
+            "bf16-gemv: needs bf16 input and weight, got {:?} and {:?}",
+            x.dtype(),
+            w.dtype()
+        );
+    };
+    let Some((w_start, w_end)) = w_layout.contiguous_offsets() else {
+        candle_core::bail!("bf16-gemv: the weight must be contiguous");
+    };
+    let mut out = vec![0f32; rows * n];
+    if rows == 0 || n == 0 || k == 0 {
+        return Ok((round_rows(&out, n, bias), Shape::from((rows, n))));
+    }
+    let w_data = &w_all[w_start..w_end];
+    // Any input layout: a strided one is copied into logical order (it is a few rows).
+    let x_data = logical_bf16(x, x_all, x_layout)?;
+    let x_data = &x_data[..];
+    let x_rows = Rows::new(level, x_data, k);
+
+    let shared = SharedOut(out.as_mut_ptr());
+    run_blocks(n.div_ceil(GEMV_BLOCK_ROWS), rows * n * k, |block_range| {
+        let shared = &shared;
+        for b in block_range {
+            let first = b * GEMV_BLOCK_ROWS;
+            let len = GEMV_BLOCK_ROWS.min(n - first);
+            let mut block = vec![0f32; rows * len];
+            gemv(&x_rows, &w_data[first * k..(first + len) * k], &mut block);
+            for (r, part) in block.chunks_exact(len).enumerate() {
+                // SAFETY: columns [first, first + len) of output row r (of `rows` rows of
+                // n) are written by this block only, and `out` outlives the pool's work.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(part.as_ptr(), shared.0.add(r * n + first), len)
+                };
+            }
+        }
+    });
+    Ok((round_rows(&out, n, bias), Shape::from((rows, n))))
+}
+
+/// `out` (rows of `n` f32 sums) plus `bias` on every row, rounded once to bf16.
+fn round_rows(out: &[f32], n: usize, bias: Option<&[bf16]>) -> CpuStorage {
+    let mut rounded = vec![bf16::ZERO; out.len()];
+    if n > 0 {
+        for (src, dst) in out.chunks_exact(n).zip(rounded.chunks_exact_mut(n)) {
+            add_bias_round(detected_level(), src, bias, dst);
+        }
+    }
+    CpuStorage::BF16(rounded)
 }
 
 /// The bf16 values of `x` in logical (row-major) order: borrowed when contiguous, else copied.
@@ -445,21 +505,27 @@ pub struct Bf16Gemm;
 #[derive(Debug, Clone, Copy)]
 pub struct Bf16GemmAt(pub Level);
 
-/// The AVX512-BF16 path of [`Bf16GemmAt`]: `x` (rows, k) and `w` (n, k) row-major, f32 out.
-/// `None` when the CPU has no AVX512-BF16.
-fn dot_product_blocks(x: &[bf16], w: &[bf16], rows: usize, n: usize, k: usize) -> Option<Vec<f32>> {
+/// The AVX512-BF16 path of [`Bf16GemmAt`]: `x` (rows, k) and `w` (n, k) row-major, bf16 out
+/// with the bias added to the f32 sums. `None` when the CPU has no AVX512-BF16.
+fn dot_product_blocks(
+    x: &[bf16],
+    w: &[bf16],
+    (rows, n, k): (usize, usize, usize),
+    bias: Option<&[bf16]>,
+) -> Option<Vec<bf16>> {
     if !Level::Avx512Bf16.is_available() {
         return None;
     }
-    let mut out = vec![0f32; rows * n];
+    let mut out = vec![bf16::ZERO; rows * n];
     let shared = SharedOut(out.as_mut_ptr());
+    let level = detected_level();
     run_blocks(n.div_ceil(DOT_BLOCK_ROWS), rows * n * k, |block_range| {
         let shared = &shared;
         let mut packed = PackedWeights::default();
         for b in block_range {
             let first = b * DOT_BLOCK_ROWS;
             let len = DOT_BLOCK_ROWS.min(n - first);
-            // the block's columns of every row, summed over the k blocks, then copied out
+            // the block's columns of every row, summed over the k blocks, then rounded out
             let mut block = vec![0f32; rows * len];
             for i0 in (0..k).step_by(DOT_BLOCK_K) {
                 let depth = DOT_BLOCK_K.min(k - i0);
@@ -467,12 +533,13 @@ fn dot_product_blocks(x: &[bf16], w: &[bf16], rows: usize, n: usize, k: usize) -
                 let done = gemm_packed(&x[i0..], k, rows, &packed, &mut block, len, i0 > 0);
                 debug_assert!(done, "AVX512-BF16 was detected");
             }
+            let block_bias = bias.map(|bias| &bias[first..first + len]);
             for (r, part) in block.chunks_exact(len).enumerate() {
                 // SAFETY: columns [first, first + len) of output row r (of `rows` rows of n)
                 // are written by this block only, and `out` outlives the pool's work.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(part.as_ptr(), shared.0.add(r * n + first), len)
-                };
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(shared.0.add(r * n + first), len) };
+                add_bias_round(level, part, block_bias, dst);
             }
         }
     });
@@ -480,9 +547,9 @@ fn dot_product_blocks(x: &[bf16], w: &[bf16], rows: usize, n: usize, k: usize) -
 }
 
 /// The output buffer, shared by the work items: each writes only its own columns.
-struct SharedOut(*mut f32);
+struct SharedOut<T>(*mut T);
 // SAFETY: the work items write disjoint column ranges of the buffer, which outlives them.
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Sync for SharedOut<T> {}
 
 impl CustomOp2 for Bf16Gemm {
     fn name(&self) -> &'static str {
@@ -496,7 +563,7 @@ impl CustomOp2 for Bf16Gemm {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Bf16GemmAt(detected_level()).cpu_fwd(x, x_layout, w, w_layout)
+        gemm_cpu(detected_level(), x, x_layout, w, w_layout, None)
     }
 }
 
@@ -512,102 +579,157 @@ impl CustomOp2 for Bf16GemmAt {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, k) = x_layout.shape().dims2()?;
-        let (n, w_k) = w_layout.shape().dims2()?;
-        if k != w_k {
-            candle_core::bail!("bf16-gemm: input has {k} columns but the weight has {w_k}");
-        }
-        if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
-            candle_core::bail!(
-                "bf16-gemm: needs bf16 input and weight, got {:?} and {:?}",
-                x.dtype(),
-                w.dtype()
-            );
-        }
-        let Some((w_start, w_end)) = w_layout.contiguous_offsets() else {
-            candle_core::bail!("bf16-gemm: the weight must be contiguous");
-        };
-        if let (Level::Avx512Bf16, CpuStorage::BF16(x_all), CpuStorage::BF16(w_all)) =
-            (self.0, x, w)
-            && rows > 0
-            && n > 0
-            && k > 0
-        {
-            let x_data = logical_bf16(x, x_all, x_layout)?;
-            if let Some(out) = dot_product_blocks(&x_data, &w_all[w_start..w_end], rows, n, k) {
-                let out = CpuStorage::F32(out);
-                let rounded = out.to_dtype(&Layout::contiguous((rows, n)), DType::BF16)?;
-                return Ok((rounded, Shape::from((rows, n))));
-            }
-        }
-        // The input is activations (rows x k), small beside the weight: widened whole, in
-        // logical order whatever its layout.
-        let CpuStorage::F32(x_f32) = x.to_dtype(x_layout, DType::F32)? else {
-            candle_core::bail!("bf16-gemm: widening the input did not give f32");
-        };
-        let mut out = vec![0f32; rows * n];
-        let shared = SharedOut(out.as_mut_ptr());
-        let n_blocks = n.div_ceil(GEMM_BLOCK_ROWS);
-        let first_error: Mutex<Option<candle_core::Error>> = Mutex::new(None);
-        run_blocks(n_blocks, rows * n * k, |block_range| {
-            let shared = &shared;
-            for b in block_range {
-                let first = b * GEMM_BLOCK_ROWS;
-                let len = GEMM_BLOCK_ROWS.min(n - first);
-                let block_layout = Layout::contiguous_with_offset((len, k), w_start + first * k);
-                let w_f32 = match w.to_dtype(&block_layout, DType::F32) {
-                    Ok(CpuStorage::F32(v)) => v,
-                    Ok(_) => {
-                        let e = candle_core::Error::msg("bf16-gemm: widening gave no f32");
-                        if let Ok(mut slot) = first_error.lock() {
-                            slot.get_or_insert(e);
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        if let Ok(mut slot) = first_error.lock() {
-                            slot.get_or_insert(e);
-                        }
-                        continue;
-                    }
-                };
-                // SAFETY: `x_f32` is (rows, k) row-major, `w_f32` (len, k) row-major read as
-                // its transpose (k, len), and the destination is columns [first, first + len)
-                // of the (rows, n) row-major `out`, written by this item only.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        len,
-                        k,
-                        shared.0.add(first),
-                        1,
-                        n as isize,
-                        false,
-                        x_f32.as_ptr(),
-                        1,
-                        k as isize,
-                        w_f32.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
-        });
-        if let Some(e) = first_error
-            .into_inner()
-            .map_err(|_| candle_core::Error::msg("bf16-gemm: error slot poisoned"))?
-        {
-            return Err(e);
-        }
-        let rounded = CpuStorage::F32(out).to_dtype(&Layout::contiguous((rows, n)), DType::BF16)?;
-        Ok((rounded, Shape::from((rows, n))))
+        gemm_cpu(self.0, x, x_layout, w, w_layout, None)
     }
+}
+
+impl CustomOp3 for Bf16Gemm {
+    fn name(&self) -> &'static str {
+        "bf16-gemm-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        CustomOp3::cpu_fwd(
+            &Bf16GemmAt(detected_level()),
+            x,
+            x_layout,
+            w,
+            w_layout,
+            bias,
+            bias_layout,
+        )
+    }
+}
+
+impl CustomOp3 for Bf16GemmAt {
+    fn name(&self) -> &'static str {
+        "bf16-gemm-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bias = bias_values(CustomOp3::name(self), w_layout, bias, bias_layout)?;
+        gemm_cpu(self.0, x, x_layout, w, w_layout, Some(bias))
+    }
+}
+
+/// `x (rows, k) @ w (n, k)^T (+ bias)` for many rows, bf16 out: the dot-product blocks at
+/// [`Level::Avx512Bf16`], the widened blocks through gemm at any other level.
+fn gemm_cpu(
+    level: Level,
+    x: &CpuStorage,
+    x_layout: &Layout,
+    w: &CpuStorage,
+    w_layout: &Layout,
+    bias: Option<&[bf16]>,
+) -> Result<(CpuStorage, Shape)> {
+    let (rows, k) = x_layout.shape().dims2()?;
+    let (n, w_k) = w_layout.shape().dims2()?;
+    if k != w_k {
+        candle_core::bail!("bf16-gemm: input has {k} columns but the weight has {w_k}");
+    }
+    if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+        candle_core::bail!(
+            "bf16-gemm: needs bf16 input and weight, got {:?} and {:?}",
+            x.dtype(),
+            w.dtype()
+        );
+    }
+    let Some((w_start, w_end)) = w_layout.contiguous_offsets() else {
+        candle_core::bail!("bf16-gemm: the weight must be contiguous");
+    };
+    if let (Level::Avx512Bf16, CpuStorage::BF16(x_all), CpuStorage::BF16(w_all)) = (level, x, w)
+        && rows > 0
+        && n > 0
+        && k > 0
+    {
+        let x_data = logical_bf16(x, x_all, x_layout)?;
+        let w_data = &w_all[w_start..w_end];
+        if let Some(out) = dot_product_blocks(&x_data, w_data, (rows, n, k), bias) {
+            return Ok((CpuStorage::BF16(out), Shape::from((rows, n))));
+        }
+    }
+    // The input is activations (rows x k), small beside the weight: widened whole, in
+    // logical order whatever its layout.
+    let CpuStorage::F32(x_f32) = x.to_dtype(x_layout, DType::F32)? else {
+        candle_core::bail!("bf16-gemm: widening the input did not give f32");
+    };
+    let mut out = vec![0f32; rows * n];
+    let shared = SharedOut(out.as_mut_ptr());
+    let n_blocks = n.div_ceil(GEMM_BLOCK_ROWS);
+    let first_error: Mutex<Option<candle_core::Error>> = Mutex::new(None);
+    run_blocks(n_blocks, rows * n * k, |block_range| {
+        let shared = &shared;
+        for b in block_range {
+            let first = b * GEMM_BLOCK_ROWS;
+            let len = GEMM_BLOCK_ROWS.min(n - first);
+            let block_layout = Layout::contiguous_with_offset((len, k), w_start + first * k);
+            let w_f32 = match w.to_dtype(&block_layout, DType::F32) {
+                Ok(CpuStorage::F32(v)) => v,
+                Ok(_) => {
+                    let e = candle_core::Error::msg("bf16-gemm: widening gave no f32");
+                    if let Ok(mut slot) = first_error.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    if let Ok(mut slot) = first_error.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    continue;
+                }
+            };
+            // SAFETY: `x_f32` is (rows, k) row-major, `w_f32` (len, k) row-major read as
+            // its transpose (k, len), and the destination is columns [first, first + len)
+            // of the (rows, n) row-major `out`, written by this item only.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    len,
+                    k,
+                    shared.0.add(first),
+                    1,
+                    n as isize,
+                    false,
+                    x_f32.as_ptr(),
+                    1,
+                    k as isize,
+                    w_f32.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+    if let Some(e) = first_error
+        .into_inner()
+        .map_err(|_| candle_core::Error::msg("bf16-gemm: error slot poisoned"))?
+    {
+        return Err(e);
+    }
+    Ok((round_rows(&out, n, bias), Shape::from((rows, n))))
 }
 
 #[cfg(test)]

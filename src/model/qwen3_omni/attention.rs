@@ -3,8 +3,9 @@
 //! optional sliding window (Code2Wav's pre-transformer, which has no q/k norm). The KV cache is
 //! the one the Qwen2.5 decoder uses, truncatable for barge-in.
 
+use crate::model::norm::{RmsNorm, rms_norm};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{RmsNorm, VarBuilder, rms_norm};
+use candle_nn::VarBuilder;
 
 use crate::model::linear::{Linear, linear_no_bias};
 use crate::model::thinker::decoder::KvCache;

@@ -9,8 +9,10 @@
 //! chunk (`2 * n_window` frames) or is the whole clip: the reference pads a short last chunk to the
 //! longest chunk of its call, and an all-short call pads nothing.
 
+use crate::model::activation;
+use crate::model::norm::{LayerNorm, layer_norm};
 use candle_core::{DType, IndexOp, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder, conv2d, layer_norm};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder, conv2d};
 
 use crate::model::linear::{Linear, linear, linear_no_bias};
 use crate::model::qwen3_omni::config::AudioEncoderConfig;
@@ -105,7 +107,7 @@ impl EncoderLayer {
             .forward(&self.self_attn_layer_norm.forward(x)?, windows)?;
         let x = (x + h)?;
         let h = self.fc1.forward(&self.final_layer_norm.forward(&x)?)?;
-        x + self.fc2.forward(&h.gelu_erf()?)?
+        x + self.fc2.forward(&activation::gelu_erf(&h)?)?
     }
 }
 
@@ -222,9 +224,9 @@ impl AudioEncoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let x = Tensor::stack(&padded, 0)?.unsqueeze(1)?; // (chunks, 1, bins, longest)
-        let x = conv2d_forward(&self.conv2d1, &x)?.gelu_erf()?;
-        let x = conv2d_forward(&self.conv2d2, &x)?.gelu_erf()?;
-        let x = conv2d_forward(&self.conv2d3, &x)?.gelu_erf()?;
+        let x = activation::gelu_erf(&conv2d_forward(&self.conv2d1, &x)?)?;
+        let x = activation::gelu_erf(&conv2d_forward(&self.conv2d2, &x)?)?;
+        let x = activation::gelu_erf(&conv2d_forward(&self.conv2d3, &x)?)?;
         let (b, c, f, t) = x.dims4()?;
         let x = x.permute((0, 3, 1, 2))?.reshape((b, t, c * f))?;
         let x = self
@@ -270,7 +272,7 @@ impl AudioEncoder {
             h = layer.forward(&h, &windows)?;
         }
         let h = self.ln_post.forward(&h)?;
-        let h = self.proj1.forward(&h)?.gelu_erf()?;
+        let h = activation::gelu_erf(&self.proj1.forward(&h)?)?;
         self.proj2.forward(&h)
     }
 

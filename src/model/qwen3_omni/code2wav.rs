@@ -5,9 +5,10 @@
 //! a frame's samples depend on earlier frames alone; [`Code2Wav::chunked_decode`] renders long
 //! code streams chunk by chunk with a left context, as the reference does.
 
+use crate::model::activation;
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{
-    Conv1d, Conv1dConfig, ConvTranspose1d, ConvTranspose1dConfig, Embedding, LayerNorm, VarBuilder,
+    Conv1d, Conv1dConfig, ConvTranspose1d, ConvTranspose1dConfig, Embedding, VarBuilder,
 };
 
 use crate::model::linear::{Linear, linear};
@@ -118,7 +119,7 @@ impl Module for SnakeBeta {
 #[derive(Debug, Clone)]
 struct ConvNeXtBlock {
     dwconv: CausalConv,
-    norm: LayerNorm,
+    norm: crate::model::norm::LayerNorm,
     pwconv1: Linear,
     pwconv2: Linear,
     gamma: Tensor,
@@ -128,7 +129,7 @@ impl ConvNeXtBlock {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             dwconv: CausalConv::new(dim, dim, 7, 1, dim, vb.pp("dwconv"))?,
-            norm: candle_nn::layer_norm(dim, 1e-6, vb.pp("norm"))?,
+            norm: crate::model::norm::layer_norm(dim, 1e-6, vb.pp("norm"))?,
             pwconv1: linear(dim, 4 * dim, vb.pp("pwconv1"))?,
             pwconv2: linear(4 * dim, dim, vb.pp("pwconv2"))?,
             gamma: vb.get(dim, "gamma")?,
@@ -140,7 +141,7 @@ impl Module for ConvNeXtBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.dwconv.forward(x)?.transpose(1, 2)?;
         let h = self.norm.forward(&h)?;
-        let h = self.pwconv1.forward(&h)?.gelu_erf()?;
+        let h = activation::gelu_erf(&self.pwconv1.forward(&h)?)?;
         let h = self.pwconv2.forward(&h)?.broadcast_mul(&self.gamma)?;
         x + h.transpose(1, 2)?
     }

@@ -2,8 +2,9 @@
 //! without q/k norm, plain 1-D RoPE, SwiGLU MLP, and a learnt per-channel scale on both residual
 //! branches (layer scale).
 
+use crate::model::norm::{RmsNorm, rms_norm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{RmsNorm, VarBuilder, rms_norm};
+use candle_nn::VarBuilder;
 
 use crate::model::qwen3_omni::attention::{Attention, AttentionSpec};
 use crate::model::qwen3_omni::config::Code2WavConfig;

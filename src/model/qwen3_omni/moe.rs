@@ -5,6 +5,7 @@
 //! probabilities, renormalised to sum to one when `norm_topk_prob`. The Talker's block adds a
 //! shared expert scaled by a sigmoid gate.
 
+use crate::model::activation;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -30,8 +31,8 @@ impl SwiGluMlp {
 
 impl Module for SwiGluMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let h = activation::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
     }
 }
 

@@ -4,8 +4,9 @@
 //! a KV cache that can be rolled back. The token embedding and head belong to each owner. The
 //! code predictor uses it too, all layers dense and its RoPE one section (plain 1-D).
 
+use crate::model::norm::{RmsNorm, rms_norm};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{RmsNorm, VarBuilder, rms_norm};
+use candle_nn::VarBuilder;
 
 use crate::model::qwen3_omni::attention::{Attention, AttentionSpec};
 use crate::model::qwen3_omni::moe::{MoeSpec, SparseMoe, SwiGluMlp};

@@ -3,6 +3,7 @@
 //! states) and emits each frame's codebook-0 code through `codec_head`; the code predictor then
 //! fills the frame's other codebooks.
 
+use crate::model::activation;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder, embedding};
 
@@ -31,7 +32,7 @@ impl ResizeMlp {
 
 impl Module for ResizeMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.linear_fc1.forward(x)?)?;
+        let h = activation::silu(&self.linear_fc1.forward(x)?)?;
         self.linear_fc2.forward(&h)
     }
 }

@@ -9,8 +9,10 @@
 //!
 //! Patches come in the processor's order: merge block by merge block, row-major inside a block.
 
+use crate::model::activation;
+use crate::model::norm::{LayerNorm, layer_norm};
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder, embedding, layer_norm};
+use candle_nn::{Embedding, VarBuilder, embedding};
 
 use crate::model::linear::{Linear, linear};
 use crate::model::qwen3_omni::config::VisionEncoderConfig;
@@ -111,7 +113,7 @@ impl Block {
         let x = (x + self
             .attn
             .forward(&self.norm1.forward(x)?, cos, sin, segments)?)?;
-        let h = self.linear_fc1.forward(&self.norm2.forward(&x)?)?.gelu()?;
+        let h = activation::gelu_tanh(&self.linear_fc1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.linear_fc2.forward(&h)?
     }
 }
@@ -150,7 +152,8 @@ impl PatchMerger {
         } else {
             self.ln_q.forward(x)?.reshape(((), self.merged))?
         };
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
+        self.fc2
+            .forward(&activation::gelu_erf(&self.fc1.forward(&x)?)?)
     }
 }
 

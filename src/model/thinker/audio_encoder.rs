@@ -14,8 +14,10 @@
 //! `FloorPolicy::Groups(chunk_frames())`, a chunk's embeddings come out once the samples under
 //! its last mel frame's window have arrived (`n_fft / 2` = 12.5 ms after the chunk's end).
 
+use crate::model::activation;
+use crate::model::norm::LayerNorm;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Activation, Conv1d, Conv1dConfig, LayerNorm, VarBuilder};
+use candle_nn::{Activation, Conv1d, Conv1dConfig, VarBuilder};
 
 use crate::model::config::AudioEncoderConfig;
 use crate::model::linear::{Linear, linear, linear_no_bias};
@@ -45,7 +47,7 @@ fn conv_len(frames: usize) -> usize {
 const LAYER_NORM_EPS: f64 = 1e-5;
 
 fn layer_norm(size: usize, vb: VarBuilder) -> Result<LayerNorm> {
-    candle_nn::layer_norm(size, LAYER_NORM_EPS, vb)
+    crate::model::norm::layer_norm(size, LAYER_NORM_EPS, vb)
 }
 
 fn conv1d(
@@ -161,7 +163,7 @@ impl EncoderLayer {
         let h = self.final_layer_norm.forward(&x)?;
         let h = self
             .fc2
-            .forward(&self.activation.forward(&self.fc1.forward(&h)?)?)?;
+            .forward(&activation::apply(self.activation, &self.fc1.forward(&h)?)?)?;
         x + h
     }
 }
@@ -394,7 +396,7 @@ impl AudioEncoder {
         let n = lens.len();
         let all_full = lens.iter().all(|&l| l == full);
 
-        let h = self.conv1.forward(&x)?.gelu_erf()?;
+        let h = activation::gelu_erf(&self.conv1.forward(&x)?)?;
         // Zero the conv1 output past each chunk's end, as if the chunk were padded on its own.
         let h = if all_full {
             h
@@ -406,7 +408,7 @@ impl AudioEncoder {
             let mask = Tensor::from_vec(mask, (n, 1, full), self.device())?.to_dtype(h.dtype())?;
             h.broadcast_mul(&mask)?
         };
-        let h = self.conv2.forward(&h)?.gelu_erf()?.transpose(1, 2)?; // [chunks, tokens, d]
+        let h = activation::gelu_erf(&self.conv2.forward(&h)?)?.transpose(1, 2)?; // [chunks, tokens, d]
         let mut h = h
             .broadcast_add(&self.positions.unsqueeze(0)?)?
             .contiguous()?;

@@ -2,8 +2,10 @@
 //! q/k/v bias and multimodal rotary embedding (M-RoPE), SwiGLU MLP, and a KV cache that grows
 //! block by block and can be truncated back to any length (barge-in rolls the context back).
 
+use crate::model::activation;
+use crate::model::norm::{RmsNorm, rms_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{RmsNorm, VarBuilder, rms_norm};
+use candle_nn::VarBuilder;
 
 use crate::model::config::{TalkerConfig, TextConfig};
 use crate::model::linear::{Linear, linear, linear_no_bias};
@@ -302,9 +304,11 @@ impl Attention {
         // Softmax in f32, as the reference's eager attention does.
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, self.num_heads, t, self.head_dim))?;
+        let out =
+            probs
+                .matmul(&v)?
+                .to_dtype(dtype)?
+                .reshape((b, self.num_heads, t, self.head_dim))?;
         out.transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))
     }
@@ -340,8 +344,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let h = activation::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
     }
 }
 

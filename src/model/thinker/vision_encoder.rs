@@ -9,8 +9,10 @@
 //! Attention is block-diagonal: equal-length windows are batched together and attended
 //! separately, so no mask over all patches is ever built.
 
+use crate::model::activation;
+use crate::model::norm::{RmsNorm, rms_norm};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, RmsNorm, VarBuilder, rms_norm};
+use candle_nn::{Activation, VarBuilder};
 
 use crate::model::config::VisionEncoderConfig;
 use crate::model::linear::{Linear, linear};
@@ -365,8 +367,12 @@ impl VisionMlp {
 
 impl Module for VisionMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let h = match self.act {
+            Activation::Silu => activation::silu_mul(&gate, &up)?,
+            act => (activation::apply(act, &gate)? * up)?,
+        };
+        self.down_proj.forward(&h)
     }
 }
 
@@ -420,7 +426,7 @@ impl PatchMerger {
 impl Module for PatchMerger {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.ln_q.forward(x)?.reshape(((), self.merged_width))?;
-        let x = self.fc1.forward(&x)?.gelu_erf()?;
+        let x = activation::gelu_erf(&self.fc1.forward(&x)?)?;
         self.fc2.forward(&x)
     }
 }

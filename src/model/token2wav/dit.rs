@@ -19,6 +19,7 @@
 //! `-back_i <= q / block_size - p / block_size <= ahead_i`; it is computed per query block over
 //! its `back_i + 1 + ahead_i` key blocks only, never as a full (N x N) matrix.
 
+use crate::model::activation;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
@@ -699,53 +700,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.ff0.forward(xs)?;
-        let h = if kernels() == Kernels::Auto && h.device().is_cpu() && h.dtype() == DType::F32 {
-            h.apply_op1_no_bwd(&CpuGelu)?
-        } else {
-            h.gelu()?
-        };
+        let h = activation::gelu_tanh(&self.ff0.forward(xs)?)?;
         self.ff3.forward(&h)
-    }
-}
-
-/// `gelu` (tanh approximation) on the CPU in f32, vectorised (candle's calls `tanhf` per value,
-/// on one thread), the values split over candle's thread pool.
-#[derive(Debug, Clone, Copy)]
-struct CpuGelu;
-
-/// Values per work item of [`CpuGelu`].
-const GELU_CHUNK: usize = 1 << 14;
-
-impl candle_core::CustomOp1 for CpuGelu {
-    fn name(&self) -> &'static str {
-        "gelu-tanh"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let copy;
-        let x = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(all), Some((a, b))) => &all[a..b],
-            _ => {
-                let CpuStorage::F32(c) = storage.to_dtype(layout, DType::F32)? else {
-                    candle_core::bail!("gelu: needs f32, got {:?}", storage.dtype());
-                };
-                copy = c;
-                &copy[..]
-            }
-        };
-        let mut out = vec![0f32; x.len()];
-        let shared = SharedOut(out.as_mut_ptr());
-        let level = detected_level();
-        candle_core::utils::barrier_pool().execute_chunked(x.len().div_ceil(GELU_CHUNK), |range| {
-            let shared = &shared;
-            let start = range.start * GELU_CHUNK;
-            let end = (range.end * GELU_CHUNK).min(x.len());
-            // SAFETY: values [start, end) are this item's alone; `out` outlives the pool's work.
-            let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(start), end - start) };
-            omnicall_kernels::activation::gelu_tanh_slice(level, &x[start..end], dst);
-        });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
@@ -1416,16 +1372,6 @@ mod tests {
         assert!(max_diff(&norm.forward_modulated(&x, &scale, &shift)?, &want)? < 1e-5);
         let want = (&x + y.broadcast_mul(&shift)?)?;
         assert!(max_diff(&gated_residual(&x, &y, &shift)?, &want)? < 1e-6);
-        Ok(())
-    }
-
-    #[test]
-    fn cpu_gelu_matches_candle_gelu() -> Result<()> {
-        let x = (Tensor::randn(0f32, 3., (3, 5, 7001), &Device::Cpu)? + 0.5)?;
-        for xs in [x.clone(), x.transpose(1, 2)?] {
-            let diff = max_diff(&xs.apply_op1_no_bwd(&CpuGelu)?, &xs.gelu()?)?;
-            assert!(diff < 1e-5, "{diff}");
-        }
         Ok(())
     }
 
