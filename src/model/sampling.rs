@@ -82,15 +82,27 @@ impl Sampler {
     /// (only the ids go up); greedy decoding brings back just the chosen id, sampling the
     /// probabilities (candle's sampler draws on the host).
     pub fn sample(&mut self, logits: &Tensor, history: &[u32], suppress: &[u32]) -> Result<u32> {
-        let mut logits = logits.flatten_all()?.to_dtype(DType::F32)?;
-        if self.options.repetition_penalty != 1.0 && !history.is_empty() {
-            logits = repeat_penalty(&logits, self.options.repetition_penalty, history)?;
-        }
-        if !suppress.is_empty() {
-            logits = suppress_ids(&logits, suppress)?;
-        }
+        let logits = processed_logits(logits, &self.options, history, suppress)?;
         self.processor.sample(&logits)
     }
+}
+
+/// The f32 logits [`Sampler::sample`] chooses from: `logits` flattened, the ids of `history`
+/// penalised, those of `suppress` at minus infinity.
+pub fn processed_logits(
+    logits: &Tensor,
+    options: &SamplingOptions,
+    history: &[u32],
+    suppress: &[u32],
+) -> Result<Tensor> {
+    let mut logits = logits.flatten_all()?.to_dtype(DType::F32)?;
+    if options.repetition_penalty != 1.0 && !history.is_empty() {
+        logits = repeat_penalty(&logits, options.repetition_penalty, history)?;
+    }
+    if !suppress.is_empty() {
+        logits = suppress_ids(&logits, suppress)?;
+    }
+    Ok(logits)
 }
 
 /// The distinct ids of `ids` below `vocab`, as an index tensor on `device`.

@@ -634,6 +634,11 @@ impl TalkerTurn {
         self.pending.len()
     }
 
+    /// The ids the repetition penalty of the next step applies to.
+    pub fn repetition_history(&self) -> &[u32] {
+        &self.history
+    }
+
     /// Raw codec logits `[vocab]` of the last forward (before penalties and masks).
     pub fn last_logits(&self) -> Option<&Tensor> {
         self.last_logits.as_ref()
