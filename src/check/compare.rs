@@ -91,6 +91,41 @@ pub fn check_close(got: &Tensor, want: &Tensor, atol: f32) -> Result<Difference,
     }
 }
 
+/// The indices along dimension `dim` (a sequence's positions) holding an element of `got` more
+/// than `atol` from `want`'s, with the difference over everything.
+pub fn positions_beyond(
+    got: &Tensor,
+    want: &Tensor,
+    atol: f32,
+    dim: usize,
+) -> Result<(Vec<usize>, Difference), CloseError> {
+    let diff = difference(got, want)?;
+    let dims = got.dims();
+    if dim >= dims.len() {
+        return Err(CloseError::Tensor(format!(
+            "no dimension {dim} in a tensor of shape {dims:?}"
+        )));
+    }
+    let host = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| CloseError::Tensor(e.to_string()))
+    };
+    let (a, b) = (host(got)?, host(want)?);
+    let inner: usize = dims[dim + 1..].iter().product();
+    let len = dims[dim];
+    let mut beyond = vec![false; len];
+    for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+        if (x - y).abs() > atol {
+            beyond[(i / inner.max(1)) % len] = true;
+        }
+    }
+    let positions = (0..len).filter(|&p| beyond[p]).collect();
+    Ok((positions, diff))
+}
+
 /// The row-major index of flat element `i` of a tensor of shape `dims`.
 fn unravel(mut i: usize, dims: &[usize]) -> Vec<usize> {
     let mut index = vec![0; dims.len()];
@@ -109,6 +144,21 @@ mod tests {
 
     fn t(values: &[f32], shape: (usize, usize)) -> Tensor {
         Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn positions_beyond_names_the_rows_that_are_off() {
+        let want = Tensor::zeros((1, 4, 2), DType::F32, &Device::Cpu).unwrap();
+        let got = Tensor::from_slice(
+            &[0.0f32, 0.1, 0.0, 0.0, 0.0, 0.9, 0.5, 0.0],
+            (1, 4, 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (positions, diff) = positions_beyond(&got, &want, 0.2, 1).unwrap();
+        assert_eq!(positions, vec![2, 3]);
+        assert_eq!(diff.max_abs_diff, 0.9);
+        assert!(positions_beyond(&got, &want, 0.2, 3).is_err());
     }
 
     #[test]

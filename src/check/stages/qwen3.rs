@@ -314,10 +314,10 @@ fn thinker_logits(check: &mut Checker) -> anyhow::Result<()> {
     check.equal("thinker_text layers", layers.len(), n);
     for (i, got) in layers.iter().enumerate().take(n.saturating_sub(1)) {
         let key = format!("thinker_text.layer{i}_output");
-        check.close(&key, got, &fx.f32(&key)?, Quantity::Thinker);
+        check.close_routed(&key, got, &fx.f32(&key)?, Quantity::Thinker);
     }
     let logits = model.logits(&hidden)?;
-    check.close(
+    check.close_routed(
         "thinker_text.logits",
         &logits,
         &fx.f32("thinker_text.logits")?,
@@ -414,7 +414,7 @@ fn thinker_mm_logits(check: &mut Checker) -> anyhow::Result<()> {
         Quantity::Thinker,
     );
     let logits = thinker.prompt_logits(&prompt)?;
-    check.close(
+    check.close_routed(
         "thinker_mm.logits",
         &logits,
         &fx.f32("thinker_mm.logits")?,
@@ -446,13 +446,13 @@ fn talker_logits(check: &mut Checker) -> anyhow::Result<()> {
     let embeds = check.model_input("talker.inputs_embeds")?;
     let t = embeds.dim(1)?;
     let hidden = talker.forward_hidden(&embeds, &text_positions(0, t, &check.options.device)?)?;
-    check.close(
+    check.close_routed(
         "talker.last_hidden",
         &hidden,
         &fx.f32("talker.last_hidden")?,
         Quantity::Talker,
     );
-    check.close(
+    check.close_routed(
         "talker.logits",
         &talker.codec_logits(&hidden)?,
         &fx.f32("talker.logits")?,

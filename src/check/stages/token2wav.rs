@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::check::{Checker, Quantity};
+use crate::model::linear::{WeightFormat, with_weight_format};
 use crate::model::token2wav::Token2Wav;
 use crate::model::token2wav::bigvgan::BigVgan;
 use crate::model::token2wav::dit::{Dit, SamplerOptions};
@@ -12,10 +13,13 @@ use crate::model::token2wav::dit::{Dit, SamplerOptions};
 fn load_dit(check: &Checker) -> anyhow::Result<Dit> {
     let cfg = check.config()?;
     let vb = check.token2wav_weights()?;
-    Ok(Dit::new(
-        &cfg.token2wav_config.dit_config,
-        vb.pp("token2wav").pp("code2wav_dit_model"),
-    )?)
+    // Dense, as `Token2Wav::new` builds it, whatever the run's weight format.
+    Ok(with_weight_format(WeightFormat::Dense, || {
+        Dit::new(
+            &cfg.token2wav_config.dit_config,
+            vb.pp("token2wav").pp("code2wav_dit_model"),
+        )
+    })?)
 }
 
 /// The fixture's voice (`settings.speaker`), straight from the fixture's
