@@ -287,6 +287,18 @@ impl Module for Linear {
     }
 }
 
+/// The dtype the attention products (`q kᵀ`, `probs v`) of activations like `x` run in: f32
+/// for bf16 on the CPU ([`Kernels::Auto`]), since candle's CPU bf16 matmul widens both
+/// operands on one thread while gemm's f32 kernels use the pool and AVX-512 (and the
+/// reference's CPU attention also sums in f32); `x`'s own dtype everywhere else.
+pub fn attention_dtype(x: &Tensor) -> DType {
+    if kernels() == Kernels::Auto && x.device().is_cpu() && x.dtype() == DType::BF16 {
+        DType::F32
+    } else {
+        x.dtype()
+    }
+}
+
 /// A [`Linear`] with a bias, like `candle_nn::linear`, in the format of [`weight_format`].
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Linear::from_loaded(candle_nn::linear(in_dim, out_dim, vb)?)

@@ -15,6 +15,7 @@
 //! its last mel frame's window have arrived (`n_fft / 2` = 12.5 ms after the chunk's end).
 
 use crate::model::activation;
+use crate::model::linear::attention_dtype;
 use crate::model::norm::LayerNorm;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Activation, Conv1d, Conv1dConfig, VarBuilder};
@@ -111,9 +112,11 @@ impl ChunkAttention {
     /// `None` when every chunk is full.
     fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
+        let (dtype, product_dtype) = (x.dtype(), attention_dtype(x));
         let heads = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
+                .to_dtype(product_dtype)?
                 .contiguous()
         };
         let q = heads(self.q_proj.forward(x)?)?;
@@ -122,11 +125,15 @@ impl ChunkAttention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = match key_mask {
-            Some(mask) => scores.broadcast_add(mask)?,
+            Some(mask) => scores.broadcast_add(&mask.to_dtype(product_dtype)?)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let out = probs
+            .matmul(&v)?
+            .to_dtype(dtype)?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
         self.out_proj.forward(&out)
     }
 }

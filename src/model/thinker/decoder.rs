@@ -3,6 +3,7 @@
 //! block by block and can be truncated back to any length (barge-in rolls the context back).
 
 use crate::model::activation;
+use crate::model::linear::attention_dtype;
 use crate::model::norm::{RmsNorm, rms_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -284,13 +285,22 @@ impl Attention {
         let (b, _, t, _) = q.dims4()?;
         let past = cache.len();
         let (k, v) = cache.append(k, v)?;
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        // A decode step's products are too small to repay widening the whole cache.
+        let dtype = q.dtype();
+        let product_dtype = if t > 1 { attention_dtype(q) } else { dtype };
+        let (k, v) = (
+            k.to_dtype(product_dtype)?.contiguous()?,
+            v.to_dtype(product_dtype)?.contiguous()?,
+        );
         // Grouped-query attention without repeating K/V: the `groups` query heads that share a
         // KV head are stacked along the query axis, (b, kv, groups * t, d).
         let groups = self.num_heads / self.num_kv_heads;
-        let q = q
-            .contiguous()?
-            .reshape((b, self.num_kv_heads, groups * t, self.head_dim))?;
+        let q = q.to_dtype(product_dtype)?.contiguous()?.reshape((
+            b,
+            self.num_kv_heads,
+            groups * t,
+            self.head_dim,
+        ))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if t > 1 {

@@ -10,6 +10,7 @@
 //! separately, so no mask over all patches is ever built.
 
 use crate::model::activation;
+use crate::model::linear::attention_dtype;
 use crate::model::norm::{RmsNorm, rms_norm};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
@@ -209,6 +210,15 @@ impl Segments {
 /// `softmax(q k^T * scale) v` over (n, heads, len, d) with f32 scores, split along the queries
 /// when the score tensor would be too large.
 fn batched_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (dtype, product_dtype) = (v.dtype(), attention_dtype(v));
+    if product_dtype != dtype {
+        let (q, k, v) = (
+            q.to_dtype(product_dtype)?,
+            k.to_dtype(product_dtype)?,
+            v.to_dtype(product_dtype)?,
+        );
+        return batched_attention(&q, &k, &v, scale)?.to_dtype(dtype);
+    }
     let (n, heads, len, _) = q.dims4()?;
     let k_t = k.t()?;
     let attend = |q: &Tensor| -> Result<Tensor> {
