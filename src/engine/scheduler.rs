@@ -767,6 +767,7 @@ enum Command {
 /// The scheduler thread of one loaded model, and the way sessions reach it.
 pub struct Scheduler {
     commands: Sender<Command>,
+    clock: Arc<dyn Clock>,
     headroom: Arc<Mutex<Headroom>>,
     next_session: Mutex<SessionId>,
     per_session_requests: usize,
@@ -785,9 +786,11 @@ impl Scheduler {
         let (commands, rx) = bounded(config.commands);
         let headroom = Arc::new(Mutex::new(core.headroom(clock.now())));
         let published = headroom.clone();
+        let thread_clock = clock.clone();
         let thread = std::thread::Builder::new()
             .name("model-scheduler".into())
             .spawn(move || {
+                let clock = thread_clock;
                 // How long an idle scheduler waits for a command before it refreshes its
                 // headroom figures.
                 const IDLE: Duration = Duration::from_millis(200);
@@ -833,6 +836,7 @@ impl Scheduler {
             .context("starting the scheduler thread")?;
         Ok(Self {
             commands,
+            clock,
             headroom,
             next_session: Mutex::new(0),
             per_session_requests: config.per_session_requests,
@@ -860,6 +864,7 @@ impl Scheduler {
         Ok(SessionLink {
             session,
             commands: self.commands.clone(),
+            clock: self.clock.clone(),
             results,
             next_ticket: 0,
             outstanding: 0,
@@ -887,6 +892,8 @@ impl Drop for Scheduler {
 pub struct SessionLink {
     session: SessionId,
     commands: Sender<Command>,
+    /// The scheduler's clock, which deadlines are on.
+    clock: Arc<dyn Clock>,
     results: Receiver<Completion>,
     next_ticket: u64,
     outstanding: usize,
@@ -896,6 +903,12 @@ pub struct SessionLink {
 impl SessionLink {
     pub fn session(&self) -> SessionId {
         self.session
+    }
+
+    /// The time on the scheduler's clock: deadlines are this plus how long the work may wait
+    /// (a session's own clock may have started later).
+    pub fn now(&self) -> Duration {
+        self.clock.now()
     }
 
     /// Queues `work`, due by `deadline` on the scheduler's clock (the time this session's
