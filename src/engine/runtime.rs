@@ -65,6 +65,7 @@ use super::end_of_turn::{self, END_OF_TURN_RATE, Prediction, PredictionRequest, 
 use super::events::{AnswerMarks, EventSink};
 use super::input::{InputConfig, InputEvent, InputStage};
 use super::links::{ModelLinks, SpeechMeter};
+use super::model_access::{ModelPasses, TalkerAccess, ThinkerAccess};
 use super::pacer::{FRAME, Pacer, PacerOutput};
 pub use super::probe::{ContextView, CutAnswer, SessionProbe};
 use super::probe::{ProbeParts, ProbeRecord};
@@ -227,8 +228,20 @@ fn start(
                 Box::new(move || vocoder.run(vocoder_rx)),
             )?);
             let links = model_links.clone();
-            let talker =
-                talker_task::TalkerTask::new(&model, speech_model, links, &config, vocoder_tx)?;
+            let access = match &config.model_passes {
+                ModelPasses::OwnClone => TalkerAccess::own(&speech_model.talker),
+                ModelPasses::Shared(scheduler) => {
+                    TalkerAccess::shared(scheduler, &speech_model.talker, pacer.clone())?
+                }
+            };
+            let talker = talker_task::TalkerTask::new(
+                &model,
+                speech_model,
+                access,
+                links,
+                &config,
+                vocoder_tx,
+            )?;
             threads.push(spawn_thread(
                 "session-talker",
                 Box::new(move || talker.run(talker_rx)),
@@ -242,8 +255,15 @@ fn start(
     let (report_tx, report_rx) = unbounded();
     // Counted until the system prompt is prefilled.
     let startup = activity.token();
+    let access = match &config.model_passes {
+        ModelPasses::OwnClone => ThinkerAccess::own(&model.thinker),
+        ModelPasses::Shared(scheduler) => {
+            ThinkerAccess::shared(scheduler, pacer.clone(), blocks.block_len)?
+        }
+    };
     let thinker = thinker_task::ThinkerTask::new(
         model.clone(),
+        access,
         config.clone(),
         model_links,
         talker_tx,
