@@ -421,3 +421,30 @@ fn a_barge_in_or_a_hang_up_in_one_session_never_changes_another_answer() {
     barging.close();
     hung_up.close();
 }
+
+#[test]
+fn a_session_of_another_model_is_refused_by_the_scheduler() {
+    // the same checkpoint loaded again: equal weights, but not the tensors the scheduler runs
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+    let other = OmniModel::load(
+        &ModelFiles::from_dir(&dir).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let scheduler = scheduler();
+    let clock = Arc::new(omnicall::engine::clock::SimulatedClock::new());
+    let err = omnicall::engine::runtime::spawn(
+        &other,
+        config(7, ModelPasses::Shared(scheduler.clone())),
+        clock.clone(),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("another model"), "{err:#}");
+    assert_eq!(scheduler.headroom().sessions, 0);
+    // the scheduler's own model is welcome
+    let handle =
+        omnicall::engine::runtime::spawn(model(), config(7, ModelPasses::Shared(scheduler)), clock)
+            .unwrap();
+    drop(handle);
+}

@@ -159,6 +159,15 @@ fn start(
         tracing::info!("the model has no Talker: the session answers in text");
     }
 
+    if let ModelPasses::Shared(scheduler) = &config.model_passes {
+        // Its passes would run on the scheduler's weights whatever the session's are.
+        let talker = model.speech.as_ref().map(|s| &s.talker);
+        anyhow::ensure!(
+            scheduler.runs(&model.thinker, talker),
+            "the shared model scheduler runs another model than this session's"
+        );
+    }
+
     let activity = Activity::new();
     let ((input_tx, input_rx), (event_tx, event_rx)) = session_channels();
     let queues = QueueCounters::new();

@@ -768,6 +768,10 @@ enum Command {
 pub struct Scheduler {
     commands: Sender<Command>,
     clock: Arc<dyn Clock>,
+    /// Clones of the networks it runs (weights shared, caches empty): what a session is
+    /// checked against.
+    thinker: Thinker,
+    talker: Option<Talker>,
     headroom: Arc<Mutex<Headroom>>,
     next_session: Mutex<SessionId>,
     per_session_requests: usize,
@@ -782,6 +786,7 @@ impl Scheduler {
         clock: Arc<dyn Clock>,
         config: SchedulerConfig,
     ) -> anyhow::Result<Self> {
+        let (thinker, talker) = (models.thinker.clone(), models.talker.clone());
         let mut core = SchedulerCore::new(models, config.clone(), clock.now())?;
         let (commands, rx) = bounded(config.commands);
         let headroom = Arc::new(Mutex::new(core.headroom(clock.now())));
@@ -837,6 +842,8 @@ impl Scheduler {
         Ok(Self {
             commands,
             clock,
+            thinker,
+            talker,
             headroom,
             next_session: Mutex::new(0),
             per_session_requests: config.per_session_requests,
@@ -870,6 +877,17 @@ impl Scheduler {
             outstanding: 0,
             capacity: self.per_session_requests,
         })
+    }
+
+    /// Whether this scheduler runs these networks (clones of its own: the same weights), so
+    /// that a session of that model may run on it.
+    pub fn runs(&self, thinker: &Thinker, talker: Option<&Talker>) -> bool {
+        let talker_runs = match (talker, self.talker.as_ref()) {
+            (Some(session), Some(own)) => own.shares_weights(session),
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        self.thinker.shares_weights(thinker) && talker_runs
     }
 
     /// The latest headroom figures.
