@@ -99,6 +99,19 @@ fn serve_runs_on_random_weights_of_a_configs_shapes() {
 }
 
 #[test]
+fn serve_runs_with_one_shared_model_scheduler() {
+    let (child, url) = start(&["--model-scheduler", "shared"]);
+    let info: serde_json::Value = ureq::get(&format!("{url}/v1/info"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(info["voices"], serde_json::json!(["Chelsie", "Ethan"]));
+    // the scheduler thread ends with the server
+    stop(child);
+}
+
+#[test]
 fn serve_refuses_bad_settings_naming_them() {
     let out = Command::new(env!("CARGO_BIN_EXE_omnicall"))
         .arg("serve")
@@ -111,6 +124,20 @@ fn serve_refuses_bad_settings_naming_them() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("Nobody") && stderr.contains("Chelsie, Ethan"),
+        "{stderr}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_omnicall"))
+        .arg("serve")
+        .arg("--model")
+        .arg(tiny())
+        .args(["--model-scheduler", "everywhere"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("everywhere") && stderr.contains("shared, per-call"),
         "{stderr}"
     );
 
