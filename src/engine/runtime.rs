@@ -24,6 +24,10 @@
 //! * **vocoder** ([`super::vocoder_task`]) renders codes with the streaming token2wav into the
 //!   pacer, which releases 20 ms frames on the clock.
 //!
+//! The Thinker's and the Talker's passes run on the session's own model clone, or, with
+//! [`SessionConfig::model_passes`] `Shared`, on the loaded model's scheduler thread, batched with
+//! other sessions' ([`super::model_access`]); the encoders and token2wav run here either way.
+//!
 //! `SessionInput::Close`, or dropping every clone of the handle, ends every thread; the pacer
 //! and the ticker exit when they next wake.
 //!
