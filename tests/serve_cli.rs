@@ -111,41 +111,35 @@ fn serve_runs_with_one_shared_model_scheduler() {
     stop(child);
 }
 
-#[test]
-fn serve_refuses_bad_settings_naming_them() {
+/// `serve` with these arguments: it must fail; returns what it said.
+fn refused(args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_omnicall"))
         .arg("serve")
-        .arg("--model")
-        .arg(tiny())
-        .args(["--bind", "127.0.0.1:0", "--voice", "Nobody"])
+        .args(args)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn serve_refuses_bad_settings_naming_them() {
+    let tiny = tiny();
+    let with_tiny = |more: &[&str]| {
+        let mut args = vec!["--model".as_ref(), tiny.as_os_str()];
+        args.extend(more.iter().map(std::ffi::OsStr::new));
+        refused(&args)
+    };
+    let stderr = with_tiny(&["--bind", "127.0.0.1:0", "--voice", "Nobody"]);
     assert!(
         stderr.contains("Nobody") && stderr.contains("Chelsie, Ethan"),
         "{stderr}"
     );
-
-    let out = Command::new(env!("CARGO_BIN_EXE_omnicall"))
-        .arg("serve")
-        .arg("--model")
-        .arg(tiny())
-        .args(["--model-scheduler", "everywhere"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = with_tiny(&["--model-scheduler", "everywhere"]);
     assert!(
         stderr.contains("everywhere") && stderr.contains("shared, per-call"),
         "{stderr}"
     );
-
-    let out = Command::new(env!("CARGO_BIN_EXE_omnicall"))
-        .args(["serve", "--model", "/nonexistent/model"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&["--model".as_ref(), "/nonexistent/model".as_ref()]);
     assert!(stderr.contains("/nonexistent/model"), "{stderr}");
 }

@@ -9,6 +9,8 @@
 //! scheduler at the same time. The tests take turns (each already runs several sessions; on
 //! two cores, side by side they starved each other's vocoders past the settle timeout).
 
+mod common;
+
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device};
 use omnicall::engine::clock::SystemClock;
-use omnicall::engine::context::{Entry, EntryKind};
+use omnicall::engine::probe::ContextView;
 use omnicall::engine::scheduler::{Scheduler, SchedulerConfig, SchedulerModels};
 use omnicall::engine::session::{AudioInput, ModelPasses, SessionConfig, SessionEvent};
 use omnicall::engine::simulated::SimulatedSession;
@@ -62,18 +64,6 @@ fn scheduler() -> Arc<Scheduler> {
     };
     let clock = Arc::new(SystemClock::new());
     Arc::new(Scheduler::spawn(models, clock, SchedulerConfig::default()).unwrap())
-}
-
-fn load(name: &str) -> Vec<f32> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/media")
-        .join(name);
-    let mut reader = hound::WavReader::open(&path).unwrap();
-    assert_eq!(reader.spec().sample_rate, RATE);
-    reader
-        .samples::<i16>()
-        .map(|s| s.unwrap() as f32 / 32768.0)
-        .collect()
 }
 
 /// The silence rule and WebRTC's VAD (the recordings' timings were set for them).
@@ -122,7 +112,7 @@ struct Answer {
 
 impl Call {
     fn new(speech: &str, config: SessionConfig, then: Then) -> Self {
-        let speech = load(speech);
+        let speech = common::load_16k(speech);
         let mut session = SimulatedSession::spawn(model(), config).unwrap();
         session.settle_timeout = SETTLE_TIMEOUT;
         Self {
@@ -207,14 +197,15 @@ impl Call {
             .collect()
     }
 
+    /// What the session's context and caches hold now.
+    fn view(&self) -> ContextView {
+        let session = self.session.as_ref().expect("the call is on");
+        session.probe.context()
+    }
+
     /// The first turn's answer: the ids the context kept, the text shown, the audio played.
     fn answer(&self) -> Answer {
-        let view = self
-            .session
-            .as_ref()
-            .expect("the call is on")
-            .probe
-            .context();
+        let view = self.view();
         let text = self
             .log
             .iter()
@@ -233,7 +224,7 @@ impl Call {
             .flatten()
             .collect();
         Answer {
-            ids: answer_ids(&view.entries, 1),
+            ids: common::answer_ids(&view.entries, 1),
             text,
             audio,
         }
@@ -241,12 +232,7 @@ impl Call {
 
     /// Both caches hold the context entry for entry (the shared access counts them).
     fn assert_caches_in_step(&self) {
-        let view = self
-            .session
-            .as_ref()
-            .expect("the call is on")
-            .probe
-            .context();
+        let view = self.view();
         assert_eq!(view.thinker_cache, view.entries.len(), "Thinker cache");
         assert_eq!(view.talker_cache, Some(view.entries.len()), "Talker cache");
     }
@@ -256,14 +242,6 @@ impl Call {
             session.close().unwrap();
         }
     }
-}
-
-fn answer_ids(entries: &[Entry], turn: u64) -> Vec<u32> {
-    entries
-        .iter()
-        .filter(|e| e.turn == turn && e.kind == EntryKind::Answer)
-        .map(|e| e.id)
-        .collect()
 }
 
 /// Plays the calls' scripts in lock step until each has played out.
@@ -285,6 +263,19 @@ fn run(calls: &mut [Call]) {
         .map(|c| (c.then, c.frames(1), c.answer_done(1)))
         .collect();
     panic!("the calls did not play out in {CALL_LIMIT:?}: {states:?}");
+}
+
+/// Calls sharing one new scheduler, one a `(recording, seed, script)`.
+fn shared_calls<const N: usize>(scripts: [(&str, u64, Then); N]) -> (Arc<Scheduler>, [Call; N]) {
+    let scheduler = scheduler();
+    let calls = scripts.map(|(speech, seed, then)| {
+        Call::new(
+            speech,
+            config(seed, ModelPasses::Shared(scheduler.clone())),
+            then,
+        )
+    });
+    (scheduler, calls)
 }
 
 /// The answer of a call alone, on its own model clone.
@@ -334,12 +325,7 @@ fn assert_same_answer(got: &Answer, want: &Answer, what: &str) {
 #[test]
 fn a_session_through_the_shared_scheduler_answers_as_on_its_own_clone() {
     let _turn = one_at_a_time();
-    let scheduler = scheduler();
-    let mut calls = [Call::new(
-        "speech.wav",
-        config(7, ModelPasses::Shared(scheduler.clone())),
-        Then::Listen,
-    )];
+    let (scheduler, mut calls) = shared_calls([("speech.wav", 7, Then::Listen)]);
     run(&mut calls);
     let [call] = calls;
     assert!(call.errors().is_empty(), "{:?}", call.errors());
@@ -355,13 +341,11 @@ fn a_session_through_the_shared_scheduler_answers_as_on_its_own_clone() {
 #[test]
 fn sessions_sharing_one_scheduler_each_answer_as_alone() {
     let _turn = one_at_a_time();
-    let scheduler = scheduler();
-    let shared = || ModelPasses::Shared(scheduler.clone());
-    let mut calls = [
-        Call::new("speech.wav", config(7, shared()), Then::Listen),
-        Call::new("utterance_short.wav", config(11, shared()), Then::Listen),
-        Call::new("speech.wav", config(7, shared()), Then::Listen),
-    ];
+    let (scheduler, mut calls) = shared_calls([
+        ("speech.wav", 7, Then::Listen),
+        ("utterance_short.wav", 11, Then::Listen),
+        ("speech.wav", 7, Then::Listen),
+    ]);
     run(&mut calls);
     let want = [alone_speech(), alone_utterance(), alone_speech()];
     for (i, (call, want)) in calls.iter().zip(want).enumerate() {
@@ -384,21 +368,11 @@ fn sessions_sharing_one_scheduler_each_answer_as_alone() {
 #[test]
 fn a_barge_in_or_a_hang_up_in_one_session_never_changes_another_answer() {
     let _turn = one_at_a_time();
-    let scheduler = scheduler();
-    let shared = || ModelPasses::Shared(scheduler.clone());
-    let mut calls = [
-        Call::new("speech.wav", config(7, shared()), Then::Listen),
-        Call::new(
-            "utterance_short.wav",
-            config(11, shared()),
-            Then::BargeIn { frames: 5 },
-        ),
-        Call::new(
-            "speech.wav",
-            config(7, shared()),
-            Then::HangUp { frames: 5 },
-        ),
-    ];
+    let (_scheduler, mut calls) = shared_calls([
+        ("speech.wav", 7, Then::Listen),
+        ("utterance_short.wav", 11, Then::BargeIn { frames: 5 }),
+        ("speech.wav", 7, Then::HangUp { frames: 5 }),
+    ]);
     run(&mut calls);
     let [listener, barging, hung_up] = calls;
     assert!(listener.errors().is_empty(), "{:?}", listener.errors());

@@ -363,16 +363,8 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        let diff = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
+        diff.and_then(|d| d.to_scalar::<f32>()).unwrap()
     }
 
     fn greedy(logits: &Tensor) -> u32 {
