@@ -131,7 +131,7 @@ struct ServeCommand {
     /// Where the calls' Thinker and Talker passes run: `shared`, one scheduler thread for the
     /// loaded model that batches every call's decode steps; `per-call`, each call on its own
     /// threads. The encoders and the vocoder run per call either way.
-    #[arg(long, value_enum, default_value_t = ModelScheduler::PerCall)]
+    #[arg(long, value_enum, default_value_t = ModelScheduler::Shared)]
     model_scheduler: ModelScheduler,
     #[command(flatten)]
     serve: omnicall::rtc::cli::ServeArgs,
