@@ -99,16 +99,22 @@ fn serve_runs_on_random_weights_of_a_configs_shapes() {
 }
 
 #[test]
-fn serve_runs_with_one_shared_model_scheduler() {
-    let (child, url) = start(&["--model-scheduler", "shared"]);
-    let info: serde_json::Value = ureq::get(&format!("{url}/v1/info"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
-    assert_eq!(info["voices"], serde_json::json!(["Chelsie", "Ethan"]));
-    // the scheduler thread ends with the server
-    stop(child);
+fn serve_runs_with_either_model_scheduler() {
+    for scheduler in ["shared", "per-call"] {
+        let (child, url) = start(&["--model-scheduler", scheduler]);
+        let info: serde_json::Value = ureq::get(&format!("{url}/v1/info"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        assert_eq!(
+            info["voices"],
+            serde_json::json!(["Chelsie", "Ethan"]),
+            "{scheduler}"
+        );
+        // a shared scheduler's thread ends with the server
+        stop(child);
+    }
 }
 
 /// `serve` with these arguments: it must fail; returns what it said.
