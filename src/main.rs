@@ -10,6 +10,8 @@ use omnicall::bench::peak::MachinePeak;
 use omnicall::bench::{Measurement, markdown_table_against};
 use omnicall::engine::blocks::BlockConfig;
 use omnicall::engine::clock::{Clock, SystemClock};
+use omnicall::engine::scheduler::{Scheduler, SchedulerConfig, SchedulerModels};
+use omnicall::engine::session::ModelPasses;
 use omnicall::media::audio_file::{WavFormat, write_wav};
 use omnicall::media::offline::MediaPreparer;
 use omnicall::media::video::DEFAULT_FPS;
@@ -137,8 +139,20 @@ struct ServeCommand {
     /// 3b, 7b or a config.json (speed measurements; the model babbles).
     #[arg(long)]
     random_weights: bool,
+    /// Where the calls' Thinker and Talker passes run: `shared`, one scheduler thread for the
+    /// loaded model that batches every call's decode steps; `per-call`, each call on its own
+    /// threads. The encoders and the vocoder run per call either way.
+    #[arg(long, value_enum, default_value_t = ModelScheduler::Shared)]
+    model_scheduler: ModelScheduler,
     #[command(flatten)]
     serve: omnicall::rtc::cli::ServeArgs,
+}
+
+/// `serve --model-scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ModelScheduler {
+    Shared,
+    PerCall,
 }
 
 #[derive(Args)]
@@ -404,9 +418,26 @@ fn serve(args: ServeCommand) -> anyhow::Result<()> {
         load_model(&args.model.model, &args.model.dtype, &args.model.device)?
     };
     let voices = voice_names(&model);
+    let passes = match args.model_scheduler {
+        ModelScheduler::PerCall => ModelPasses::OwnClone,
+        ModelScheduler::Shared => {
+            // One scheduler beside the loaded model, on the server's clock (each call's
+            // deadlines are converted to it).
+            let models = SchedulerModels {
+                thinker: model.thinker.clone(),
+                talker: model.speech.as_ref().map(|s| s.talker.clone()),
+                vocoder: None,
+            };
+            let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+            let scheduler = Scheduler::spawn(models, clock, SchedulerConfig::default())
+                .context("starting the model scheduler")?;
+            ModelPasses::Shared(Arc::new(scheduler))
+        }
+    };
     // Every call gets its own session on the shared weights; its clock starts with the call,
     // which is media time 0 for the transport.
-    let factory: omnicall::rtc::SessionFactory = Arc::new(move |config| {
+    let factory: omnicall::rtc::SessionFactory = Arc::new(move |mut config| {
+        config.model_passes = passes.clone();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         omnicall::engine::runtime::spawn(&model, config, clock)
     });

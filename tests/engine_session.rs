@@ -39,15 +39,7 @@ fn model() -> &'static OmniModel {
 }
 
 fn load(name: &str) -> Vec<f32> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/media")
-        .join(name);
-    let mut reader = hound::WavReader::open(&path).unwrap();
-    assert_eq!(reader.spec().sample_rate, RATE);
-    reader
-        .samples::<i16>()
-        .map(|s| s.unwrap() as f32 / 32768.0)
-        .collect()
+    common::load_16k(name)
 }
 
 /// A session and every event it gave, with the session-clock time at which it was seen.
@@ -188,11 +180,7 @@ fn assert_caches_in_step(call: &Call) {
 }
 
 fn answer_ids(entries: &[Entry], turn: u64) -> Vec<u32> {
-    entries
-        .iter()
-        .filter(|e| e.turn == turn && e.kind == EntryKind::Answer)
-        .map(|e| e.id)
-        .collect()
+    common::answer_ids(entries, turn)
 }
 
 #[test]

@@ -99,26 +99,53 @@ fn serve_runs_on_random_weights_of_a_configs_shapes() {
 }
 
 #[test]
-fn serve_refuses_bad_settings_naming_them() {
+fn serve_runs_with_either_model_scheduler() {
+    for scheduler in ["shared", "per-call"] {
+        let (child, url) = start(&["--model-scheduler", scheduler]);
+        let info: serde_json::Value = ureq::get(&format!("{url}/v1/info"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        assert_eq!(
+            info["voices"],
+            serde_json::json!(["Chelsie", "Ethan"]),
+            "{scheduler}"
+        );
+        // a shared scheduler's thread ends with the server
+        stop(child);
+    }
+}
+
+/// `serve` with these arguments: it must fail; returns what it said.
+fn refused(args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_omnicall"))
         .arg("serve")
-        .arg("--model")
-        .arg(tiny())
-        .args(["--bind", "127.0.0.1:0", "--voice", "Nobody"])
+        .args(args)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn serve_refuses_bad_settings_naming_them() {
+    let tiny = tiny();
+    let with_tiny = |more: &[&str]| {
+        let mut args = vec!["--model".as_ref(), tiny.as_os_str()];
+        args.extend(more.iter().map(std::ffi::OsStr::new));
+        refused(&args)
+    };
+    let stderr = with_tiny(&["--bind", "127.0.0.1:0", "--voice", "Nobody"]);
     assert!(
         stderr.contains("Nobody") && stderr.contains("Chelsie, Ethan"),
         "{stderr}"
     );
-
-    let out = Command::new(env!("CARGO_BIN_EXE_omnicall"))
-        .args(["serve", "--model", "/nonexistent/model"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = with_tiny(&["--model-scheduler", "everywhere"]);
+    assert!(
+        stderr.contains("everywhere") && stderr.contains("shared, per-call"),
+        "{stderr}"
+    );
+    let stderr = refused(&["--model".as_ref(), "/nonexistent/model".as_ref()]);
     assert!(stderr.contains("/nonexistent/model"), "{stderr}");
 }

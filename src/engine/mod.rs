@@ -11,6 +11,7 @@ pub(crate) mod events;
 pub mod heard;
 pub mod input;
 pub(crate) mod links;
+pub mod model_access;
 pub mod pacer;
 pub mod probe;
 pub mod profile;

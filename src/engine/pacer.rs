@@ -235,6 +235,13 @@ impl Pacer {
         self.shared.state.lock().expect("pacer lock").pending.len()
     }
 
+    /// How long the samples waiting to be released will play: how long the listener can go on
+    /// without more.
+    pub fn queued_audio(&self) -> Duration {
+        let samples = self.queued_samples() as u32;
+        FRAME * samples / self.shared.frame_samples.max(1) as u32
+    }
+
     /// Blocks until `frames` frames of `answer` have been released. Returns false at once if
     /// `answer` is not (or no longer) the one playing: it was stopped or replaced, so the
     /// caller's work for it is stale. Returns true when the frames are out, or when the

@@ -24,6 +24,10 @@
 //! * **vocoder** ([`super::vocoder_task`]) renders codes with the streaming token2wav into the
 //!   pacer, which releases 20 ms frames on the clock.
 //!
+//! The Thinker's and the Talker's passes run on the session's own model clone, or, with
+//! [`SessionConfig::model_passes`] `Shared`, on the loaded model's scheduler thread, batched with
+//! other sessions' ([`super::model_access`]); the encoders and token2wav run here either way.
+//!
 //! `SessionInput::Close`, or dropping every clone of the handle, ends every thread; the pacer
 //! and the ticker exit when they next wake.
 //!
@@ -65,6 +69,7 @@ use super::end_of_turn::{self, END_OF_TURN_RATE, Prediction, PredictionRequest, 
 use super::events::{AnswerMarks, EventSink};
 use super::input::{InputConfig, InputEvent, InputStage};
 use super::links::{ModelLinks, SpeechMeter};
+use super::model_access::{ModelPasses, TalkerAccess, ThinkerAccess};
 use super::pacer::{FRAME, Pacer, PacerOutput};
 pub use super::probe::{ContextView, CutAnswer, SessionProbe};
 use super::probe::{ProbeParts, ProbeRecord};
@@ -158,6 +163,15 @@ fn start(
         tracing::info!("the model has no Talker: the session answers in text");
     }
 
+    if let ModelPasses::Shared(scheduler) = &config.model_passes {
+        // Its passes would run on the scheduler's weights whatever the session's are.
+        let talker = model.speech.as_ref().map(|s| &s.talker);
+        anyhow::ensure!(
+            scheduler.runs(&model.thinker, talker),
+            "the shared model scheduler runs another model than this session's"
+        );
+    }
+
     let activity = Activity::new();
     let ((input_tx, input_rx), (event_tx, event_rx)) = session_channels();
     let queues = QueueCounters::new();
@@ -227,8 +241,20 @@ fn start(
                 Box::new(move || vocoder.run(vocoder_rx)),
             )?);
             let links = model_links.clone();
-            let talker =
-                talker_task::TalkerTask::new(&model, speech_model, links, &config, vocoder_tx)?;
+            let access = match &config.model_passes {
+                ModelPasses::OwnClone => TalkerAccess::own(&speech_model.talker),
+                ModelPasses::Shared(scheduler) => {
+                    TalkerAccess::shared(scheduler, &speech_model.talker, pacer.clone())?
+                }
+            };
+            let talker = talker_task::TalkerTask::new(
+                &model,
+                speech_model,
+                access,
+                links,
+                &config,
+                vocoder_tx,
+            )?;
             threads.push(spawn_thread(
                 "session-talker",
                 Box::new(move || talker.run(talker_rx)),
@@ -242,8 +268,15 @@ fn start(
     let (report_tx, report_rx) = unbounded();
     // Counted until the system prompt is prefilled.
     let startup = activity.token();
+    let access = match &config.model_passes {
+        ModelPasses::OwnClone => ThinkerAccess::own(&model.thinker),
+        ModelPasses::Shared(scheduler) => {
+            ThinkerAccess::shared(scheduler, pacer.clone(), blocks.block_len)?
+        }
+    };
     let thinker = thinker_task::ThinkerTask::new(
         model.clone(),
+        access,
         config.clone(),
         model_links,
         talker_tx,

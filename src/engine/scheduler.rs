@@ -767,6 +767,11 @@ enum Command {
 /// The scheduler thread of one loaded model, and the way sessions reach it.
 pub struct Scheduler {
     commands: Sender<Command>,
+    clock: Arc<dyn Clock>,
+    /// Clones of the networks it runs (weights shared, caches empty): what a session is
+    /// checked against.
+    thinker: Thinker,
+    talker: Option<Talker>,
     headroom: Arc<Mutex<Headroom>>,
     next_session: Mutex<SessionId>,
     per_session_requests: usize,
@@ -781,13 +786,16 @@ impl Scheduler {
         clock: Arc<dyn Clock>,
         config: SchedulerConfig,
     ) -> anyhow::Result<Self> {
+        let (thinker, talker) = (models.thinker.clone(), models.talker.clone());
         let mut core = SchedulerCore::new(models, config.clone(), clock.now())?;
         let (commands, rx) = bounded(config.commands);
         let headroom = Arc::new(Mutex::new(core.headroom(clock.now())));
         let published = headroom.clone();
+        let thread_clock = clock.clone();
         let thread = std::thread::Builder::new()
             .name("model-scheduler".into())
             .spawn(move || {
+                let clock = thread_clock;
                 // How long an idle scheduler waits for a command before it refreshes its
                 // headroom figures.
                 const IDLE: Duration = Duration::from_millis(200);
@@ -833,6 +841,9 @@ impl Scheduler {
             .context("starting the scheduler thread")?;
         Ok(Self {
             commands,
+            clock,
+            thinker,
+            talker,
             headroom,
             next_session: Mutex::new(0),
             per_session_requests: config.per_session_requests,
@@ -860,11 +871,23 @@ impl Scheduler {
         Ok(SessionLink {
             session,
             commands: self.commands.clone(),
+            clock: self.clock.clone(),
             results,
             next_ticket: 0,
             outstanding: 0,
             capacity: self.per_session_requests,
         })
+    }
+
+    /// Whether this scheduler runs these networks (clones of its own: the same weights), so
+    /// that a session of that model may run on it.
+    pub fn runs(&self, thinker: &Thinker, talker: Option<&Talker>) -> bool {
+        let talker_runs = match (talker, self.talker.as_ref()) {
+            (Some(session), Some(own)) => own.shares_weights(session),
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        self.thinker.shares_weights(thinker) && talker_runs
     }
 
     /// The latest headroom figures.
@@ -887,6 +910,8 @@ impl Drop for Scheduler {
 pub struct SessionLink {
     session: SessionId,
     commands: Sender<Command>,
+    /// The scheduler's clock, which deadlines are on.
+    clock: Arc<dyn Clock>,
     results: Receiver<Completion>,
     next_ticket: u64,
     outstanding: usize,
@@ -896,6 +921,12 @@ pub struct SessionLink {
 impl SessionLink {
     pub fn session(&self) -> SessionId {
         self.session
+    }
+
+    /// The time on the scheduler's clock: deadlines are this plus how long the work may wait
+    /// (a session's own clock may have started later).
+    pub fn now(&self) -> Duration {
+        self.clock.now()
     }
 
     /// Queues `work`, due by `deadline` on the scheduler's clock (the time this session's

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 use super::end_of_turn::EndOfTurnFactory;
+pub use super::model_access::ModelPasses;
 use super::queues::{InputKind, NotQueued, QueueCounters, QueueStats};
 use super::turn::{TurnConfig, TurnState};
 use crate::media::vad::VadConfig;
@@ -170,6 +171,9 @@ pub struct SessionConfig {
     pub speech_lead: Duration,
     /// Seeds the Thinker's and the Talker's sampling and the vocoder's noise.
     pub seed: u64,
+    /// Where the Thinker's and the Talker's passes run: the session's own clone of the model,
+    /// or the loaded model's shared scheduler.
+    pub model_passes: ModelPasses,
 }
 
 impl Default for SessionConfig {
@@ -189,6 +193,7 @@ impl Default for SessionConfig {
             max_speech: Duration::from_millis(4096 * 20),
             speech_lead: Duration::from_secs(3),
             seed: 0,
+            model_passes: ModelPasses::OwnClone,
         }
     }
 }

@@ -14,13 +14,12 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::activity::WorkToken;
 use super::links::{ModelLinks, SpeechProgress};
+use super::model_access::TalkerAccess;
 use super::profile::Stage;
 use super::session::SessionConfig;
 use super::vocoder_task::VocoderMsg;
 use crate::model::omni::{OmniModel, Speech};
-use crate::model::talker::{
-    Talker, TalkerOptions, TalkerStep, TalkerText, TalkerTextRows, TalkerTurn,
-};
+use crate::model::talker::{TalkerOptions, TalkerStep, TalkerText, TalkerTextRows, TalkerTurn};
 use crate::model::token2wav::streaming::StreamingOptions;
 
 /// What the Thinker thread tells the Talker thread.
@@ -79,7 +78,8 @@ struct Answer {
 }
 
 pub(crate) struct TalkerTask {
-    talker: Talker,
+    /// The session's Talker context: what the mirror and the steps run on.
+    talker: TalkerAccess,
     links: ModelLinks,
     vocoder: Sender<(VocoderMsg, WorkToken)>,
     options: TalkerOptions,
@@ -94,6 +94,7 @@ impl TalkerTask {
     pub fn new(
         model: &OmniModel,
         speech: &Speech,
+        talker: TalkerAccess,
         links: ModelLinks,
         config: &SessionConfig,
         vocoder: Sender<(VocoderMsg, WorkToken)>,
@@ -111,7 +112,7 @@ impl TalkerTask {
         let floor = floor.div_ceil(dit.repeats.max(1));
         let lead_codes = ((config.speech_lead.as_secs_f64() / code_time) as usize).max(floor);
         Ok(Self {
-            talker: speech.talker.clone(),
+            talker,
             links,
             vocoder,
             options,
@@ -152,17 +153,17 @@ impl TalkerTask {
                 self.links
                     .profile
                     .timed(Stage::Talker, || {
-                        talker.forward(&rows.unsqueeze(0)?, &positions)
+                        talker.mirror(&rows.unsqueeze(0)?, &positions)
                     })
                     .context("mirroring the Thinker's context")?;
             }
             TalkerMsg::Truncate(len) => {
                 self.finish_answer()?;
-                self.talker.truncate_cache(len);
+                self.talker.truncate(len)?;
             }
             TalkerMsg::Remove(range) => {
                 self.finish_answer()?;
-                self.talker.remove_cache_range(range)?;
+                self.talker.forget(range)?;
             }
             TalkerMsg::Begin {
                 turn,
@@ -180,7 +181,7 @@ impl TalkerTask {
                 let mut options = self.options.clone();
                 options.sampling.seed = self.seed.wrapping_add(turn);
                 let state = TalkerTurn::after_cached_prompt(
-                    &self.talker,
+                    self.talker.weights(),
                     cached_len,
                     tail_positions,
                     rope_delta,
@@ -256,7 +257,7 @@ impl TalkerTask {
             let step = self
                 .links
                 .profile
-                .timed(Stage::Talker, || answer.state.step(talker))?;
+                .timed(Stage::Talker, || talker.step(&mut answer.state))?;
             match step {
                 TalkerStep::Code(code) => {
                     answer.codes += 1;
@@ -326,7 +327,8 @@ mod tests {
             ..SessionConfig::default()
         };
         let (vocoder, _) = unbounded();
-        let task = TalkerTask::new(&model, speech, links, &config, vocoder).unwrap();
+        let talker = TalkerAccess::own(&speech.talker);
+        let task = TalkerTask::new(&model, speech, talker, links, &config, vocoder).unwrap();
         (task, rate)
     }
 

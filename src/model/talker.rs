@@ -286,6 +286,11 @@ impl Talker {
         self.model.cache_len()
     }
 
+    /// Whether `other` is a clone of this Talker (the very same weight tensors).
+    pub fn shares_weights(&self, other: &Talker) -> bool {
+        self.model.shares_weights(&other.model)
+    }
+
     pub fn clear_cache(&mut self) {
         self.model.clear_cache()
     }

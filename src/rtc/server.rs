@@ -147,13 +147,6 @@ impl RunningServer {
         (&mut self.task).await??;
         Ok(())
     }
-
-    /// Serves until ctrl-c, then shuts down.
-    pub async fn run_until_ctrl_c(self) -> anyhow::Result<()> {
-        tokio::signal::ctrl_c().await?;
-        tracing::info!("shutting down");
-        self.shutdown().await
-    }
 }
 
 fn list_calls(state: &ServerState) -> Vec<CallInfo> {
@@ -336,10 +329,13 @@ async fn health(State(state): State<Arc<ServerState>>) -> Response {
 
 /// Serves calls until ctrl-c: `omnicall serve`.
 pub async fn serve(config: ServeConfig, factory: SessionFactory) -> anyhow::Result<()> {
-    Server::start(config, factory)
-        .await?
-        .run_until_ctrl_c()
-        .await
+    // Listening before the server announces its page: whoever is told where it is may stop it
+    // at once (`tokio::signal::ctrl_c` would only listen once awaited, after the announcement).
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let server = Server::start(config, factory).await?;
+    interrupt.recv().await;
+    tracing::info!("shutting down");
+    server.shutdown().await
 }
 
 fn router(state: Arc<ServerState>) -> Router {

@@ -136,3 +136,25 @@ pub fn check_stage(
         failures.join("\n")
     );
 }
+
+/// A 16 kHz recording of `tests/media`, as f32 samples.
+pub fn load_16k(name: &str) -> Vec<f32> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/media")
+        .join(name);
+    let mut reader = hound::WavReader::open(&path).unwrap();
+    assert_eq!(reader.spec().sample_rate, 16_000, "{}", path.display());
+    reader
+        .samples::<i16>()
+        .map(|s| s.unwrap() as f32 / 32768.0)
+        .collect()
+}
+
+/// The ids of `turn`'s answer in a session's context.
+pub fn answer_ids(entries: &[omnicall::engine::context::Entry], turn: u64) -> Vec<u32> {
+    entries
+        .iter()
+        .filter(|e| e.turn == turn && e.kind == omnicall::engine::context::EntryKind::Answer)
+        .map(|e| e.id)
+        .collect()
+}

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use omnicall::engine::clock::{Clock, SystemClock};
+use omnicall::engine::scheduler::{Scheduler, SchedulerConfig, SchedulerModels};
 use omnicall::engine::session::{
-    Control, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings,
+    Control, ModelPasses, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput,
+    TurnTimings,
 };
 use omnicall::engine::turn::TurnState;
 use omnicall::model::loading::ModelFiles;
@@ -31,12 +33,22 @@ pub const VOICE_RATE: u32 = 24_000;
 pub const ANSWER: Duration = Duration::from_millis(1_200);
 
 /// Sessions of the real engine on the tiny model (f32, CPU), one per call, each on its own
-/// wall clock started with the call, as `omnicall serve` makes them.
+/// wall clock started with the call, their Thinker and Talker passes on one shared model
+/// scheduler: as `omnicall serve` makes them.
 pub fn engine_factory() -> SessionFactory {
     let model_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
     let files = ModelFiles::locate(model_dir.to_str().unwrap()).unwrap();
     let model = OmniModel::load(&files, DType::F32, &Device::Cpu).unwrap();
-    Arc::new(move |config: SessionConfig| {
+    let models = SchedulerModels {
+        thinker: model.thinker.clone(),
+        talker: model.speech.as_ref().map(|s| s.talker.clone()),
+        vocoder: None,
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let scheduler = Scheduler::spawn(models, clock, SchedulerConfig::default()).unwrap();
+    let passes = ModelPasses::Shared(Arc::new(scheduler));
+    Arc::new(move |mut config: SessionConfig| {
+        config.model_passes = passes.clone();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         omnicall::engine::runtime::spawn(&model, config, clock)
     })

@@ -46,7 +46,7 @@ impl ThinkerTask {
     ) -> Result<()> {
         let start = self.context.len();
         let (next, talker_next) = self.context.next_positions();
-        let rope_delta = next - self.model.thinker.cache_len() as i64;
+        let rope_delta = next - self.thinker.cache_len() as i64;
         let spoken = voice.is_some() && self.talker.is_some();
         if let Err(e) = self.begin_speech(turn, epoch, start, talker_next, voice.as_deref()) {
             self.end_without_answer(turn, spoken);
@@ -147,7 +147,7 @@ impl ThinkerTask {
                         .events
                         .emit(SessionEvent::AssistantText { turn, delta });
                 }
-                let thinker = &mut self.model.thinker;
+                let thinker = &mut self.thinker;
                 let step = self
                     .links
                     .profile
@@ -180,7 +180,7 @@ impl ThinkerTask {
                     failure = Some(e.context("answer generation"));
                     let fed = start + answer.ids.len();
                     self.context.truncate(fed);
-                    self.model.thinker.truncate_cache(fed);
+                    self.truncate_thinker(fed);
                     break;
                 }
             }
@@ -222,7 +222,7 @@ impl ThinkerTask {
     pub(super) fn close_answer(&mut self, answer: &mut LastAnswer, kept: usize) -> Result<()> {
         let keep = answer.start + kept;
         self.context.truncate(keep);
-        self.model.thinker.truncate_cache(keep);
+        self.thinker.truncate(keep)?;
         answer.ids.truncate(kept);
         answer.rows.truncate(kept);
         answer.chars.truncate(kept);

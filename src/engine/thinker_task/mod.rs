@@ -39,6 +39,7 @@ use super::activity::WorkToken;
 use super::context::{Context, EntryKind, MarkerIds};
 use super::input::InputBlock;
 use super::links::ModelLinks;
+use super::model_access::ThinkerAccess;
 use super::session::SessionConfig;
 use super::talker_task::TalkerMsg;
 use super::turn_media::{MediaEncoders, TurnAudio};
@@ -169,7 +170,10 @@ struct LastAnswer {
 }
 
 pub(crate) struct ThinkerTask {
+    /// The loaded model: its weights (embeddings, tokenizer, settings), not its caches.
     model: OmniModel,
+    /// The session's Thinker context: what the passes run on.
+    thinker: ThinkerAccess,
     encoders: MediaEncoders,
     context: Context,
     config: SessionConfig,
@@ -206,6 +210,7 @@ struct PendingMedia {
 impl ThinkerTask {
     pub fn new(
         model: OmniModel,
+        thinker: ThinkerAccess,
         config: SessionConfig,
         links: ModelLinks,
         talker: Option<Sender<(TalkerMsg, WorkToken)>>,
@@ -268,6 +273,7 @@ impl ThinkerTask {
             reserve,
             samples_per_code,
             model,
+            thinker,
             snapshot: None,
             forgotten: 0,
         })
@@ -290,7 +296,7 @@ impl ThinkerTask {
             tracing::trace!(
                 message = kind.as_deref().unwrap_or_default(),
                 context = self.context.len(),
-                cache = self.model.thinker.cache_len(),
+                cache = self.thinker.cache_len(),
                 "thinker"
             );
             self.publish();
@@ -302,10 +308,9 @@ impl ThinkerTask {
         if !self.links.probe.probed() {
             return;
         }
-        self.links.probe.set_view(
-            self.context.entries().to_vec(),
-            self.model.thinker.cache_len(),
-        );
+        self.links
+            .probe
+            .set_view(self.context.entries().to_vec(), self.thinker.cache_len());
     }
 
     fn system_prompt(&mut self) -> Result<()> {
@@ -318,6 +323,16 @@ impl ThinkerTask {
         self.context.push_text(&ids, EntryKind::Template, 0);
         self.prefill(0, Vec::new(), Vec::new(), false)?;
         Ok(())
+    }
+
+    /// Rolls the Thinker's cache back to `len` where no caller can take the error (going back
+    /// from a dropped turn, after a failed pass): a failure is the session's error event.
+    fn truncate_thinker(&mut self, len: usize) {
+        if let Err(e) = self.thinker.truncate(len) {
+            self.links
+                .events
+                .error(format!("rolling the Thinker's context back: {e:#}"));
+        }
     }
 
     fn talker(&self, msg: TalkerMsg) {
@@ -479,6 +494,7 @@ mod tests {
     #[test]
     fn an_answer_cancelled_without_its_own_stop_is_closed_before_the_next_turn() {
         let model = crate::engine::links::tiny_model();
+        let thinker = ThinkerAccess::own(&model.thinker);
         let (links, _, _events) = crate::engine::links::for_tests(24_000);
         let cancel = links.cancel.clone();
         let speech = links.speech.clone();
@@ -488,7 +504,8 @@ mod tests {
         };
         let (talker_tx, talker_rx) = unbounded::<(TalkerMsg, WorkToken)>();
         let (reports, _reports_rx) = unbounded();
-        let mut task = ThinkerTask::new(model, config, links, Some(talker_tx), reports).unwrap();
+        let mut task =
+            ThinkerTask::new(model, thinker, config, links, Some(talker_tx), reports).unwrap();
         task.system_prompt().unwrap();
         // the Talker's side: after the answer's third row the epoch moves on
         let watcher = std::thread::spawn(move || {
@@ -537,7 +554,7 @@ mod tests {
         );
         let kept = before_turn - task.closing.len() - start;
         assert!(kept >= 1 && kept <= generated, "{kept} of {generated}");
-        assert_eq!(task.model.thinker.cache_len(), before_turn);
+        assert_eq!(task.thinker.cache_len(), before_turn);
 
         drop(task);
         let seen = watcher.join().unwrap();
@@ -554,6 +571,7 @@ mod tests {
     #[test]
     fn a_typed_message_is_answered_in_text_and_closed_in_the_context() {
         let model = crate::engine::links::tiny_model();
+        let thinker = ThinkerAccess::own(&model.thinker);
         let (links, _, events_rx) = crate::engine::links::for_tests(24_000);
         let config = SessionConfig {
             reply_mode: ReplyMode::Text,
@@ -561,11 +579,11 @@ mod tests {
             ..SessionConfig::default()
         };
         let (reports, reports_rx) = unbounded();
-        let mut task = ThinkerTask::new(model, config, links, None, reports).unwrap();
+        let mut task = ThinkerTask::new(model, thinker, config, links, None, reports).unwrap();
         task.system_prompt().unwrap();
         let system = task.context.len();
         assert!(system > 0);
-        assert_eq!(task.model.thinker.cache_len(), system, "prefilled");
+        assert_eq!(task.thinker.cache_len(), system, "prefilled");
 
         task.on_message(ThinkerMsg::Typed {
             turn: 1,
@@ -593,7 +611,7 @@ mod tests {
             answer <= task.config.max_answer_tokens,
             "{answer} answer tokens"
         );
-        assert_eq!(task.model.thinker.cache_len(), ids.len());
+        assert_eq!(task.thinker.cache_len(), ids.len());
         assert!(entries[system..].iter().all(|e| e.turn == 1));
     }
 }

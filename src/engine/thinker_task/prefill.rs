@@ -8,6 +8,7 @@ use candle_core::Tensor;
 
 use crate::engine::context::EntryKind;
 use crate::engine::input::InputBlock;
+use crate::engine::model_access::Due;
 use crate::engine::profile::Stage;
 use crate::engine::talker_task::TalkerMsg;
 use crate::model::talker::prompt_rows;
@@ -44,7 +45,7 @@ impl ThinkerTask {
         // entries are prefilled again with the turn's next batch.
         let prefilled = snapshot.context.len() - snapshot.context.pending();
         self.context = snapshot.context;
-        self.model.thinker.truncate_cache(prefilled);
+        self.thinker.truncate(prefilled)?;
         self.talker(TalkerMsg::Truncate(prefilled));
         self.open = snapshot.open;
         Ok(())
@@ -54,7 +55,7 @@ impl ThinkerTask {
     pub(super) fn roll_back(&mut self, len: usize) {
         self.pending_media = PendingMedia::default();
         self.context.truncate(len);
-        self.model.thinker.truncate_cache(len);
+        self.truncate_thinker(len);
         self.talker(TalkerMsg::Truncate(len));
     }
 
@@ -226,7 +227,7 @@ impl ThinkerTask {
                 }
             }
             self.context.remove(range.clone());
-            self.model.thinker.remove_cache_range(range.clone())?;
+            self.thinker.forget(range.clone())?;
             self.talker(TalkerMsg::Remove(range));
         }
         let batch = self.context.take_batch();
@@ -244,19 +245,17 @@ impl ThinkerTask {
                 image: None,
                 video: cat(video)?,
             };
-            let thinker = &mut self.model.thinker;
+            let (weights, thinker) = (&self.model.thinker, &mut self.thinker);
+            // The prefill that starts an answer is awaited; any other is a block ahead of need.
+            let (wanted, due) = if logits {
+                (LogitsFor::Last, Due::Playout)
+            } else {
+                (LogitsFor::None, Due::NextBlock)
+            };
             let (embeds, out) = self.links.profile.timed(Stage::Thinker, || -> Result<_> {
-                let embeds = thinker.embed_prompt(&batch.ids, &media)?;
+                let embeds = weights.embed_prompt(&batch.ids, &media)?;
                 let positions = batch.positions.to_tensor(&device)?;
-                let out = thinker.forward(
-                    &embeds,
-                    &positions,
-                    if logits {
-                        LogitsFor::Last
-                    } else {
-                        LogitsFor::None
-                    },
-                )?;
+                let out = thinker.prefill(&embeds, &positions, wanted, due)?;
                 Ok((embeds, out))
             })?;
             let logits = match out.logits {
@@ -278,7 +277,7 @@ impl ThinkerTask {
             }
             Err(e) => {
                 self.context.truncate(batch.start);
-                self.model.thinker.truncate_cache(batch.start);
+                self.truncate_thinker(batch.start);
                 Err(e.context("Thinker prefill"))
             }
         }

@@ -568,6 +568,11 @@ impl Thinker {
         self.decoder.cache_len()
     }
 
+    /// Whether `other` is a clone of this Thinker (the very same weight tensors).
+    pub fn shares_weights(&self, other: &Thinker) -> bool {
+        self.decoder.shares_weights(&other.decoder)
+    }
+
     /// Rolls the context back to its first `len` positions (barge-in drops the unheard reply).
     pub fn truncate_cache(&mut self, len: usize) {
         self.decoder.truncate_cache(len);
