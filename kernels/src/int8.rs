@@ -5,9 +5,10 @@
 //! [`gemm_u8i8`] is `a (rows, k) · b (n, k)ᵀ` for u8 `a` and an i8 `b` packed once
 //! ([`PackedI8`]) in panels of [`PANEL`] columns, four k at a time: the layout of AVX-512 VNNI's
 //! `vpdpbusd` (64 u8 × s8 products into 16 i32 lanes per instruction), which the kernel runs
-//! where the CPU has it, in tiles of [`TILE_ROWS`] rows × one panel held in registers. The
-//! scalar kernel reads the same layout and is the reference the tests hold it to; both are exact,
-//! so their outputs are equal. [`requantize`] turns the sums into codes in one pass.
+//! where the CPU has it, in tiles of [`TILE_ROWS`] rows × one panel held in registers. CPUs with
+//! AVX2 but not AVX-512 (most AMD and older Intel parts) widen both operands to i16 and sum pairs
+//! with `vpmaddwd`, exact where `vpmaddubsw` would saturate. The scalar kernel reads the same
+//! layout and is the reference the tests hold it to; all are exact, so their outputs are equal. [`requantize`] turns the sums into codes in one pass.
 
 /// Columns of `b` per packed panel: four 16-lane i32 vectors.
 pub const PANEL: usize = 64;
@@ -21,13 +22,16 @@ const GROUP: usize = 4;
 pub enum Int8Level {
     /// AVX-512 VNNI (`vpdpbusd`), with AVX-512BW/VL for the byte stores of the codes.
     Avx512Vnni,
+    /// AVX2: the products widened to i16 and summed in pairs (`vpmaddwd`); the requantization
+    /// and softmax steps run the scalar code.
+    Avx2,
     /// Plain Rust, any CPU.
     Scalar,
 }
 
 impl Int8Level {
     /// Every level, best first.
-    pub const ALL: [Int8Level; 2] = [Int8Level::Avx512Vnni, Int8Level::Scalar];
+    pub const ALL: [Int8Level; 3] = [Int8Level::Avx512Vnni, Int8Level::Avx2, Int8Level::Scalar];
 
     /// The best level this CPU runs (checked at run time).
     pub fn detect() -> Self {
@@ -44,8 +48,10 @@ impl Int8Level {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
+            #[cfg(target_arch = "x86_64")]
+            Int8Level::Avx2 => is_x86_feature_detected!("avx2"),
             #[cfg(not(target_arch = "x86_64"))]
-            Int8Level::Avx512Vnni => false,
+            Int8Level::Avx512Vnni | Int8Level::Avx2 => false,
             Int8Level::Scalar => true,
         }
     }
@@ -158,6 +164,9 @@ pub fn gemm_u8i8(level: Int8Level, a: &[u8], b: &PackedI8, out: &mut [i32]) {
         // SAFETY: `or_below` checked that the CPU has AVX-512F/BW/VL and VNNI; the lengths were
         // checked above, which is what the kernel's reads and writes stay within.
         Int8Level::Avx512Vnni => unsafe { vnni::gemm(a, rows, b, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `or_below` checked that the CPU has AVX2; the lengths were checked above.
+        Int8Level::Avx2 => unsafe { avx2::gemm(a, rows, b, out) },
         _ => gemm_scalar(a, rows, b, out),
     }
 }
@@ -183,6 +192,106 @@ fn gemm_scalar(a: &[u8], rows: usize, b: &PackedI8, out: &mut [i32]) {
             }
             out[r * n + p * PANEL..][..columns].copy_from_slice(&acc[..columns]);
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{GROUP, PANEL, PackedI8};
+    use std::arch::x86_64::*;
+
+    /// Rows of `a` per tile: with 8 columns, 8 accumulators, 2 weight and 4 code registers.
+    const ROWS: usize = 4;
+    /// Columns of a panel per tile: one 32-byte load of a group (8 columns × 4 k).
+    const COLUMNS: usize = 8;
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gemm(a: &[u8], rows: usize, b: &PackedI8, out: &mut [i32]) {
+        let (k, n) = (b.k, b.n);
+        for p in 0..b.panels() {
+            let panel = b.panel(p);
+            let columns = PANEL.min(n - p * PANEL);
+            let mut r0 = 0;
+            while r0 < rows {
+                let tile = ROWS.min(rows - r0);
+                let a_rows = &a[r0 * k..(r0 + tile) * k];
+                for c0 in (0..columns).step_by(COLUMNS) {
+                    let sums = match tile {
+                        4 => tile_sums::<4>(a_rows, k, panel, c0),
+                        3 => tile_sums::<3>(a_rows, k, panel, c0),
+                        2 => tile_sums::<2>(a_rows, k, panel, c0),
+                        _ => tile_sums::<1>(a_rows, k, panel, c0),
+                    };
+                    let width = COLUMNS.min(columns - c0);
+                    for (r, row) in sums.iter().enumerate().take(tile) {
+                        out[(r0 + r) * n + p * PANEL + c0..][..width]
+                            .copy_from_slice(&row[..width]);
+                    }
+                }
+                r0 += tile;
+            }
+        }
+    }
+
+    /// The sums of rows `0..R` of `a_rows` with the panel's columns `c0 .. c0 + 8` (a panel
+    /// always holds them: columns past `n` are zero).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn tile_sums<const R: usize>(
+        a_rows: &[u8],
+        k: usize,
+        panel: &[i8],
+        c0: usize,
+    ) -> [[i32; COLUMNS]; ROWS] {
+        const { assert!(R <= ROWS) };
+        // Per row two vectors of pair sums: lanes 2c, 2c + 1 belong to column c (low: columns
+        // 0..4, high: 4..8).
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        let rows: [&[u8]; R] = std::array::from_fn(|r| &a_rows[r * k..(r + 1) * k]);
+        let whole = k / GROUP;
+        let mut add_group = |g: usize, codes: [i32; R]| {
+            let w = &panel[g * GROUP * PANEL + c0 * GROUP..][..COLUMNS * GROUP];
+            // SAFETY: `w` holds 32 bytes.
+            let w = unsafe { _mm256_loadu_si256(w.as_ptr().cast()) };
+            let w_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+            let w_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
+            for (acc_row, code) in acc.iter_mut().zip(codes) {
+                let x = _mm256_cvtepu8_epi16(_mm_set1_epi32(code));
+                acc_row[0] = _mm256_add_epi32(acc_row[0], _mm256_madd_epi16(x, w_low));
+                acc_row[1] = _mm256_add_epi32(acc_row[1], _mm256_madd_epi16(x, w_high));
+            }
+        };
+        for g in 0..whole {
+            add_group(
+                g,
+                std::array::from_fn(|r| {
+                    let four = &rows[r][g * GROUP..(g + 1) * GROUP];
+                    i32::from_le_bytes([four[0], four[1], four[2], four[3]])
+                }),
+            );
+        }
+        if k % GROUP > 0 {
+            // The codes past k read as zero (the packed weights there are zero too).
+            add_group(
+                whole,
+                std::array::from_fn(|r| {
+                    let mut bytes = [0u8; GROUP];
+                    let tail = &rows[r][whole * GROUP..];
+                    bytes[..tail.len()].copy_from_slice(tail);
+                    i32::from_le_bytes(bytes)
+                }),
+            );
+        }
+        let mut sums = [[0i32; COLUMNS]; ROWS];
+        for (row, acc_row) in sums.iter_mut().zip(acc) {
+            // hadd gives columns 0 1 4 5 | 2 3 6 7; the 64-bit permute puts them in order.
+            let columns = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(
+                acc_row[0], acc_row[1],
+            ));
+            // SAFETY: `row` holds 8 i32.
+            unsafe { _mm256_storeu_si256(row.as_mut_ptr().cast(), columns) };
+        }
+        sums
     }
 }
 
