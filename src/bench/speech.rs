@@ -99,7 +99,8 @@ fn bench_talker(
         text_end: deterministic_rows(1, e, 2.0, device)?.squeeze(0)?,
         text_pad: deterministic_rows(1, e, 3.0, device)?.squeeze(0)?,
     };
-    let new_turn = |talker: &Talker| -> Result<TalkerTurn> {
+    // Each try samples with a seed of its own: with one seed every try would end alike.
+    let new_turn = |talker: &Talker, seed: u64| -> Result<TalkerTurn> {
         Ok(TalkerTurn::new(
             talker,
             TalkerPrompt {
@@ -108,7 +109,7 @@ fn bench_talker(
                 rope_delta: 0,
             },
             text.clone(),
-            TalkerOptions::reference(7, config.token2wav_config.dit_config.num_embeds),
+            TalkerOptions::reference(seed, config.token2wav_config.dit_config.num_embeds),
         )?)
     };
     let reply_row = deterministic_rows(1, e, 4.0, device)?;
@@ -117,7 +118,7 @@ fn bench_talker(
     let mut step_times = Vec::new();
     // Random weights may pick an end code early: start another turn until enough steps ran.
     while step_times.len() < sizes.decode_steps && prefill_times.len() < 8 {
-        let mut turn = new_turn(&talker)?;
+        let mut turn = new_turn(&talker, 7 + prefill_times.len() as u64)?;
         turn.push_reply_row(reply_row.clone())?;
         let start = Instant::now();
         let first = turn.step(&mut talker)?;
