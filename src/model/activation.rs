@@ -193,12 +193,8 @@ impl CustomOp2 for SiluMul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff as max_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
-        d.flatten_all()?.max(0)?.to_scalar::<f32>()
-    }
 
     /// Each activation equals candle's on f32 (to the kernels' accuracy) and bf16 (to one
     /// rounding), on contiguous, strided and multi-chunk inputs.

@@ -18,3 +18,15 @@ pub mod speakers;
 pub mod talker;
 pub mod thinker;
 pub mod token2wav;
+
+/// Helpers the model modules' unit tests share.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{DType, Result, Tensor};
+
+    /// The largest absolute difference between `a` and `b`, compared in f32.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
+        d.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+}

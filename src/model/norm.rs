@@ -268,12 +268,8 @@ impl CustomOp3 for NormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff as max_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
-        d.flatten_all()?.max(0)?.to_scalar::<f32>()
-    }
 
     /// Both norms equal candle's on f32 and bf16, contiguous and strided, over one row and
     /// over more rows than one work item.
