@@ -418,6 +418,7 @@ fn serve(args: ServeCommand) -> anyhow::Result<()> {
         load_model(&args.model.model, &args.model.dtype, &args.model.device)?
     };
     let voices = voice_names(&model);
+    let mut shared_scheduler = None;
     let passes = match args.model_scheduler {
         ModelScheduler::PerCall => ModelPasses::OwnClone,
         ModelScheduler::Shared => {
@@ -429,9 +430,12 @@ fn serve(args: ServeCommand) -> anyhow::Result<()> {
                 vocoder: None,
             };
             let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-            let scheduler = Scheduler::spawn(models, clock, SchedulerConfig::default())
-                .context("starting the model scheduler")?;
-            ModelPasses::Shared(Arc::new(scheduler))
+            let scheduler = Arc::new(
+                Scheduler::spawn(models, clock, SchedulerConfig::default())
+                    .context("starting the model scheduler")?,
+            );
+            shared_scheduler = Some(scheduler.clone());
+            ModelPasses::Shared(scheduler)
         }
     };
     // Every call gets its own session on the shared weights; its clock starts with the call,
@@ -441,7 +445,7 @@ fn serve(args: ServeCommand) -> anyhow::Result<()> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         omnicall::engine::runtime::spawn(&model, config, clock)
     });
-    omnicall::rtc::cli::main(&args.serve, voices, factory)
+    omnicall::rtc::cli::main(&args.serve, voices, shared_scheduler, factory)
 }
 
 fn local(args: LocalCommand) -> anyhow::Result<()> {

@@ -45,10 +45,32 @@ async fn status(method: &'static str, url: String, token: Option<&'static str>) 
     .unwrap()
 }
 
+async fn metrics_page(url: &str) -> String {
+    let url = format!("{url}/metrics");
+    tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .set("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The value of the unlabelled sample `name` on a metrics page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} on the page"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_engine_behind_limits_token_garbage_and_a_vanished_client() {
     init_tracing();
     assert!(engine_threads().is_empty(), "{:?}", engine_threads());
+    let (factory, scheduler) = engine_factory_and_scheduler();
     let server = Server::start(
         ServeConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
@@ -59,9 +81,10 @@ async fn the_real_engine_behind_limits_token_garbage_and_a_vanished_client() {
             max_video_fps: 30.0,
             max_calls: 2,
             token: Some(TOKEN.into()),
+            model_scheduler: Some(scheduler),
             ..Default::default()
         },
-        engine_factory(),
+        factory,
     )
     .await
     .unwrap();
@@ -184,6 +207,20 @@ async fn the_real_engine_behind_limits_token_garbage_and_a_vanished_client() {
     }
     assert!(voiced > 0, "the healthy call got no voice");
     eprintln!("the healthy call's answer: {voiced} voiced packets");
+    // its passes ran on the shared scheduler, which /metrics shows (sampled every second)
+    let page = metrics_page(&url).await;
+    assert!(
+        metric(&page, "omnicall_scheduler_passes_total") > 0.0,
+        "{page}"
+    );
+    assert!(
+        metric(&page, "omnicall_scheduler_busy_seconds_total") > 0.0,
+        "{page}"
+    );
+    assert!(
+        metric(&page, "omnicall_scheduler_sessions") >= 1.0,
+        "{page}"
+    );
     camera.await.unwrap().unwrap();
     while let Some(m) = healthy.next_message(Duration::from_millis(200)).await {
         assert!(

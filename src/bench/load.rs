@@ -80,6 +80,10 @@ pub struct LoadRow {
     pub media_retimed: Option<f64>,
     /// Server cores busy on average over the run.
     pub server_cores: Option<f64>,
+    /// Fraction of the run the shared model scheduler's thread ran passes (`None`: no shared
+    /// scheduler), and its requests finished after their deadline.
+    pub scheduler_busy: Option<f64>,
+    pub deadline_misses: Option<f64>,
     /// Server resident memory after the run, in MiB.
     pub rss_after_mib: Option<f64>,
 }
@@ -131,6 +135,9 @@ struct ServerCounters {
     shed: Option<f64>,
     retimed: Option<f64>,
     calls_active: Option<f64>,
+    scheduler_busy_seconds: Option<f64>,
+    scheduler_passes: Option<f64>,
+    deadline_misses: Option<f64>,
 }
 
 impl ServerCounters {
@@ -148,6 +155,9 @@ impl ServerCounters {
             shed: metric_sum(page, "omnicall_media_shed_total"),
             retimed: metric_sum(page, "omnicall_media_retimed_total"),
             calls_active: metric_sum(page, "omnicall_calls_active"),
+            scheduler_busy_seconds: metric_sum(page, "omnicall_scheduler_busy_seconds_total"),
+            scheduler_passes: metric_sum(page, "omnicall_scheduler_passes_total"),
+            deadline_misses: metric_sum(page, "omnicall_scheduler_deadline_misses_total"),
         }
     }
 }
@@ -248,6 +258,8 @@ async fn run_level(args: &LoadArgs, calls: usize) -> anyhow::Result<LoadRow> {
         media_shed: None,
         media_retimed: None,
         server_cores: None,
+        scheduler_busy: None,
+        deadline_misses: None,
         rss_after_mib: None,
     };
     let mut v2v = Vec::new();
@@ -279,8 +291,16 @@ async fn run_level(args: &LoadArgs, calls: usize) -> anyhow::Result<LoadRow> {
     row.media_shed = delta(before.shed, after.shed);
     row.media_retimed = delta(before.retimed, after.retimed);
     if let (Some(t0), Some(t1)) = (before.at, busy.at) {
-        row.server_cores = delta(before.cpu_seconds, busy.cpu_seconds)
-            .map(|cpu| cpu / (t1 - t0).as_secs_f64().max(1e-3));
+        let wall = (t1 - t0).as_secs_f64().max(1e-3);
+        row.server_cores = delta(before.cpu_seconds, busy.cpu_seconds).map(|cpu| cpu / wall);
+        row.scheduler_busy = delta(before.scheduler_busy_seconds, busy.scheduler_busy_seconds)
+            .map(|busy| busy / wall);
+    }
+    row.deadline_misses = delta(before.deadline_misses, after.deadline_misses);
+    // a server whose calls run their passes themselves has no scheduler to show (its
+    // figures stay at 0)
+    if delta(before.scheduler_passes, after.scheduler_passes).is_none_or(|p| p <= 0.0) {
+        (row.scheduler_busy, row.deadline_misses) = (None, None);
     }
     row.rss_after_mib = after.rss_bytes.map(mib);
     Ok(row)
@@ -297,13 +317,13 @@ fn cell(v: Option<f64>, digits: usize) -> String {
 /// The runs as a markdown table.
 pub fn load_table(rows: &[LoadRow]) -> String {
     let mut out = String::from(
-        "| calls | turns answered | voice-to-voice p50 (s) | p90 (s) | refused | failed | media dropped | shed | re-timed | server cores | RSS after (MiB) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| calls | turns answered | voice-to-voice p50 (s) | p90 (s) | refused | failed | media dropped | shed | re-timed | server cores | scheduler busy | deadline misses | RSS after (MiB) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.calls,
             r.turns_answered,
             r.turns_expected,
@@ -315,6 +335,9 @@ pub fn load_table(rows: &[LoadRow]) -> String {
             cell(r.media_shed, 0),
             cell(r.media_retimed, 0),
             cell(r.server_cores, 2),
+            r.scheduler_busy
+                .map_or_else(|| "n/a".into(), |b| format!("{:.0} %", b * 100.0)),
+            cell(r.deadline_misses, 0),
             cell(r.rss_after_mib, 0),
         );
     }
@@ -526,11 +549,15 @@ mod tests {
             media_shed: Some(0.0),
             media_retimed: Some(2.0),
             server_cores: Some(1.5),
+            scheduler_busy: Some(0.42),
+            deadline_misses: None,
             rss_after_mib: Some(300.0),
         };
         let table = load_table(&[row]);
         assert!(
-            table.contains("| 4 | 7/8 | 1.90 | 2.30 | 1 | 0 | n/a | 0 | 2 | 1.50 | 300 |"),
+            table.contains(
+                "| 4 | 7/8 | 1.90 | 2.30 | 1 | 0 | n/a | 0 | 2 | 1.50 | 42 % | n/a | 300 |"
+            ),
             "{table}"
         );
     }

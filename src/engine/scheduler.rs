@@ -896,6 +896,14 @@ impl Scheduler {
     }
 }
 
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("headroom", &self.headroom())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Scheduler {
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Shutdown);

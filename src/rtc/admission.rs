@@ -12,6 +12,13 @@
 //!
 //! Whatever else runs on the machine is not in the process's CPU time: on a shared machine,
 //! give the server fewer cores (`--capacity-cores`) than the machine has.
+//!
+//! With a shared model scheduler ([`crate::engine::scheduler`]) every call's Thinker and Talker
+//! passes run on its one thread, which can be saturated while the process still has idle
+//! cores. So the meter also samples that thread's busy time, learns a call's share of it from
+//! the same steady windows, and the rule refuses the call that would take the thread past
+//! `max_load` of its time. (Batching makes a call's share shrink as calls are added, so the
+//! linear projection errs on the side of refusing.)
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -99,6 +106,11 @@ pub struct LoadEstimate {
     pub calls: usize,
     /// Of them, the calls admitted too recently to show in `busy_cores`.
     pub unmeasured_calls: usize,
+    /// Fraction of the last window the model scheduler's thread ran passes (`None`: no
+    /// shared scheduler, or not measured yet).
+    pub scheduler_busy: Option<f64>,
+    /// A call's share of the scheduler thread's time, learned like `call_cost`.
+    pub scheduler_call_cost: Option<f64>,
 }
 
 /// Why an offer was refused.
@@ -180,6 +192,24 @@ pub fn decide(
             retry_after: RETRY_AFTER,
         });
     }
+    if let Some(share) = load.scheduler_call_cost {
+        let projected = share * (load.calls + 1) as f64;
+        if projected > capacity.max_load {
+            return Err(Refusal {
+                reason: RefusalReason::Capacity,
+                message: format!(
+                    "the model scheduler is at capacity: {} calls at {:.0} % of its thread \
+                     each, and one more, need {:.0} % of it (at most {:.0} %), which would put \
+                     the calls in progress behind real time; try again later",
+                    load.calls,
+                    share * 100.0,
+                    projected * 100.0,
+                    capacity.max_load * 100.0
+                ),
+                retry_after: RETRY_AFTER,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -187,6 +217,8 @@ pub fn decide(
 struct Sample {
     at: Instant,
     cpu: Duration,
+    /// The model scheduler thread's busy time so far, where there is one.
+    scheduler_busy: Option<Duration>,
     calls: usize,
 }
 
@@ -200,6 +232,7 @@ pub struct LoadMeter {
 struct MeterState {
     samples: VecDeque<Sample>,
     call_cost: Option<f64>,
+    scheduler_call_cost: Option<f64>,
     /// When calls were admitted, for those not yet in a full window.
     admitted: VecDeque<Instant>,
 }
@@ -210,32 +243,52 @@ impl LoadMeter {
     /// How often [`LoadMeter::sample`] should run.
     pub const PERIOD: Duration = Duration::from_secs(1);
 
-    /// Takes one sample: the process's CPU time now, with `calls` running.
-    pub fn sample(&self, calls: usize) {
+    /// Takes one sample: the process's CPU time now, with `calls` running, and the model
+    /// scheduler thread's busy time so far (`None`: no shared scheduler).
+    pub fn sample(&self, calls: usize, scheduler_busy: Option<Duration>) {
         if let Some(usage) = ProcessUsage::of_self() {
-            self.record(Instant::now(), usage.cpu, calls);
+            self.record(Instant::now(), usage.cpu, scheduler_busy, calls);
         }
     }
 
-    /// Records the CPU time `cpu` at `at` with `calls` running, and learns the cost of a call
-    /// from the window when every call in it ran through all of it.
-    pub fn record(&self, at: Instant, cpu: Duration, calls: usize) {
+    /// Records the CPU time `cpu` and the scheduler's busy time at `at` with `calls` running,
+    /// and learns the cost of a call from the window when every call in it ran through all
+    /// of it.
+    pub fn record(
+        &self,
+        at: Instant,
+        cpu: Duration,
+        scheduler_busy: Option<Duration>,
+        calls: usize,
+    ) {
         let mut s = self.state.lock().expect("load meter lock");
-        s.samples.push_back(Sample { at, cpu, calls });
+        s.samples.push_back(Sample {
+            at,
+            cpu,
+            scheduler_busy,
+            calls,
+        });
         while s.samples.len() > 2 && at - s.samples[1].at >= Self::WINDOW {
             s.samples.pop_front();
         }
         while s.admitted.front().is_some_and(|&t| at - t > Self::WINDOW) {
             s.admitted.pop_front();
         }
-        let (busy, steady_calls) = window_load(&s.samples);
-        if let (Some(busy), Some(n)) = (busy, steady_calls)
+        let window = window_load(&s.samples);
+        if let (Some(busy), Some(n)) = (window.busy_cores, window.steady_calls)
             && n > 0
             && s.admitted.is_empty()
         {
             let cost = busy / n as f64;
             // one window is noisy (a prefill, a vocoder burst): average them
             s.call_cost = Some(s.call_cost.map_or(cost, |c| 0.5 * c + 0.5 * cost));
+            if let Some(busy) = window.scheduler_busy {
+                let share = busy / n as f64;
+                s.scheduler_call_cost = Some(
+                    s.scheduler_call_cost
+                        .map_or(share, |c| 0.5 * c + 0.5 * share),
+                );
+            }
         }
     }
 
@@ -251,10 +304,12 @@ impl LoadMeter {
     /// The load as an offer at `now` with `calls` running sees it.
     pub fn estimate(&self, now: Instant, calls: usize) -> LoadEstimate {
         let s = self.state.lock().expect("load meter lock");
-        let (busy, _) = window_load(&s.samples);
+        let window = window_load(&s.samples);
         LoadEstimate {
-            busy_cores: busy.unwrap_or(0.0),
+            busy_cores: window.busy_cores.unwrap_or(0.0),
             call_cost: s.call_cost,
+            scheduler_busy: window.scheduler_busy,
+            scheduler_call_cost: s.scheduler_call_cost,
             calls,
             unmeasured_calls: s
                 .admitted
@@ -266,22 +321,38 @@ impl LoadMeter {
     }
 }
 
-/// Busy cores between the first and the last sample, and the number of calls when it stayed
-/// the same through the window.
-fn window_load(samples: &VecDeque<Sample>) -> (Option<f64>, Option<usize>) {
+/// The load between the first and the last sample of a window.
+#[derive(Debug, Default)]
+struct WindowLoad {
+    busy_cores: Option<f64>,
+    /// Fraction of the window the scheduler's thread was busy.
+    scheduler_busy: Option<f64>,
+    /// The number of calls, when it stayed the same through the window.
+    steady_calls: Option<usize>,
+}
+
+fn window_load(samples: &VecDeque<Sample>) -> WindowLoad {
     let (Some(first), Some(last)) = (samples.front(), samples.back()) else {
-        return (None, None);
+        return WindowLoad::default();
     };
     let wall = (last.at - first.at).as_secs_f64();
     if wall < LoadMeter::PERIOD.as_secs_f64() / 2.0 {
-        return (None, None);
+        return WindowLoad::default();
     }
     let busy = last.cpu.saturating_sub(first.cpu).as_secs_f64() / wall;
+    let scheduler_busy = match (first.scheduler_busy, last.scheduler_busy) {
+        (Some(a), Some(b)) => Some((b.saturating_sub(a).as_secs_f64() / wall).min(1.0)),
+        _ => None,
+    };
     let steady = samples
         .iter()
         .all(|s| s.calls == first.calls)
         .then_some(first.calls);
-    (Some(busy), steady)
+    WindowLoad {
+        busy_cores: Some(busy),
+        scheduler_busy,
+        steady_calls: steady,
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +374,7 @@ mod tests {
             call_cost: Some(0.4),
             calls: 3,
             unmeasured_calls: 0,
+            ..LoadEstimate::default()
         };
         assert_eq!(decide(&load, Some(&two_cores()), 16), Ok(()));
         // the lagging busy cores of a call that just ended do not count
@@ -331,6 +403,7 @@ mod tests {
             call_cost: Some(0.01),
             calls: 4,
             unmeasured_calls: 0,
+            ..LoadEstimate::default()
         };
         let refusal = decide(&idle, Some(&two_cores()), 4).unwrap_err();
         assert_eq!(refusal.reason, RefusalReason::Slots);
@@ -360,7 +433,7 @@ mod tests {
         meter.admitted(t0);
         // two calls use 0.6 cores between them: 0.6 s of CPU every second
         for k in 0..=6u64 {
-            meter.record(t0 + s(k), Duration::from_millis(600 * k), 2);
+            meter.record(t0 + s(k), Duration::from_millis(600 * k), None, 2);
         }
         let load = meter.estimate(t0 + s(6), 2);
         assert!((load.busy_cores - 0.6).abs() < 1e-9, "{load:?}");
@@ -372,12 +445,72 @@ mod tests {
     }
 
     #[test]
+    fn a_call_that_would_saturate_the_model_scheduler_is_refused() {
+        // plenty of cores, but each call takes 20 % of the scheduler's one thread: a fourth
+        // call fits (80 % of it), a fifth (100 %) would put every call behind
+        let load = LoadEstimate {
+            busy_cores: 0.9,
+            call_cost: Some(0.3),
+            calls: 3,
+            scheduler_busy: Some(0.6),
+            scheduler_call_cost: Some(0.2),
+            ..LoadEstimate::default()
+        };
+        let roomy = Capacity {
+            cores: 16.0,
+            max_load: 0.85,
+        };
+        assert_eq!(decide(&load, Some(&roomy), 16), Ok(()));
+        let refusal = decide(&LoadEstimate { calls: 4, ..load }, Some(&roomy), 16).unwrap_err();
+        assert_eq!(refusal.reason, RefusalReason::Capacity);
+        assert!(
+            refusal.message.contains(
+                "model scheduler is at capacity: 4 calls at 20 % of its thread each, and one \
+                 more, need 100 % of it (at most 85 %)"
+            ),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn the_meter_learns_a_calls_share_of_the_scheduler() {
+        let meter = LoadMeter::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // three calls: the scheduler's thread runs passes 450 ms of every second
+        for k in 0..=6u64 {
+            let cpu = Duration::from_millis(900 * k);
+            meter.record(t0 + s(k), cpu, Some(Duration::from_millis(450 * k)), 3);
+        }
+        let load = meter.estimate(t0 + s(6), 3);
+        assert!(
+            (load.scheduler_busy.unwrap() - 0.45).abs() < 1e-9,
+            "{load:?}"
+        );
+        assert!(
+            (load.scheduler_call_cost.unwrap() - 0.15).abs() < 1e-9,
+            "{load:?}"
+        );
+        // without a scheduler nothing is learned about one
+        let plain = LoadMeter::default();
+        for k in 0..=6u64 {
+            plain.record(t0 + s(k), Duration::from_millis(900 * k), None, 3);
+        }
+        let load = plain.estimate(t0 + s(6), 3);
+        assert_eq!(
+            (load.scheduler_busy, load.scheduler_call_cost),
+            (None, None)
+        );
+    }
+
+    #[test]
     fn a_window_while_calls_come_and_go_teaches_nothing() {
         let meter = LoadMeter::default();
         let t0 = Instant::now();
         let s = Duration::from_secs;
         for k in 0..=3u64 {
-            meter.record(t0 + s(k), Duration::from_millis(500 * k), k as usize);
+            meter.record(t0 + s(k), Duration::from_millis(500 * k), None, k as usize);
         }
         assert_eq!(meter.estimate(t0 + s(3), 3).call_cost, None);
     }

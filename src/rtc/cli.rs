@@ -4,10 +4,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use crate::engine::scheduler::Scheduler;
 use crate::engine::session::{ReplyMode, SessionConfig};
 use crate::engine::turn::TurnTakingArgs;
 use crate::rtc::admission::Capacity;
@@ -205,9 +207,16 @@ fn ice_servers(
 }
 
 /// `omnicall serve`: serves calls until ctrl-c.
-pub fn main(args: &ServeArgs, voices: Vec<String>, factory: SessionFactory) -> anyhow::Result<()> {
+/// `model_scheduler`: the scheduler the factory's sessions share, if they do.
+pub fn main(
+    args: &ServeArgs,
+    voices: Vec<String>,
+    model_scheduler: Option<Arc<Scheduler>>,
+    factory: SessionFactory,
+) -> anyhow::Result<()> {
     // (the server itself warns when it listens beyond loopback without a token)
-    let config = args.serve_config(voices)?;
+    let mut config = args.serve_config(voices)?;
+    config.model_scheduler = model_scheduler;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -22,6 +22,16 @@
 //! | `omnicall_call_cost_cores` | gauge | busy cores per call, as measured (0 until known) |
 //! | `omnicall_process_cpu_seconds` | gauge | CPU time of the server process so far |
 //! | `omnicall_process_resident_bytes` | gauge | resident memory of the server process |
+//! | `omnicall_scheduler_busy_ratio` | gauge | fraction of the last seconds the shared model scheduler's thread ran passes ([`scheduler`](crate::engine::scheduler); 0 without one) |
+//! | `omnicall_scheduler_busy_seconds_total` | counter | time that thread ran passes (its rate is the busy ratio over any span) |
+//! | `omnicall_scheduler_call_cost_ratio` | gauge | a call's share of that thread's time, as measured (0 until known) |
+//! | `omnicall_scheduler_queued_requests` | gauge | model work waiting in the scheduler |
+//! | `omnicall_scheduler_sessions` | gauge | sessions the scheduler holds contexts for |
+//! | `omnicall_scheduler_passes_total` | counter | forward passes the scheduler ran |
+//! | `omnicall_scheduler_sequences_total` | counter | sequences over those passes (divided by the passes: the mean batch) |
+//! | `omnicall_scheduler_largest_batch` | gauge | most sequences in one pass so far |
+//! | `omnicall_scheduler_deadline_misses_total` | counter | requests finished after their deadline |
+//! | `omnicall_scheduler_worst_lateness_seconds` | gauge | the latest any request finished past its deadline |
 //!
 //! The stages are those of [`TurnTimings`], measured on the session clock from `speech_end`:
 //! `end_of_turn`, `prefill_done`, `first_text_token`, `first_codec_token`,
@@ -35,13 +45,14 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::rtc::admission::{Capacity, LoadEstimate, ProcessUsage, RefusalReason};
 
 use crate::engine::queues::QueueStats;
+use crate::engine::scheduler::Headroom;
 use crate::engine::session::{SessionEvent, TurnTimings};
 
 /// The `Content-Type` of the page.
@@ -104,6 +115,7 @@ pub struct ServerMetrics {
     media_dropped: IntCounterVec,
     queues: QueueMetrics,
     load: LoadGauges,
+    scheduler: SchedulerMetrics,
 }
 
 /// The sessions' queues: depths summed over the calls, and what they shed and re-timed.
@@ -276,6 +288,110 @@ impl LoadGauges {
     }
 }
 
+/// The shared model scheduler's load and work.
+#[derive(Debug, Clone)]
+struct SchedulerMetrics {
+    busy_ratio: Gauge,
+    busy_seconds: Counter,
+    call_cost_ratio: Gauge,
+    queued_requests: IntGauge,
+    sessions: IntGauge,
+    passes: IntCounter,
+    sequences: IntCounter,
+    largest_batch: IntGauge,
+    deadline_misses: IntCounter,
+    worst_lateness_seconds: Gauge,
+}
+
+impl SchedulerMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        fn registered<M: prometheus::core::Collector + Clone + 'static>(
+            registry: &Registry,
+            metric: M,
+        ) -> prometheus::Result<M> {
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        }
+        Ok(Self {
+            busy_ratio: registered(
+                registry,
+                Gauge::new(
+                    "omnicall_scheduler_busy_ratio",
+                    "Fraction of the last seconds the model scheduler's thread ran passes.",
+                )?,
+            )?,
+            busy_seconds: registered(
+                registry,
+                Counter::new(
+                    "omnicall_scheduler_busy_seconds_total",
+                    "Time the model scheduler's thread ran passes.",
+                )?,
+            )?,
+            call_cost_ratio: registered(
+                registry,
+                Gauge::new(
+                    "omnicall_scheduler_call_cost_ratio",
+                    "A call's share of the model scheduler thread's time (0 until known).",
+                )?,
+            )?,
+            queued_requests: registered(
+                registry,
+                IntGauge::new(
+                    "omnicall_scheduler_queued_requests",
+                    "Model work waiting in the scheduler.",
+                )?,
+            )?,
+            sessions: registered(
+                registry,
+                IntGauge::new(
+                    "omnicall_scheduler_sessions",
+                    "Sessions the model scheduler holds contexts for.",
+                )?,
+            )?,
+            passes: registered(
+                registry,
+                IntCounter::new(
+                    "omnicall_scheduler_passes_total",
+                    "Forward passes the model scheduler ran.",
+                )?,
+            )?,
+            sequences: registered(
+                registry,
+                IntCounter::new(
+                    "omnicall_scheduler_sequences_total",
+                    "Sequences over the model scheduler's passes.",
+                )?,
+            )?,
+            largest_batch: registered(
+                registry,
+                IntGauge::new(
+                    "omnicall_scheduler_largest_batch",
+                    "Most sequences in one pass so far.",
+                )?,
+            )?,
+            deadline_misses: registered(
+                registry,
+                IntCounter::new(
+                    "omnicall_scheduler_deadline_misses_total",
+                    "Model requests finished after their deadline.",
+                )?,
+            )?,
+            worst_lateness_seconds: registered(
+                registry,
+                Gauge::new(
+                    "omnicall_scheduler_worst_lateness_seconds",
+                    "The latest a model request finished past its deadline.",
+                )?,
+            )?,
+        })
+    }
+}
+
+/// Moves `counter` up to `total` (the scheduler counts; the page only mirrors it).
+fn mirror(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
 impl ServerMetrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
@@ -347,8 +463,10 @@ impl ServerMetrics {
         }
         let load = LoadGauges::new(&registry)?;
         let queues = QueueMetrics::new(&registry)?;
+        let scheduler = SchedulerMetrics::new(&registry)?;
         Ok(Self {
             queues,
+            scheduler,
             media_dropped,
             load,
             registry,
@@ -390,6 +508,25 @@ impl ServerMetrics {
         let budget = capacity.map_or(0.0, Capacity::budget);
         g.capacity_cores.set(budget);
         g.headroom_cores.set(budget - load.busy_cores);
+    }
+
+    /// The shared model scheduler's figures, with its load as admission measured it.
+    pub fn set_scheduler(&self, headroom: &Headroom, load: &LoadEstimate) {
+        let m = &self.scheduler;
+        m.busy_ratio.set(load.scheduler_busy.unwrap_or(0.0));
+        let busy = headroom.busy.as_secs_f64();
+        m.busy_seconds
+            .inc_by((busy - m.busy_seconds.get()).max(0.0));
+        m.call_cost_ratio
+            .set(load.scheduler_call_cost.unwrap_or(0.0));
+        m.queued_requests.set(headroom.queued as i64);
+        m.sessions.set(headroom.sessions as i64);
+        mirror(&m.passes, headroom.passes);
+        mirror(&m.sequences, headroom.sequences);
+        m.largest_batch.set(headroom.largest_batch as i64);
+        mirror(&m.deadline_misses, headroom.deadline_misses);
+        m.worst_lateness_seconds
+            .set(headroom.worst_lateness.as_secs_f64());
     }
 
     /// The process's CPU time and memory.
@@ -509,6 +646,57 @@ mod tests {
             "the ended call's queue is gone"
         );
         assert_eq!(sample(&page, shed), Some(4.0), "its counts stay");
+    }
+
+    #[test]
+    fn the_scheduler_figures_are_mirrored() {
+        let m = ServerMetrics::new().unwrap();
+        let mut headroom = Headroom {
+            passes: 40,
+            sequences: 100,
+            largest_batch: 4,
+            deadline_misses: 2,
+            worst_lateness: Duration::from_millis(250),
+            busy: Duration::from_millis(1500),
+            queued: 3,
+            sessions: 5,
+            ..Headroom::default()
+        };
+        let load = LoadEstimate {
+            scheduler_busy: Some(0.5),
+            scheduler_call_cost: Some(0.1),
+            ..LoadEstimate::default()
+        };
+        m.set_scheduler(&headroom, &load);
+        headroom.passes = 50;
+        m.set_scheduler(&headroom, &load);
+        let page = m.render(5).unwrap();
+        assert_eq!(sample(&page, "omnicall_scheduler_passes_total"), Some(50.0));
+        assert_eq!(
+            sample(&page, "omnicall_scheduler_sequences_total"),
+            Some(100.0)
+        );
+        assert_eq!(sample(&page, "omnicall_scheduler_busy_ratio"), Some(0.5));
+        assert_eq!(
+            sample(&page, "omnicall_scheduler_busy_seconds_total"),
+            Some(1.5)
+        );
+        assert_eq!(
+            sample(&page, "omnicall_scheduler_call_cost_ratio"),
+            Some(0.1)
+        );
+        assert_eq!(
+            sample(&page, "omnicall_scheduler_queued_requests"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&page, "omnicall_scheduler_deadline_misses_total"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&page, "omnicall_scheduler_worst_lateness_seconds"),
+            Some(0.25)
+        );
     }
 
     #[test]

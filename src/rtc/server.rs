@@ -32,6 +32,7 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+use crate::engine::scheduler::Scheduler;
 use crate::engine::session::{ReplyMode, SessionConfig, SessionHandle};
 use crate::media::video_decode::DEFAULT_MAX_PIXELS;
 use crate::rtc::admission::{self, Capacity, LoadMeter, ProcessUsage, Refusal, RefusalReason};
@@ -55,6 +56,9 @@ pub struct ServeConfig {
     pub max_calls: usize,
     /// Admit a call only while it fits in this measured capacity (`None`: only `max_calls`).
     pub capacity: Option<Capacity>,
+    /// The model scheduler the calls' sessions share, if they do: its thread's load is
+    /// admitted against too, and shown on `/metrics`.
+    pub model_scheduler: Option<Arc<Scheduler>>,
     /// Serve the page from this folder instead of the copy built into the binary.
     pub web_root: Option<PathBuf>,
     /// The template of every call's session (a caller may pick the voice and reply mode).
@@ -77,6 +81,7 @@ impl Default for ServeConfig {
             token: None,
             max_calls: 4,
             capacity: None,
+            model_scheduler: None,
             web_root: None,
             session: SessionConfig::default(),
             voices: vec!["Chelsie".into(), "Ethan".into()],
@@ -251,11 +256,15 @@ async fn sample_load(state: Weak<ServerState>) {
             return;
         };
         let calls = state.calls.entries().len();
-        state.load.sample(calls);
-        state.metrics.set_load(
-            &state.load.estimate(Instant::now(), calls),
-            state.config.capacity.as_ref(),
-        );
+        let scheduler = state.config.model_scheduler.as_ref().map(|s| s.headroom());
+        state.load.sample(calls, scheduler.as_ref().map(|h| h.busy));
+        let load = state.load.estimate(Instant::now(), calls);
+        state
+            .metrics
+            .set_load(&load, state.config.capacity.as_ref());
+        if let Some(headroom) = &scheduler {
+            state.metrics.set_scheduler(headroom, &load);
+        }
         if let Some(usage) = ProcessUsage::of_self() {
             state.metrics.set_process(&usage);
         }
@@ -302,6 +311,10 @@ pub struct Health {
     /// Cores the calls may use (absent: no admission by capacity).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity_cores: Option<f64>,
+    /// Fraction of the last seconds the shared model scheduler's thread was busy (absent: no
+    /// shared scheduler, or not measured yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_busy: Option<f64>,
 }
 
 async fn health(State(state): State<Arc<ServerState>>) -> Response {
@@ -315,6 +328,7 @@ async fn health(State(state): State<Arc<ServerState>>) -> Response {
         max_calls: state.config.max_calls,
         load_cores: load.busy_cores,
         capacity_cores: state.config.capacity.as_ref().map(Capacity::budget),
+        scheduler_busy: load.scheduler_busy,
     };
     let mut response = axum::Json(body).into_response();
     response

@@ -36,6 +36,12 @@ pub const ANSWER: Duration = Duration::from_millis(1_200);
 /// wall clock started with the call, their Thinker and Talker passes on one shared model
 /// scheduler: as `omnicall serve` makes them.
 pub fn engine_factory() -> SessionFactory {
+    engine_factory_and_scheduler().0
+}
+
+/// [`engine_factory`] and the scheduler its sessions share (for the server's
+/// `ServeConfig::model_scheduler`).
+pub fn engine_factory_and_scheduler() -> (SessionFactory, Arc<Scheduler>) {
     let model_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
     let files = ModelFiles::locate(model_dir.to_str().unwrap()).unwrap();
     let model = OmniModel::load(&files, DType::F32, &Device::Cpu).unwrap();
@@ -45,13 +51,14 @@ pub fn engine_factory() -> SessionFactory {
         vocoder: None,
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let scheduler = Scheduler::spawn(models, clock, SchedulerConfig::default()).unwrap();
-    let passes = ModelPasses::Shared(Arc::new(scheduler));
-    Arc::new(move |mut config: SessionConfig| {
+    let scheduler = Arc::new(Scheduler::spawn(models, clock, SchedulerConfig::default()).unwrap());
+    let passes = ModelPasses::Shared(scheduler.clone());
+    let factory: SessionFactory = Arc::new(move |mut config: SessionConfig| {
         config.model_passes = passes.clone();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         omnicall::engine::runtime::spawn(&model, config, clock)
-    })
+    });
+    (factory, scheduler)
 }
 
 pub fn media(name: &str) -> PathBuf {
