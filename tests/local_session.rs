@@ -15,7 +15,7 @@ use crossbeam_channel::unbounded;
 use omnicall::engine::blocks::BlockConfig;
 use omnicall::engine::clock::{Clock, SimulatedClock};
 use omnicall::engine::input::{InputConfig, InputEvent, InputStage};
-use omnicall::engine::pacer::{FRAME, Pacer, PacerOutput};
+use omnicall::engine::pacer::{FRAME, Pacer, PacerOutput, VoiceFrame};
 use omnicall::engine::session::{
     Control, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings,
 };
@@ -196,12 +196,12 @@ fn harness(
             produced.extend(stage.tick().unwrap());
             for out in pacer_rx.try_iter() {
                 match out {
-                    PacerOutput::Frame {
+                    PacerOutput::Frame(VoiceFrame {
                         answer,
                         index,
                         at,
                         pcm,
-                    } => {
+                    }) => {
                         if let Some((start, sent)) = releasing.as_mut() {
                             start.get_or_insert(at);
                             *sent += 1;

@@ -2,6 +2,13 @@
 //! session clock, and stops at once on barge-in. A frame counts as heard once released, so
 //! the number of released frames is what the engine keeps of an interrupted answer.
 //!
+//! Where frames go: with [`Pacer::with_activity`] every frame and the end of each answer go to
+//! one channel (its receiver hands the frames on). A session's pacer hands its frames to the
+//! transport itself ([`Pacer::handing_frames_to`]): only each answer's first frame goes
+//! through the channel, so that its receiver can announce the answer (state, marks) before
+//! any voice of it, and the next frame waits until the receiver says the first is out
+//! ([`Pacer::first_frame_out`]). The voice then never waits for a busy receiver.
+//!
 //! Producers that must not run too far ahead of playback (the Talker, the vocoder) wait in
 //! [`Pacer::wait_until_played`]. With an [`Activity`] the pacer takes part in the session's
 //! quiescence accounting: each frame or report it sends is counted (the receiver uncounts it
@@ -21,18 +28,28 @@ use super::clock::Clock;
 /// Length of one output frame.
 pub const FRAME: Duration = Duration::from_millis(20);
 
+/// One 20 ms frame of the answer `answer`, the `index`-th of that answer, released at `at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoiceFrame {
+    pub answer: u64,
+    pub index: u64,
+    pub at: Duration,
+    pub pcm: Vec<f32>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum PacerOutput {
-    /// One 20 ms frame of the answer `answer`, the `index`-th of that answer, released at `at`.
-    Frame {
-        answer: u64,
-        index: u64,
-        at: Duration,
-        pcm: Vec<f32>,
-    },
+    Frame(VoiceFrame),
     /// The answer was played out to its end (not sent after a stop).
-    Finished { answer: u64, frames: u64 },
+    Finished {
+        answer: u64,
+        frames: u64,
+    },
 }
+
+/// Takes the frames after each answer's first, as they are released (called with the pacer's
+/// lock held: it must not block).
+pub type FrameSink = Box<dyn Fn(VoiceFrame) + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct State {
@@ -44,6 +61,9 @@ struct State {
     next_due: Option<Duration>,
     /// Nothing is released while held (a speculative answer, or one paused by speech).
     held: bool,
+    /// The answer's first frame went to the channel and its receiver has not said it is out
+    /// (only with a frame sink): the next waits.
+    first_unconfirmed: bool,
     shutdown: bool,
     /// Producers waiting in `wait_until_played` (uncounted while they wait).
     parked: i64,
@@ -61,6 +81,11 @@ impl State {
     fn playing(&self) -> bool {
         self.live() && !self.held
     }
+
+    /// A frame may be released now (clock permitting).
+    fn may_release(&self) -> bool {
+        !self.held && !self.first_unconfirmed
+    }
 }
 
 struct Shared {
@@ -69,6 +94,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     frame_samples: usize,
     out: Sender<PacerOutput>,
+    /// Where the frames after each answer's first go (`None`: all go to `out`).
+    frames: Option<FrameSink>,
     activity: Option<Arc<Activity>>,
 }
 
@@ -106,7 +133,7 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(clock: Arc<dyn Clock>, sample_rate: u32, out: Sender<PacerOutput>) -> Self {
-        Self::build(clock, sample_rate, out, None)
+        Self::build(clock, sample_rate, out, None, None)
     }
 
     /// A pacer whose outputs and waiting producers are counted in `activity` (see the module
@@ -117,13 +144,27 @@ impl Pacer {
         out: Sender<PacerOutput>,
         activity: Arc<Activity>,
     ) -> Self {
-        Self::build(clock, sample_rate, out, Some(activity))
+        Self::build(clock, sample_rate, out, None, Some(activity))
+    }
+
+    /// A session's pacer, counted in `activity`: each answer's first frame and its end go to
+    /// `out` (the receiver calls [`Pacer::first_frame_out`] once it has handed the first frame
+    /// on), every other frame straight to `frames`.
+    pub fn handing_frames_to(
+        frames: FrameSink,
+        clock: Arc<dyn Clock>,
+        sample_rate: u32,
+        out: Sender<PacerOutput>,
+        activity: Arc<Activity>,
+    ) -> Self {
+        Self::build(clock, sample_rate, out, Some(frames), Some(activity))
     }
 
     fn build(
         clock: Arc<dyn Clock>,
         sample_rate: u32,
         out: Sender<PacerOutput>,
+        frames: Option<FrameSink>,
         activity: Option<Arc<Activity>>,
     ) -> Self {
         let shared = Arc::new(Shared {
@@ -132,6 +173,7 @@ impl Pacer {
             clock,
             frame_samples: (sample_rate as u128 * FRAME.as_millis() / 1000) as usize,
             out,
+            frames,
             activity,
         });
         let thread = {
@@ -176,6 +218,15 @@ impl Pacer {
         let mut s = self.shared.state.lock().expect("pacer lock");
         if s.held {
             s.held = false;
+            self.shared.wake.notify_all();
+        }
+    }
+
+    /// The receiver of `answer`'s first frame has handed it on: the rest may follow.
+    pub fn first_frame_out(&self, answer: u64) {
+        let mut s = self.shared.state.lock().expect("pacer lock");
+        if s.answer == answer && s.first_unconfirmed {
+            s.first_unconfirmed = false;
             self.shared.wake.notify_all();
         }
     }
@@ -277,8 +328,11 @@ impl Pacer {
         }
         let n = self.shared.frame_samples;
         let now = self.shared.clock.now();
-        let frame_due =
-            s.playing() && s.pending.len() >= n && s.next_due.is_none_or(|due| due <= now);
+        // (a first frame awaiting its receiver is counted in the activity until handed on)
+        let frame_due = s.playing()
+            && s.may_release()
+            && s.pending.len() >= n
+            && s.next_due.is_none_or(|due| due <= now);
         let report_due = s.playing() && s.complete && s.pending.is_empty();
         !(frame_due || report_due)
     }
@@ -310,7 +364,7 @@ fn run(shared: &Shared) {
         if guard.shutdown {
             return;
         }
-        if guard.held {
+        if !guard.may_release() {
             guard = shared.wake.wait(guard).expect("pacer lock");
             continue;
         }
@@ -333,13 +387,21 @@ fn run(shared: &Shared) {
             let index = guard.released;
             guard.released += 1;
             guard.next_due = Some(due + FRAME);
-            // Sent under the lock, so that `stop` cannot return between release and send.
-            shared.send(PacerOutput::Frame {
+            let frame = VoiceFrame {
                 answer,
                 index,
                 at: due,
                 pcm,
-            });
+            };
+            // Handed on under the lock, so that `stop` cannot return between release and send.
+            match &shared.frames {
+                Some(sink) if index > 0 => sink(frame),
+                Some(_) => {
+                    guard.first_unconfirmed = true;
+                    shared.send(PacerOutput::Frame(frame));
+                }
+                None => shared.send(PacerOutput::Frame(frame)),
+            }
             shared.wake_parked(&mut guard);
             continue;
         }
@@ -380,13 +442,15 @@ mod tests {
         pacer.push(1, &vec![0.5; 480 * 3 + 100]);
         pacer.finish(1);
         let first = wait_for(&rx);
-        assert!(matches!(first, PacerOutput::Frame { index: 0, at, .. } if at == Duration::ZERO));
+        assert!(
+            matches!(first, PacerOutput::Frame(VoiceFrame { index: 0, at, .. }) if at == Duration::ZERO)
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(frames(&rx).is_empty(), "the next frame waits for the clock");
         for k in 1..4u64 {
             clock.advance(FRAME);
             match wait_for(&rx) {
-                PacerOutput::Frame { index, at, pcm, .. } => {
+                PacerOutput::Frame(VoiceFrame { index, at, pcm, .. }) => {
                     assert_eq!(index, k);
                     assert_eq!(at, FRAME * k as u32);
                     assert_eq!(pcm.len(), 480);
@@ -479,7 +543,9 @@ mod tests {
         assert!(pacer.quiescent());
         pacer.release();
         let now = clock.now();
-        assert!(matches!(wait_for(&rx), PacerOutput::Frame { index: 0, at, .. } if at == now));
+        assert!(
+            matches!(wait_for(&rx), PacerOutput::Frame(VoiceFrame { index: 0, at, .. }) if at == now)
+        );
         // held again after one frame: the rest waits, and is not counted as heard
         pacer.hold();
         clock.advance(FRAME);
@@ -487,9 +553,15 @@ mod tests {
         assert!(frames(&rx).is_empty());
         assert_eq!(pacer.released(), 1);
         pacer.release();
-        assert!(matches!(wait_for(&rx), PacerOutput::Frame { index: 1, .. }));
+        assert!(matches!(
+            wait_for(&rx),
+            PacerOutput::Frame(VoiceFrame { index: 1, .. })
+        ));
         clock.advance(FRAME);
-        assert!(matches!(wait_for(&rx), PacerOutput::Frame { index: 2, .. }));
+        assert!(matches!(
+            wait_for(&rx),
+            PacerOutput::Frame(VoiceFrame { index: 2, .. })
+        ));
         assert_eq!(
             wait_for(&rx),
             PacerOutput::Finished {
@@ -517,5 +589,55 @@ mod tests {
         }
         std::thread::sleep(std::time::Duration::from_millis(30));
         assert!(frames(&rx).is_empty());
+    }
+
+    #[test]
+    fn with_a_sink_the_first_frame_waits_for_its_receiver_and_the_rest_go_straight_out() {
+        let clock = Arc::new(SimulatedClock::new());
+        let (tx, rx) = unbounded();
+        let (sink_tx, sink_rx) = unbounded();
+        let activity = Activity::new();
+        let sink: FrameSink = Box::new(move |frame| {
+            let _ = sink_tx.send(frame);
+        });
+        let pacer = Pacer::handing_frames_to(sink, clock.clone(), 24000, tx, activity.clone());
+        pacer.begin(9);
+        pacer.push(9, &vec![0.4; 480 * 3]);
+        pacer.finish(9);
+        let PacerOutput::Frame(first) = wait_for(&rx) else {
+            panic!("the first frame goes to the channel");
+        };
+        assert_eq!((first.answer, first.index), (9, 0));
+        // frame 1 is due, but waits until the first is out; the first is still counted
+        clock.advance(FRAME);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(
+            sink_rx.try_recv().is_err(),
+            "frame 1 before the first was out"
+        );
+        assert!(
+            pacer.quiescent(),
+            "a frame waiting for its receiver is not due"
+        );
+        assert!(!activity.wait_zero(std::time::Duration::from_millis(1)));
+        pacer.first_frame_out(9);
+        activity.end();
+        let second = sink_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("frame 1 in the sink");
+        assert_eq!((second.index, second.at), (1, FRAME));
+        clock.advance(FRAME);
+        let third = sink_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("frame 2 in the sink");
+        assert_eq!(third.index, 2);
+        assert_eq!(
+            wait_for(&rx),
+            PacerOutput::Finished {
+                answer: 9,
+                frames: 3
+            }
+        );
+        assert!(frames(&rx).is_empty(), "no other frame in the channel");
     }
 }

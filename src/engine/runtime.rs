@@ -7,13 +7,17 @@
 //!      ▲                        │  ▲  ▲                  │                     │
 //!      │                 ticks ─┘  │  └── reports ───────┘               VocoderMsg
 //!      │                           │                                           ▼
-//!      └──────SessionEvent─────────┴─────── PacerOutput ◀── pacer ◀── pcm ── vocoder
+//!      │                           └── first frame, end ── pacer ◀── pcm ── vocoder
+//!      │                                                     │
+//!      └──────SessionEvent (voice frames) ───────────────────┘
 //! ```
 //!
 //! * **control** owns the [`InputStage`] (resampling, VAD, turn-taking, blocks). It is ticked
 //!   every 20 ms on the session clock by a ticker thread, forwards the stage's events to the
-//!   Thinker, releases the pacer's frames to the transport and tells the stage when an answer
-//!   became audible or ended. On a barge-in or a stop it stops the pacer *first* (no frame
+//!   Thinker, and tells the stage when an answer became audible (the pacer's first frame of
+//!   it, which the control thread hands on after the answer's state) or ended. The pacer
+//!   hands every later frame to the transport itself, so the voice never waits for a busy
+//!   control thread. On a barge-in or a stop it stops the pacer *first* (no frame
 //!   after that), then moves the cancellation epoch on (every compute loop checks it at each
 //!   step and drops stale work), then tells the Thinker how much was heard.
 //! * **thinker** ([`super::thinker_task`]) keeps the conversation in the Thinker's KV cache,
@@ -70,7 +74,7 @@ use super::events::{AnswerMarks, EventSink};
 use super::input::{InputConfig, InputEvent, InputStage};
 use super::links::{ModelLinks, SpeechMeter};
 use super::model_access::{ModelPasses, TalkerAccess, ThinkerAccess};
-use super::pacer::{FRAME, Pacer, PacerOutput};
+use super::pacer::{FRAME, FrameSink, Pacer, PacerOutput, VoiceFrame};
 pub use super::probe::{ContextView, CutAnswer, SessionProbe};
 use super::probe::{ProbeParts, ProbeRecord};
 use super::profile::ModelProfile;
@@ -175,20 +179,27 @@ fn start(
     let activity = Activity::new();
     let ((input_tx, input_rx), (event_tx, event_rx)) = session_channels();
     let queues = QueueCounters::new();
+    // the leaves the threads share, each handed only to those that use it
+    let cancel = Arc::new(Cancellation::default());
+    let events = Arc::new(EventSink::new(event_tx, queues.clone()));
+    // Each answer's first frame and its end go to the control thread; the voice goes from the
+    // pacer straight to the transport.
     let (pacer_tx, pacer_rx) = unbounded();
     let sample_rate = model
         .speech
         .as_ref()
         .map_or(24_000, |s| s.token2wav.sample_rate());
-    let pacer = Arc::new(Pacer::with_activity(
+    let voice_out: FrameSink = {
+        let events = events.clone();
+        Box::new(move |frame| events.emit(audio_event(frame, sample_rate)))
+    };
+    let pacer = Arc::new(Pacer::handing_frames_to(
+        voice_out,
         clock.clone(),
         sample_rate,
         pacer_tx,
         activity.clone(),
     ));
-    // the leaves the threads share, each handed only to those that use it
-    let cancel = Arc::new(Cancellation::default());
-    let events = Arc::new(EventSink::new(event_tx, queues.clone()));
     let marks = Arc::new(AnswerMarks::new(clock.clone()));
     let profile = Arc::new(ModelProfile::new(profile));
     let record = Arc::new(ProbeRecord::new(probed));
@@ -636,10 +647,11 @@ impl ControlLoop {
                     }
                 }
                 InputEvent::AnswerResumed { turn, .. } => {
-                    self.links.pacer.release();
+                    // Said before the voice goes on: the pacer hands frames out at once.
                     if let Some(turn) = turn {
                         self.links.events.emit(SessionEvent::Resumed { turn });
                     }
+                    self.links.pacer.release();
                 }
                 InputEvent::State { state, .. } => {
                     self.links.events.emit(SessionEvent::State(state))
@@ -737,26 +749,17 @@ impl ControlLoop {
 
     fn on_pacer(&mut self, output: PacerOutput) {
         match output {
-            PacerOutput::Frame {
-                answer,
-                index,
-                at,
-                pcm,
-            } => {
-                if index == 0 {
-                    self.links.marks.mark(answer, |t, _| {
-                        t.first_audio_frame.get_or_insert(at);
-                    });
-                    let events = self.stage.answer_audible(answer);
-                    self.on_events(events);
-                }
-                self.links.events.emit(SessionEvent::Audio {
-                    turn: answer,
-                    index,
-                    at,
-                    sample_rate: self.sample_rate,
-                    pcm,
+            // An answer's first frame (the pacer hands the others to the transport itself):
+            // the answer is announced before any voice of it.
+            PacerOutput::Frame(frame) => {
+                let (answer, at) = (frame.answer, frame.at);
+                self.links.marks.mark(answer, |t, _| {
+                    t.first_audio_frame.get_or_insert(at);
                 });
+                let events = self.stage.answer_audible(answer);
+                self.on_events(events);
+                self.links.events.emit(audio_event(frame, self.sample_rate));
+                self.links.pacer.first_frame_out(answer);
             }
             PacerOutput::Finished { answer, .. } => self.answer_done(answer),
         }
@@ -807,5 +810,16 @@ impl ControlLoop {
         self.links.marks.emit(turn, &self.links.events);
         let events = self.stage.answer_finished(turn);
         self.on_events(events);
+    }
+}
+
+/// The transport's event of one frame of voice.
+fn audio_event(frame: VoiceFrame, sample_rate: u32) -> SessionEvent {
+    SessionEvent::Audio {
+        turn: frame.answer,
+        index: frame.index,
+        at: frame.at,
+        sample_rate,
+        pcm: frame.pcm,
     }
 }
