@@ -22,6 +22,16 @@
 //! Events to the transport wait in a queue of [`EVENT_QUEUE`] events (over ten minutes of
 //! 20-ms voice frames): a transport that stops reading its events altogether loses the
 //! newest ones, counted, rather than stalling its session.
+//!
+//! # The channels between the session's threads
+//!
+//! Every one is bounded too. The control thread never waits on one (it takes the user's input,
+//! and it is what the others' waits end on): what it sends, it offers ([`THINKER_QUEUE`]: a
+//! Thinker that far behind cannot serve the call in real time, and the session ends with an
+//! error saying so; end-of-turn questions past [`PREDICTION_QUEUE`] go unanswered and the
+//! silence rule decides; ticks past [`TICK_QUEUE`] are coalesced). Everyone else may wait on a
+//! full channel (backpressure), as no wait cycle can close without the control thread. The
+//! depths of the model's channels are in [`QueueStats`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +47,49 @@ pub const SHED_VIDEO_DEPTH: usize = 50;
 pub const EVENT_QUEUE: usize = 32_768;
 /// Shedding is reported at most this often (session time).
 pub const SHED_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Most messages waiting for the Thinker (a block is one message: over half an hour of speech).
+pub const THINKER_QUEUE: usize = 1024;
+/// Most reports waiting for the control thread.
+pub const REPORT_QUEUE: usize = 64;
+/// Most messages waiting for the Talker (rows of the answers and mirrored prefills).
+pub const TALKER_QUEUE: usize = 4096;
+/// Most messages waiting for the vocoder.
+pub const VOCODER_QUEUE: usize = 1024;
+/// Most pacer messages waiting for the control thread: two per answer (its first frame, its
+/// end), and a next answer starts only from the control thread.
+pub const PACER_QUEUE: usize = 16;
+/// Most ticks waiting (more are coalesced: a tick only says time went on).
+pub const TICK_QUEUE: usize = 4;
+/// Most end-of-turn questions and answers waiting (the model takes the newest question).
+pub const PREDICTION_QUEUE: usize = 8;
+
+/// Reads the depth of one channel between a session's threads.
+pub(crate) type DepthReader = Arc<dyn Fn() -> usize + Send + Sync>;
+
+/// A reader of `rx`'s depth.
+pub(crate) fn depth_of<T: Send + 'static>(rx: &Receiver<T>) -> DepthReader {
+    let rx = rx.clone();
+    Arc::new(move || rx.len())
+}
+
+/// The depths of the model's channels in one session (`None`: a model without a Talker).
+#[derive(Clone, Default)]
+pub(crate) struct ModelQueues {
+    pub thinker: Option<DepthReader>,
+    pub talker: Option<DepthReader>,
+    pub vocoder: Option<DepthReader>,
+}
+
+impl std::fmt::Debug for ModelQueues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let depth = |d: &Option<DepthReader>| d.as_ref().map(|d| d());
+        f.debug_struct("ModelQueues")
+            .field("thinker", &depth(&self.thinker))
+            .field("talker", &depth(&self.talker))
+            .field("vocoder", &depth(&self.vocoder))
+            .finish()
+    }
+}
 
 /// What was shed and re-timed so far in one session, shared by its handle (which sheds) and
 /// its control thread (which re-times, reports, and reads `closing`).
@@ -59,6 +112,10 @@ pub struct QueueStats {
     /// Inputs waiting for the session, events waiting for the transport.
     pub input_depth: usize,
     pub event_depth: usize,
+    /// Messages waiting for the Thinker, the Talker and the vocoder.
+    pub thinker_depth: usize,
+    pub talker_depth: usize,
+    pub vocoder_depth: usize,
     pub shed_video_frames: u64,
     pub shed_audio_pieces: u64,
     pub shed_audio: Duration,
@@ -147,11 +204,20 @@ impl QueueCounters {
     }
 
     /// The counts now, with the queues' depths.
-    pub fn stats<I, E>(&self, input: &Sender<I>, events: &Receiver<E>) -> QueueStats {
+    pub(crate) fn stats<I, E>(
+        &self,
+        input: &Sender<I>,
+        events: &Receiver<E>,
+        model: &ModelQueues,
+    ) -> QueueStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let depth = |d: &Option<DepthReader>| d.as_ref().map_or(0, |d| d());
         QueueStats {
             input_depth: input.len(),
             event_depth: events.len(),
+            thinker_depth: depth(&model.thinker),
+            talker_depth: depth(&model.talker),
+            vocoder_depth: depth(&model.vocoder),
             shed_video_frames: get(&self.shed_video_frames),
             shed_audio_pieces: get(&self.shed_audio_pieces),
             shed_audio: Duration::from_nanos(get(&self.shed_audio_ns)),
@@ -254,7 +320,11 @@ mod tests {
             counters.offer(&tx, InputKind::Audio(ms(20)), 0),
             Err(NotQueued::Shed)
         );
-        let stats = counters.stats(&tx, &crossbeam_channel::never::<()>());
+        let stats = counters.stats(
+            &tx,
+            &crossbeam_channel::never::<()>(),
+            &ModelQueues::default(),
+        );
         assert_eq!(stats.input_depth, INPUT_QUEUE);
         assert_eq!(stats.shed_video_frames, 1);
         assert_eq!((stats.shed_audio_pieces, stats.shed_audio), (1, ms(20)));
@@ -301,6 +371,11 @@ mod tests {
         }
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![0, 1]);
         let (input, _) = bounded::<()>(1);
-        assert_eq!(counters.stats(&input, &rx).dropped_events, 1);
+        assert_eq!(
+            counters
+                .stats(&input, &rx, &ModelQueues::default())
+                .dropped_events,
+            1
+        );
     }
 }

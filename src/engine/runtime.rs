@@ -63,7 +63,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use crossbeam_channel::{Receiver, Sender, select, unbounded};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select};
 
 use super::activity::{Activity, WorkToken};
 use super::blocks::BlockConfig;
@@ -79,7 +79,10 @@ pub use super::probe::{ContextView, CutAnswer, SessionProbe};
 use super::probe::{ProbeParts, ProbeRecord};
 use super::profile::ModelProfile;
 pub use super::profile::ModelTimes;
-use super::queues::{QueueCounters, ShedReporter, session_channels};
+use super::queues::{
+    ModelQueues, PACER_QUEUE, PREDICTION_QUEUE, QueueCounters, REPORT_QUEUE, ShedReporter,
+    TALKER_QUEUE, THINKER_QUEUE, TICK_QUEUE, VOCODER_QUEUE, depth_of, session_channels,
+};
 use super::session::{
     Control, ReplyMode, SessionConfig, SessionEvent, SessionHandle, SessionInput, TurnTimings,
 };
@@ -184,7 +187,7 @@ fn start(
     let events = Arc::new(EventSink::new(event_tx, queues.clone()));
     // Each answer's first frame and its end go to the control thread; the voice goes from the
     // pacer straight to the transport.
-    let (pacer_tx, pacer_rx) = unbounded();
+    let (pacer_tx, pacer_rx) = bounded(PACER_QUEUE);
     let sample_rate = model
         .speech
         .as_ref()
@@ -238,10 +241,13 @@ fn start(
 
     // Vocoder and Talker exist only for a model that can speak.
     let mut talker_queue = None;
+    let mut model_queues = ModelQueues::default();
     let talker_tx = match &model.speech {
         Some(speech_model) => {
-            let (vocoder_tx, vocoder_rx) = unbounded();
-            let (talker_tx, talker_rx) = unbounded();
+            let (vocoder_tx, vocoder_rx) = bounded(VOCODER_QUEUE);
+            let (talker_tx, talker_rx) = bounded(TALKER_QUEUE);
+            model_queues.talker = Some(depth_of(&talker_rx));
+            model_queues.vocoder = Some(depth_of(&vocoder_rx));
             let queued = talker_rx.clone();
             talker_queue =
                 Some(Box::new(move || queued.len()) as Box<dyn Fn() -> usize + Send + Sync>);
@@ -275,8 +281,9 @@ fn start(
         None => None,
     };
 
-    let (thinker_tx, thinker_rx) = unbounded();
-    let (report_tx, report_rx) = unbounded();
+    let (thinker_tx, thinker_rx) = bounded(THINKER_QUEUE);
+    model_queues.thinker = Some(depth_of(&thinker_rx));
+    let (report_tx, report_rx) = bounded(REPORT_QUEUE);
     // Counted until the system prompt is prefilled.
     let startup = activity.token();
     let access = match &config.model_passes {
@@ -298,8 +305,8 @@ fn start(
         Box::new(move || thinker.run(thinker_rx, startup)),
     )?);
 
-    let (predict_tx, predict_rx) = unbounded();
-    let (prediction_tx, prediction_rx) = unbounded();
+    let (predict_tx, predict_rx) = bounded(PREDICTION_QUEUE);
+    let (prediction_tx, prediction_rx) = bounded(PREDICTION_QUEUE);
     if let Some(model) = end_of_turn {
         let errors = events.clone();
         threads.push(spawn_thread(
@@ -310,7 +317,7 @@ fn start(
         )?);
     }
 
-    let (tick_tx, tick_rx) = unbounded();
+    let (tick_tx, tick_rx) = bounded(TICK_QUEUE);
     let next_tick = Arc::new(AtomicU64::new((clock.now() + TICK).as_nanos() as u64));
     {
         let ticker = Ticker {
@@ -349,6 +356,7 @@ fn start(
         processed: processed.clone(),
         answers: Vec::new(),
         speculation: None,
+        overrun: false,
         confirmed: None,
         predict: predict_tx,
         shed: ShedReporter::default(),
@@ -359,6 +367,7 @@ fn start(
     )?);
 
     let handle = SessionHandle::with_counters(input_tx, event_rx, queues)
+        .with_model_queues(model_queues)
         .with_audio_rate(blocks.sample_rate);
     let probe = SessionProbe::new(ProbeParts {
         clock,
@@ -393,7 +402,9 @@ impl Ticker {
                 return;
             }
             // Counted before the next due time moves on: the session never looks idle between.
-            if tx.send(self.activity.token()).is_err() {
+            // A control thread with ticks waiting gets no more (each says only that time went
+            // on): this one's count ends with it.
+            if let Err(TrySendError::Disconnected(_)) = tx.try_send(self.activity.token()) {
                 return;
             }
             next += TICK;
@@ -447,6 +458,8 @@ struct ControlLoop {
     /// Answers started and not yet done or stopped (at most one in practice).
     answers: Vec<Answer>,
     speculation: Option<Speculation>,
+    /// The Thinker fell too far behind: the session ends.
+    overrun: bool,
     /// A speculative answer confirmed by the events being handled (and whether it is done).
     confirmed: Option<(u64, bool)>,
     /// Questions for the end-of-turn thread (unanswered without one: silence rule).
@@ -464,7 +477,7 @@ impl ControlLoop {
         reports: Receiver<(ThinkerReport, WorkToken)>,
         predictions: Receiver<(Prediction, WorkToken)>,
     ) {
-        loop {
+        while !self.overrun {
             select! {
                 recv(inputs) -> input => {
                     match input {
@@ -581,8 +594,19 @@ impl ControlLoop {
         }
     }
 
-    fn send_thinker(&self, msg: ThinkerMsg) {
-        let _ = self.thinker.send((msg, self.links.activity.token()));
+    /// Offers `msg` to the Thinker; one that has fallen [`THINKER_QUEUE`] messages behind
+    /// cannot serve the call in real time, and the session ends with an error saying so.
+    fn send_thinker(&mut self, msg: ThinkerMsg) {
+        if let Err(TrySendError::Full(_)) =
+            self.thinker.try_send((msg, self.links.activity.token()))
+            && !self.overrun
+        {
+            self.overrun = true;
+            self.links.events.error(format!(
+                "the model has fallen {THINKER_QUEUE} messages behind this call and cannot \
+                 serve it in real time; the call ends"
+            ));
+        }
     }
 
     /// Starts the answer to `turn`: its timing marks and, for a spoken one, the pacer.
@@ -617,7 +641,10 @@ impl ControlLoop {
                 InputEvent::VoiceActivity { .. } => {}
                 InputEvent::PredictEndOfTurn { pause, audio, .. } => {
                     let request = PredictionRequest { pause, audio };
-                    let _ = self.predict.send((request, self.links.activity.token()));
+                    // With the model that far behind, the silence rule decides this pause.
+                    let _ = self
+                        .predict
+                        .try_send((request, self.links.activity.token()));
                 }
                 InputEvent::SpeculationStarted { turn, .. } => {
                     self.links.probe.speculation_started();

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::end_of_turn::EndOfTurnFactory;
 pub use super::model_access::ModelPasses;
-use super::queues::{InputKind, NotQueued, QueueCounters, QueueStats};
+use super::queues::{InputKind, ModelQueues, NotQueued, QueueCounters, QueueStats};
 use super::turn::{TurnConfig, TurnState};
 use crate::media::vad::VadConfig;
 use crate::media::video::{OFFICIAL_VIDEO_MAX_PIXELS, OFFICIAL_VIDEO_MIN_PIXELS};
@@ -207,6 +207,8 @@ pub struct SessionHandle {
     pub input: Sender<SessionInput>,
     pub events: Receiver<SessionEvent>,
     counters: Arc<QueueCounters>,
+    /// The depths of the channels between its model threads.
+    model_queues: ModelQueues,
     /// The rate the session hears audio at (the model's); other rates are resampled to it.
     audio_rate: Option<u32>,
 }
@@ -226,8 +228,15 @@ impl SessionHandle {
             input,
             events,
             counters,
+            model_queues: ModelQueues::default(),
             audio_rate: None,
         }
+    }
+
+    /// This handle, showing the depths of the session's model channels.
+    pub(crate) fn with_model_queues(mut self, model_queues: ModelQueues) -> Self {
+        self.model_queues = model_queues;
+        self
     }
 
     /// This handle, saying that the session hears audio at `rate`.
@@ -267,7 +276,8 @@ impl SessionHandle {
 
     /// The depth of the session's queues and what was shed and re-timed so far.
     pub fn queues(&self) -> QueueStats {
-        self.counters.stats(&self.input, &self.events)
+        self.counters
+            .stats(&self.input, &self.events, &self.model_queues)
     }
 
     fn offer(&self, kind: InputKind, input: SessionInput) -> bool {

@@ -12,7 +12,7 @@
 //! | `omnicall_audio_packets_sent_total{kind}` | counter | Opus RTP packets sent: `voice` or `silence` (between answers) |
 //! | `omnicall_turn_stage_seconds{stage}` | histogram | time from the end of the user's speech to each stage of the answer |
 //! | `omnicall_media_dropped_total{kind}` | counter | caller media the transport dropped: `audio_packet` (late, duplicate or undecodable), `video_frame` (incomplete, undecodable, or the decoder behind) |
-//! | `omnicall_session_queue_depth{queue}` | gauge | messages waiting, summed over the calls: `input` (the transports' audio, frames and controls for their sessions), `events` (the sessions' events for their transports); bounds in [`queues`](crate::engine::queues) |
+//! | `omnicall_session_queue_depth{queue}` | gauge | messages waiting, summed over the calls: `input` (the transports' audio, frames and controls for their sessions), `events` (the sessions' events for their transports), `thinker`, `talker`, `vocoder` (between a session's model threads: backpressure); bounds in [`queues`](crate::engine::queues) |
 //! | `omnicall_media_shed_total{kind}` | counter | caller input shed because its session was behind: `video_frame` first, `audio_piece` and `control` only when a session's input queue is full |
 //! | `omnicall_media_retimed_total{kind}` | counter | `audio_piece`s and `video_frame`s stamped too far ahead of their session's clock, placed at the clock (nothing dropped) |
 //! | `omnicall_session_events_dropped_total` | counter | session events lost because their transport did not read them |
@@ -71,7 +71,7 @@ pub const TURN_STAGES: [&str; 6] = [
 /// The `kind`s of `omnicall_media_dropped_total`.
 pub const MEDIA_DROPPED_KINDS: [&str; 2] = ["audio_packet", "video_frame"];
 /// The `queue`s of `omnicall_session_queue_depth`.
-pub const SESSION_QUEUES: [&str; 2] = ["input", "events"];
+pub const SESSION_QUEUES: [&str; 5] = ["input", "events", "thinker", "talker", "vocoder"];
 /// The `kind`s of `omnicall_media_shed_total` and of `omnicall_media_retimed_total`.
 pub const MEDIA_SHED_KINDS: [&str; 3] = ["video_frame", "audio_piece", "control"];
 pub const MEDIA_RETIMED_KINDS: [&str; 2] = ["audio_piece", "video_frame"];
@@ -195,6 +195,9 @@ impl SessionQueueReport {
         };
         depth("input", now.input_depth, last.input_depth);
         depth("events", now.event_depth, last.event_depth);
+        depth("thinker", now.thinker_depth, last.thinker_depth);
+        depth("talker", now.talker_depth, last.talker_depth);
+        depth("vocoder", now.vocoder_depth, last.vocoder_depth);
         let count = |c: &IntCounterVec, kind: &str, now: u64, before: u64| {
             if now > before {
                 c.with_label_values(&[kind]).inc_by(now - before);
@@ -238,6 +241,9 @@ impl SessionQueueReport {
             QueueStats {
                 input_depth: 0,
                 event_depth: 0,
+                thinker_depth: 0,
+                talker_depth: 0,
+                vocoder_depth: 0,
                 ..last
             },
         );
@@ -646,6 +652,35 @@ mod tests {
             "the ended call's queue is gone"
         );
         assert_eq!(sample(&page, shed), Some(4.0), "its counts stay");
+    }
+
+    #[test]
+    fn the_model_channels_depths_are_summed_too() {
+        let m = ServerMetrics::new().unwrap();
+        let mut call = SessionQueueReport::default();
+        let stats = QueueStats {
+            thinker_depth: 3,
+            talker_depth: 40,
+            vocoder_depth: 2,
+            ..Default::default()
+        };
+        call.update(&m, stats);
+        let page = m.render(1).unwrap();
+        let depth = |queue: &str| {
+            sample(
+                &page,
+                &format!("omnicall_session_queue_depth{{queue=\"{queue}\"}}"),
+            )
+        };
+        assert_eq!(depth("thinker"), Some(3.0));
+        assert_eq!(depth("talker"), Some(40.0));
+        assert_eq!(depth("vocoder"), Some(2.0));
+        call.finish(&m, stats);
+        let page = m.render(0).unwrap();
+        assert_eq!(
+            sample(&page, r#"omnicall_session_queue_depth{queue="talker"}"#),
+            Some(0.0)
+        );
     }
 
     #[test]
