@@ -424,11 +424,7 @@ fn serve(args: ServeCommand) -> anyhow::Result<()> {
         ModelScheduler::Shared => {
             // One scheduler beside the loaded model, on the server's clock (each call's
             // deadlines are converted to it).
-            let models = SchedulerModels {
-                thinker: model.thinker.clone(),
-                talker: model.speech.as_ref().map(|s| s.talker.clone()),
-                vocoder: None,
-            };
+            let models = SchedulerModels::of(&model)?;
             let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
             let scheduler = Arc::new(
                 Scheduler::spawn(models, clock, SchedulerConfig::default())

@@ -1,5 +1,5 @@
-//! Sessions whose Thinker and Talker passes run on one shared model scheduler
-//! (`ModelPasses::Shared`), on the tiny model (`models/tiny`, f32, CPU) in simulated time: a
+//! Sessions whose Thinker and Talker passes and token2wav's DiT windows run on one shared
+//! model scheduler (`ModelPasses::Shared`), on the tiny model (`models/tiny`, f32, CPU) in simulated time: a
 //! session through the scheduler answers as it does on its own model clone, sessions sharing
 //! it answer as they do alone, and a barge-in or a hang-up in one never changes another's
 //! answer.
@@ -57,11 +57,7 @@ fn model() -> &'static OmniModel {
 /// One scheduler over the tiny model, for the sessions of one test.
 fn scheduler() -> Arc<Scheduler> {
     let model = model();
-    let models = SchedulerModels {
-        thinker: model.thinker.clone(),
-        talker: Some(model.speech().unwrap().talker.clone()),
-        vocoder: None,
-    };
+    let models = SchedulerModels::of(model).unwrap();
     let clock = Arc::new(SystemClock::new());
     Arc::new(Scheduler::spawn(models, clock, SchedulerConfig::default()).unwrap())
 }
@@ -331,10 +327,11 @@ fn a_session_through_the_shared_scheduler_answers_as_on_its_own_clone() {
     assert!(call.errors().is_empty(), "{:?}", call.errors());
     assert_same_answer(&call.answer(), alone_speech(), "through the scheduler");
     call.assert_caches_in_step();
-    // The passes ran on the scheduler: the Thinker task's and the Talker task's links.
+    // The passes ran on the scheduler: the Thinker task's, the Talker task's and the
+    // vocoder task's links (its DiT windows).
     let headroom = scheduler.headroom();
     assert!(headroom.passes > 0, "{headroom:?}");
-    assert_eq!(headroom.sessions, 2, "{headroom:?}");
+    assert_eq!(headroom.sessions, 3, "{headroom:?}");
     call.close();
 }
 
@@ -353,7 +350,7 @@ fn sessions_sharing_one_scheduler_each_answer_as_alone() {
         assert_same_answer(&call.answer(), want, &format!("call {i}"));
         call.assert_caches_in_step();
     }
-    assert_eq!(scheduler.headroom().sessions, 6);
+    assert_eq!(scheduler.headroom().sessions, 9);
     for call in calls {
         call.close();
     }

@@ -8,7 +8,9 @@
 //!
 //! Each of the two tasks opens its own link (a scheduler session whose Thinker or Talker
 //! context it alone uses), since a link's requests are answered in order and the tasks run on
-//! different threads. The audio encoders, the vision encoder and token2wav stay per session.
+//! different threads. [`VocoderAccess`] does the same for token2wav's DiT windows, which the
+//! scheduler batches across sessions when it has the DiT (BigVGAN, which follows each window,
+//! stays on the session's vocoder thread); the audio and vision encoders stay per session.
 //!
 //! **Deadlines** ([`Due`]) are on the scheduler's clock ([`SessionLink::now`]; a session's own
 //! clock may have started later): work a listener needs next (decode steps, the Talker's steps
@@ -35,6 +37,9 @@ use super::pacer::Pacer;
 use super::scheduler::{Outcome, Scheduler, SessionLink, Work};
 use crate::model::talker::{Talker, TalkerPlan, TalkerStep, TalkerTurn};
 use crate::model::thinker::{DecodeStep, LogitsFor, Thinker, ThinkerOutput};
+use crate::model::token2wav::Token2Wav;
+use crate::model::token2wav::dit::{OdeSchedule, SpeakerCondition};
+use crate::model::token2wav::streaming::WindowSampler;
 
 /// Where a session's Thinker and Talker passes run ([`super::session::SessionConfig`]).
 #[derive(Clone, Default)]
@@ -97,6 +102,70 @@ impl SharedLink {
         match self.run(work, Due::Playout)? {
             Outcome::CacheEdited => Ok(()),
             other => bail!("scheduler: a cache edit answered {other:?}"),
+        }
+    }
+}
+
+/// Where the session's vocoder task samples its DiT windows.
+pub(crate) enum VocoderAccess {
+    /// On the vocoder task's own thread.
+    Own,
+    /// On the scheduler, batched with other sessions' windows of the same length; due when
+    /// the audio the pacer has queued runs out.
+    Shared(SharedLink),
+}
+
+impl VocoderAccess {
+    /// The scheduler's when `passes` share one that has this DiT on this schedule, else its
+    /// own (a shared scheduler with another DiT or schedule is an error).
+    pub fn for_passes(
+        passes: &ModelPasses,
+        t2w: &Token2Wav,
+        schedule: &OdeSchedule,
+        pacer: Arc<Pacer>,
+    ) -> Result<Self> {
+        let ModelPasses::Shared(scheduler) = passes else {
+            return Ok(Self::Own);
+        };
+        match scheduler.runs_vocoder(t2w.dit(), schedule) {
+            None => Ok(Self::Own),
+            Some(false) => {
+                bail!(
+                    "the shared model scheduler runs another DiT or ODE schedule than this session's"
+                )
+            }
+            // every window is due at playout: no block deadline is read
+            Some(true) => Ok(Self::Shared(SharedLink::open(
+                scheduler,
+                pacer,
+                Duration::ZERO,
+            )?)),
+        }
+    }
+}
+
+impl WindowSampler for VocoderAccess {
+    fn sample_window(
+        &mut self,
+        t2w: &Token2Wav,
+        speaker: &SpeakerCondition,
+        codes: &[u32],
+        noise: &Tensor,
+        schedule: &OdeSchedule,
+    ) -> candle_core::Result<Tensor> {
+        let link = match self {
+            Self::Own => return t2w.mel(speaker, codes, noise, schedule),
+            Self::Shared(link) => link,
+        };
+        let work = Work::DitWindow {
+            speaker: Arc::new(speaker.clone()),
+            codes: t2w.codes_tensor(codes)?,
+            noise: noise.clone(),
+        };
+        match link.run(work, Due::Playout) {
+            Ok(Outcome::Mel(mel)) => Ok(mel),
+            Ok(other) => candle_core::bail!("scheduler: a DiT window answered {other:?}"),
+            Err(e) => Err(candle_core::Error::Msg(format!("{e:#}"))),
         }
     }
 }
@@ -344,17 +413,13 @@ mod tests {
     use crate::model::omni::OmniModel;
     use crate::model::talker::{TalkerOptions, TalkerTextRows};
     use crate::model::thinker::decoder::sequential_positions;
+    use crate::model::token2wav::dit::SamplerOptions;
 
     /// The tiny model, a scheduler over it and a pacer with nothing queued.
     fn shared() -> (OmniModel, Scheduler, Arc<Pacer>) {
         let model = crate::engine::links::tiny_model();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-        let talker = model.speech.as_ref().map(|s| s.talker.clone());
-        let models = SchedulerModels {
-            thinker: model.thinker.clone(),
-            talker,
-            vocoder: None,
-        };
+        let models = SchedulerModels::of(&model).unwrap();
         let scheduler =
             Scheduler::spawn(models, clock.clone(), SchedulerConfig::default()).unwrap();
         let (frames, _) = unbounded();
@@ -369,6 +434,53 @@ mod tests {
 
     fn greedy(logits: &Tensor) -> u32 {
         logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+    }
+
+    /// A DiT window sampled through the scheduler is the one the vocoder samples itself, and a
+    /// scheduler with another schedule is refused.
+    #[test]
+    fn a_shared_dit_window_is_the_own_window() {
+        let (model, scheduler, pacer) = shared();
+        let speech = model.speech.as_ref().unwrap();
+        let t2w = &speech.token2wav;
+        let schedule = t2w.schedule(&SamplerOptions::default()).unwrap();
+        let passes = ModelPasses::Shared(Arc::new(scheduler));
+        let mut shared = VocoderAccess::for_passes(&passes, t2w, &schedule, pacer.clone()).unwrap();
+        assert!(matches!(shared, VocoderAccess::Shared(_)));
+        let voice = speech.voices.get(speech.voices.names()[0]).unwrap();
+        let speaker = t2w.speaker(voice).unwrap();
+        let dit = &t2w.config().dit_config;
+        let codes: Vec<u32> = (0..8).map(|i| (i * 7 % dit.num_embeds) as u32).collect();
+        let (repeats, mel_dim) = (dit.repeats, dit.mel_dim);
+        let noise = Tensor::randn(
+            0f32,
+            1.0,
+            (1, codes.len() * repeats, mel_dim),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let own = VocoderAccess::Own
+            .sample_window(t2w, &speaker, &codes, &noise, &schedule)
+            .unwrap();
+        let through = shared
+            .sample_window(t2w, &speaker, &codes, &noise, &schedule)
+            .unwrap();
+        assert_eq!(own.dims(), through.dims());
+        assert_eq!(
+            max_diff(&own, &through),
+            0.0,
+            "one window alone is the same pass"
+        );
+        let other = t2w
+            .schedule(&SamplerOptions {
+                steps: 4,
+                ..SamplerOptions::default()
+            })
+            .unwrap();
+        let err = VocoderAccess::for_passes(&passes, t2w, &other, pacer)
+            .err()
+            .expect("another schedule");
+        assert!(format!("{err:#}").contains("ODE schedule"), "{err:#}");
     }
 
     /// A prefill, greedy decode steps, a forgotten range and a roll-back give the same logits

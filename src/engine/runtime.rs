@@ -28,9 +28,10 @@
 //! * **vocoder** ([`super::vocoder_task`]) renders codes with the streaming token2wav into the
 //!   pacer, which releases 20 ms frames on the clock.
 //!
-//! The Thinker's and the Talker's passes run on the session's own model clone, or, with
-//! [`SessionConfig::model_passes`] `Shared`, on the loaded model's scheduler thread, batched with
-//! other sessions' ([`super::model_access`]); the encoders and token2wav run here either way.
+//! The Thinker's and the Talker's passes (and token2wav's DiT windows) run on the session's own
+//! model clone, or, with [`SessionConfig::model_passes`] `Shared`, on the loaded model's
+//! scheduler thread, batched with other sessions' ([`super::model_access`]); the encoders and
+//! BigVGAN run here either way.
 //!
 //! `SessionInput::Close`, or dropping every clone of the handle, ends every thread; the pacer
 //! and the ticker exit when they next wake.
@@ -251,8 +252,12 @@ fn start(
             let queued = talker_rx.clone();
             talker_queue =
                 Some(Box::new(move || queued.len()) as Box<dyn Fn() -> usize + Send + Sync>);
-            let vocoder =
-                vocoder_task::VocoderTask::new(speech_model, model_links.vocoder(), config.seed)?;
+            let vocoder = vocoder_task::VocoderTask::new(
+                speech_model,
+                model_links.vocoder(),
+                &config.model_passes,
+                config.seed,
+            )?;
             threads.push(spawn_thread(
                 "session-vocoder",
                 Box::new(move || vocoder.run(vocoder_rx)),

@@ -41,10 +41,11 @@ use candle_core::Tensor;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
 use crate::engine::clock::Clock;
+use crate::model::omni::OmniModel;
 use crate::model::talker::{Talker, TalkerForward, TalkerRows};
 use crate::model::thinker::decoder::sequential_positions;
 use crate::model::thinker::{DecodeStep, LogitsFor, Thinker, ThinkerOutput, ThinkerRows};
-use crate::model::token2wav::dit::{Dit, DitWindow, OdeSchedule, SpeakerCondition};
+use crate::model::token2wav::dit::{Dit, DitWindow, OdeSchedule, SamplerOptions, SpeakerCondition};
 
 /// The loaded networks the scheduler runs: every session gets clones of the Thinker and
 /// Talker with empty caches; the DiT is stateless and shared.
@@ -54,6 +55,29 @@ pub struct SchedulerModels {
     pub talker: Option<Talker>,
     /// token2wav's DiT with the ODE schedule every session's windows are sampled on.
     pub vocoder: Option<(Dit, OdeSchedule)>,
+}
+
+impl SchedulerModels {
+    /// Every network of `model` a session's passes can run on: the Thinker, and for a model
+    /// that speaks the Talker and token2wav's DiT on the sessions' ODE schedule (the vocoder
+    /// task's default sampler).
+    pub fn of(model: &OmniModel) -> anyhow::Result<Self> {
+        let vocoder = match &model.speech {
+            Some(speech) => {
+                let dit = speech.token2wav.dit().clone();
+                let schedule = dit
+                    .schedule(&SamplerOptions::default())
+                    .context("token2wav sampler schedule")?;
+                Some((dit, schedule))
+            }
+            None => None,
+        };
+        Ok(Self {
+            thinker: model.thinker.clone(),
+            talker: model.speech.as_ref().map(|s| s.talker.clone()),
+            vocoder,
+        })
+    }
 }
 
 /// A session's id within one scheduler.
@@ -772,6 +796,7 @@ pub struct Scheduler {
     /// checked against.
     thinker: Thinker,
     talker: Option<Talker>,
+    vocoder: Option<(Dit, OdeSchedule)>,
     headroom: Arc<Mutex<Headroom>>,
     next_session: Mutex<SessionId>,
     per_session_requests: usize,
@@ -787,6 +812,7 @@ impl Scheduler {
         config: SchedulerConfig,
     ) -> anyhow::Result<Self> {
         let (thinker, talker) = (models.thinker.clone(), models.talker.clone());
+        let vocoder = models.vocoder.clone();
         let mut core = SchedulerCore::new(models, config.clone(), clock.now())?;
         let (commands, rx) = bounded(config.commands);
         let headroom = Arc::new(Mutex::new(core.headroom(clock.now())));
@@ -844,6 +870,7 @@ impl Scheduler {
             clock,
             thinker,
             talker,
+            vocoder,
             headroom,
             next_session: Mutex::new(0),
             per_session_requests: config.per_session_requests,
@@ -888,6 +915,13 @@ impl Scheduler {
             (None, _) => true,
         };
         self.thinker.shares_weights(thinker) && talker_runs
+    }
+
+    /// Whether this scheduler samples DiT windows of `dit` (a clone of its own) on `schedule`
+    /// (`None`: it samples none; a session then samples its own).
+    pub fn runs_vocoder(&self, dit: &Dit, schedule: &OdeSchedule) -> Option<bool> {
+        let (own, own_schedule) = self.vocoder.as_ref()?;
+        Some(own.shares_weights(dit) && own_schedule.options() == schedule.options())
     }
 
     /// The latest headroom figures.

@@ -8,6 +8,7 @@ use crossbeam_channel::Receiver;
 
 use super::activity::WorkToken;
 use super::links::VocoderLinks;
+use super::model_access::{ModelPasses, VocoderAccess};
 use super::profile::Stage;
 use crate::model::omni::Speech;
 use crate::model::speakers::Voices;
@@ -47,22 +48,32 @@ pub(crate) struct VocoderTask {
     schedule: OdeSchedule,
     speakers: HashMap<String, SpeakerCondition>,
     links: VocoderLinks,
+    /// Where the DiT windows are sampled.
+    windows: VocoderAccess,
     seed: u64,
     current: Option<Utterance>,
 }
 
 impl VocoderTask {
-    pub fn new(speech: &Speech, links: VocoderLinks, seed: u64) -> Result<Self> {
+    pub fn new(
+        speech: &Speech,
+        links: VocoderLinks,
+        passes: &ModelPasses,
+        seed: u64,
+    ) -> Result<Self> {
         let token2wav = speech.token2wav.clone();
         let schedule = token2wav
             .schedule(&SamplerOptions::default())
             .context("token2wav sampler schedule")?;
+        let windows =
+            VocoderAccess::for_passes(passes, &token2wav, &schedule, links.pacer.clone())?;
         Ok(Self {
             token2wav,
             voices: speech.voices.clone(),
             schedule,
             speakers: HashMap::new(),
             links,
+            windows,
             seed,
             current: None,
         })
@@ -144,11 +155,10 @@ impl VocoderTask {
                     self.current = None;
                     return Ok(());
                 }
-                let t2w = &self.token2wav;
-                let samples = self
-                    .links
-                    .profile
-                    .timed(Stage::Vocoder, || u.decoder.push_codes(t2w, &codes))?;
+                let (t2w, windows) = (&self.token2wav, &mut self.windows);
+                let samples = self.links.profile.timed(Stage::Vocoder, || {
+                    u.decoder.push_codes_with(t2w, windows, &codes)
+                })?;
                 self.push(samples);
             }
             VocoderMsg::Finish { turn, epoch } => {
@@ -165,10 +175,10 @@ impl VocoderTask {
                 let samples = if u.decoder.codes().is_empty() {
                     Vec::new()
                 } else {
-                    let t2w = &self.token2wav;
+                    let (t2w, windows) = (&self.token2wav, &mut self.windows);
                     self.links
                         .profile
-                        .timed(Stage::Vocoder, || u.decoder.finish(t2w))?
+                        .timed(Stage::Vocoder, || u.decoder.finish_with(t2w, windows))?
                 };
                 self.push(samples);
                 self.links.pacer.finish(turn);
@@ -196,7 +206,7 @@ mod tests {
             links.marks.clone(),
         );
         let links = links.vocoder();
-        let mut task = VocoderTask::new(speech, links, 0).unwrap();
+        let mut task = VocoderTask::new(speech, links, &ModelPasses::OwnClone, 0).unwrap();
         let voice = speech.voices.names()[0].to_string();
         let err = task
             .on_message(VocoderMsg::Begin {

@@ -45,11 +45,7 @@ pub fn engine_factory_and_scheduler() -> (SessionFactory, Arc<Scheduler>) {
     let model_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
     let files = ModelFiles::locate(model_dir.to_str().unwrap()).unwrap();
     let model = OmniModel::load(&files, DType::F32, &Device::Cpu).unwrap();
-    let models = SchedulerModels {
-        thinker: model.thinker.clone(),
-        talker: model.speech.as_ref().map(|s| s.talker.clone()),
-        vocoder: None,
-    };
+    let models = SchedulerModels::of(&model).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let scheduler = Arc::new(Scheduler::spawn(models, clock, SchedulerConfig::default()).unwrap());
     let passes = ModelPasses::Shared(scheduler.clone());

@@ -804,6 +804,12 @@ pub struct Dit {
 }
 
 impl Dit {
+    /// Whether `other` runs on the very same weight tensors (a clone of this DiT), so that its
+    /// windows can ride in this DiT's batches.
+    pub fn shares_weights(&self, other: &Dit) -> bool {
+        self.proj_x.id() == other.proj_x.id()
+    }
+
     /// `vb` at `token2wav.code2wav_dit_model`.
     pub fn new(cfg: &DiTConfig, vb: VarBuilder) -> Result<Self> {
         if cfg.block_size == 0 || cfg.repeats == 0 || !cfg.head_dim.is_multiple_of(2) {

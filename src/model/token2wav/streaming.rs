@@ -52,6 +52,37 @@ use super::dit::{OdeSchedule, SpeakerCondition};
 use super::{NoiseSource, Token2Wav};
 use crate::model::config::DiTConfig;
 
+/// Samples one DiT window of a stream: the mel `[1, mel_dim, repeats n]` of `codes` from
+/// `noise` `[1, repeats n, mel_dim]` on `schedule` ([`Token2Wav::mel`]). The decoder's own
+/// thread does it ([`OwnWindows`]), or a runner that batches the windows of many streams.
+pub trait WindowSampler {
+    fn sample_window(
+        &mut self,
+        t2w: &Token2Wav,
+        speaker: &SpeakerCondition,
+        codes: &[u32],
+        noise: &Tensor,
+        schedule: &OdeSchedule,
+    ) -> Result<Tensor>;
+}
+
+/// Every window sampled where the decoder runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OwnWindows;
+
+impl WindowSampler for OwnWindows {
+    fn sample_window(
+        &mut self,
+        t2w: &Token2Wav,
+        speaker: &SpeakerCondition,
+        codes: &[u32],
+        noise: &Tensor,
+        schedule: &OdeSchedule,
+    ) -> Result<Tensor> {
+        t2w.mel(speaker, codes, noise, schedule)
+    }
+}
+
 /// Where the vocoder's right context comes from at a chunk edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VocoderEdge {
@@ -318,6 +349,16 @@ impl StreamingDecoder {
 
     /// Adds codes; returns the waveform samples that became final (often none).
     pub fn push_codes(&mut self, t2w: &Token2Wav, codes: &[u32]) -> Result<Vec<f32>> {
+        self.push_codes_with(t2w, &mut OwnWindows, codes)
+    }
+
+    /// [`StreamingDecoder::push_codes`], its DiT windows sampled by `windows`.
+    pub fn push_codes_with(
+        &mut self,
+        t2w: &Token2Wav,
+        windows: &mut dyn WindowSampler,
+        codes: &[u32],
+    ) -> Result<Vec<f32>> {
         if self.finished {
             candle_core::bail!("streaming token2wav: codes pushed after finish()");
         }
@@ -326,7 +367,7 @@ impl StreamingDecoder {
         let early = self.early_window * self.repeats;
         if early > 0 && self.committed == 0 && self.codes.len() * self.repeats >= early {
             let end = early - self.options.first_window_lookahead(early, self.block);
-            self.commit(t2w, end, early)?;
+            self.commit(t2w, windows, end, early)?;
             // the block schedule starts over from its first chunk
             self.chunk_index = 0;
             out.extend(self.voice(t2w, false)?);
@@ -339,7 +380,7 @@ impl StreamingDecoder {
             if self.codes.len() * self.repeats < end + future {
                 break;
             }
-            self.commit(t2w, end, end + future)?;
+            self.commit(t2w, windows, end, end + future)?;
             out.extend(self.voice(t2w, false)?);
         }
         Ok(out)
@@ -347,13 +388,22 @@ impl StreamingDecoder {
 
     /// The utterance is complete: decodes what is left and returns the remaining samples.
     pub fn finish(&mut self, t2w: &Token2Wav) -> Result<Vec<f32>> {
+        self.finish_with(t2w, &mut OwnWindows)
+    }
+
+    /// [`StreamingDecoder::finish`], its DiT windows sampled by `windows`.
+    pub fn finish_with(
+        &mut self,
+        t2w: &Token2Wav,
+        windows: &mut dyn WindowSampler,
+    ) -> Result<Vec<f32>> {
         if self.finished {
             return Ok(Vec::new());
         }
         self.finished = true;
         let total = self.codes.len() * self.repeats;
         if self.committed < total {
-            self.commit(t2w, total, total)?;
+            self.commit(t2w, windows, total, total)?;
         }
         if total == 0 {
             return Ok(Vec::new());
@@ -385,12 +435,19 @@ impl StreamingDecoder {
     }
 
     /// Samples the window `[committed - past, window_end)` and commits `[committed, end)`.
-    fn commit(&mut self, t2w: &Token2Wav, end: usize, window_end: usize) -> Result<()> {
+    fn commit(
+        &mut self,
+        t2w: &Token2Wav,
+        windows: &mut dyn WindowSampler,
+        end: usize,
+        window_end: usize,
+    ) -> Result<()> {
         let start = self.committed;
         let window_start = start.saturating_sub(self.options.past_blocks * self.block);
         let noise = self.noise(window_start, window_end)?;
         let codes = &self.codes[window_start / self.repeats..window_end / self.repeats];
-        let mel = t2w.mel(&self.speaker, codes, &noise, &self.schedule)?; // [1, mel, W]
+        // [1, mel, W]
+        let mel = windows.sample_window(t2w, &self.speaker, codes, &noise, &self.schedule)?;
         let kept = mel.narrow(2, start - window_start, end - start)?;
         self.provisional = if window_end > end {
             Some(mel.narrow(2, end - window_start, window_end - end)?)
