@@ -22,8 +22,8 @@ const GROUP: usize = 4;
 pub enum Int8Level {
     /// AVX-512 VNNI (`vpdpbusd`), with AVX-512BW/VL for the byte stores of the codes.
     Avx512Vnni,
-    /// AVX2: the products widened to i16 and summed in pairs (`vpmaddwd`); the requantization
-    /// and softmax steps run the scalar code.
+    /// AVX2: the products widened to i16 and summed in pairs (`vpmaddwd`), the requantization
+    /// 8 columns at a time; the softmax step runs the scalar code.
     Avx2,
     /// Plain Rust, any CPU.
     Scalar,
@@ -293,6 +293,68 @@ mod avx2 {
         }
         sums
     }
+
+    /// [`super::requantize`] of one row, 8 columns at a time, the scalar operations in the
+    /// scalar order (no fused multiply-add), so the codes are the scalar ones; the last
+    /// `n % 8` columns run the scalar code.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn requantize_row(
+        c: &super::Columns,
+        a_sum: i32,
+        sums: &[i32],
+        codes: &mut [u8],
+    ) {
+        let n = sums.len();
+        let whole = n - n % COLUMNS;
+        let a_sum_v = _mm256_set1_epi32(a_sum);
+        let (lo, hi) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
+        let out_scale = _mm256_set1_ps(c.out_scale);
+        let out_zero = _mm256_set1_epi32(c.out_zero);
+        for j in (0..whole).step_by(COLUMNS) {
+            // SAFETY: every slice holds n ≥ j + 8 values (`codes` n bytes).
+            unsafe {
+                let load_i = |s: &[i32]| _mm256_loadu_si256(s.as_ptr().add(j).cast());
+                let load_f = |s: &[f32]| _mm256_loadu_ps(s.as_ptr().add(j));
+                let exact = _mm256_add_epi32(
+                    _mm256_sub_epi32(load_i(sums), _mm256_mullo_epi32(load_i(c.b_zero), a_sum_v)),
+                    load_i(c.offset),
+                );
+                let value = _mm256_add_ps(
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(exact), load_f(c.scale)),
+                    load_f(c.bias),
+                );
+                let q = clamp(_mm256_div_ps(value, out_scale), lo, hi);
+                let code = to_code(q, out_zero);
+                _mm_storel_epi64(codes.as_mut_ptr().add(j).cast(), code);
+            }
+        }
+        for j in whole..n {
+            codes[j] = c.code(j, a_sum, sums[j]);
+        }
+    }
+
+    /// `q.clamp(lo, hi)` as `f32::clamp` does it, NaN kept (`vmaxps` and `vminps` return
+    /// their second operand where one is NaN).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn clamp(q: __m256, lo: __m256, hi: __m256) -> __m256 {
+        _mm256_min_ps(hi, _mm256_max_ps(lo, q))
+    }
+
+    /// [`super::quantize`]'s rounding of clamped quotients: half to even by the float adder,
+    /// truncated (NaN to 0, as `as i32` does), plus the zero point, saturated to 0..=255 (the
+    /// signed packs saturate below); the 8 codes in the low 8 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn to_code(q: __m256, zero: __m256i) -> __m128i {
+        let shift = _mm256_set1_ps(12_582_912.0);
+        let rounded = _mm256_sub_ps(_mm256_add_ps(q, shift), shift);
+        let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(rounded, rounded);
+        let r = _mm256_cvttps_epi32(_mm256_and_ps(rounded, ordered));
+        let r = _mm256_min_epi32(_mm256_add_epi32(r, zero), _mm256_set1_epi32(255));
+        let words = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+        _mm_packus_epi16(words, words)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -538,6 +600,9 @@ pub fn requantize(
             Int8Level::Avx512Vnni => unsafe {
                 vnni::requantize_row(&columns, a_sum, sum_row, code_row)
             },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `or_below` checked that the CPU has AVX2; every slice holds n values.
+            Int8Level::Avx2 => unsafe { avx2::requantize_row(&columns, a_sum, sum_row, code_row) },
             _ => {
                 for j in 0..n {
                     code_row[j] = columns.code(j, a_sum, sum_row[j]);
@@ -757,8 +822,14 @@ mod tests {
 
     #[test]
     fn every_level_requantizes_and_normalizes_to_the_same_codes() {
-        // n = 1, n past a vector and not a multiple of 16; rows of one and of several
-        for (rows, n, k) in [(1, 1, 3), (3, 17, 40), (2, 33, 7), (5, 64, 100)] {
+        // n = 1, n past a vector and not a multiple of 8 or 16; rows of one and of several
+        for (rows, n, k) in [
+            (1, 1, 3),
+            (3, 17, 40),
+            (2, 33, 7),
+            (5, 64, 100),
+            (4, 47, 64),
+        ] {
             let a = bytes(rows * k, 11 + n as u32);
             let b: Vec<i8> = bytes(n * k, 5 + k as u32)
                 .into_iter()
@@ -778,20 +849,33 @@ mod tests {
                 out_scale: 0.013,
                 out_zero: 120,
             };
+            // sums of -350..=350 (no zero-point terms) at half a code each: every odd sum is
+            // a tie, and the codes saturate at both ends
+            let small_sums: Vec<i32> = (0..rows * n).map(|i| (i * 7 % 701) as i32 - 350).collect();
+            let (no_zero, halves) = (vec![0; n], vec![0.25f32; n]);
+            let ties = Requantize {
+                a_zero: 0,
+                b_zero: &no_zero,
+                scale: &halves,
+                bias: None,
+                out_scale: 0.5,
+                out_zero: 128,
+            };
             let table: [f32; 256] = std::array::from_fn(|d| (-(d as f32) * 0.05).exp());
-            let (mut want, mut want_probs) = (None, None);
-            for level in Int8Level::ALL {
-                let mut codes = vec![0u8; rows * n];
-                requantize(level, &a, &packed, &sums, &rq, &mut codes);
-                // the codes of a tie, and of values past both ends, are checked above
-                let mut probs = vec![0u8; rows * n];
-                softmax_rows(level, &codes, n, &table, 1.0 / 255.0, 0, &mut probs);
-                assert_eq!(
-                    want.get_or_insert(codes.clone()),
-                    &codes,
-                    "{level:?} {rows} {n}"
-                );
-                assert_eq!(want_probs.get_or_insert(probs.clone()), &probs, "{level:?}");
+            for (rq, sums) in [(rq, &sums), (ties, &small_sums)] {
+                let (mut want, mut want_probs) = (None, None);
+                for level in Int8Level::ALL {
+                    let mut codes = vec![0u8; rows * n];
+                    requantize(level, &a, &packed, sums, &rq, &mut codes);
+                    let mut probs = vec![0u8; rows * n];
+                    softmax_rows(level, &codes, n, &table, 1.0 / 255.0, 0, &mut probs);
+                    assert_eq!(
+                        want.get_or_insert(codes.clone()),
+                        &codes,
+                        "{level:?} {rows} {n}"
+                    );
+                    assert_eq!(want_probs.get_or_insert(probs.clone()), &probs, "{level:?}");
+                }
             }
         }
     }
