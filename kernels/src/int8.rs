@@ -23,7 +23,7 @@ pub enum Int8Level {
     /// AVX-512 VNNI (`vpdpbusd`), with AVX-512BW/VL for the byte stores of the codes.
     Avx512Vnni,
     /// AVX2: the products widened to i16 and summed in pairs (`vpmaddwd`), the requantization
-    /// 8 columns at a time; the softmax step runs the scalar code.
+    /// and the softmax 8 columns at a time.
     Avx2,
     /// Plain Rust, any CPU.
     Scalar,
@@ -330,6 +330,84 @@ mod avx2 {
         }
         for j in whole..n {
             codes[j] = c.code(j, a_sum, sums[j]);
+        }
+    }
+
+    /// [`super::exponentials`]: the largest code by `vpmaxub`, the table read by gathers, the
+    /// 16 partial sums in two vectors, each lane adding in the scalar order; the codes past
+    /// the last whole 16 run the scalar code.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn exponentials(row: &[u8], exp_table: &[f32; 256], e: &mut [f32]) -> f32 {
+        const LANES: usize = super::SUM_LANES;
+        let n = row.len();
+        let mut max = 0u8;
+        let mut wide = _mm256_setzero_si256();
+        let mut chunks = row.chunks_exact(32);
+        for chunk in &mut chunks {
+            // SAFETY: `chunk` holds 32 bytes.
+            wide = _mm256_max_epu8(wide, unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) });
+        }
+        let mut bytes = [0u8; 32];
+        // SAFETY: `bytes` holds 32 bytes.
+        unsafe { _mm256_storeu_si256(bytes.as_mut_ptr().cast(), wide) };
+        for &c in bytes.iter().chain(chunks.remainder()) {
+            max = max.max(c);
+        }
+        let whole = n - n % LANES;
+        let max_v = _mm_set1_epi8(max as i8);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for i in (0..whole).step_by(LANES) {
+            // SAFETY: codes and exponentials i .. i + 16 exist; every difference to the
+            // largest code is below 256, inside the table.
+            unsafe {
+                let d = _mm_sub_epi8(max_v, _mm_loadu_si128(row.as_ptr().add(i).cast()));
+                let halves = [d, _mm_unpackhi_epi64(d, d)];
+                for (h, (acc, d)) in acc.iter_mut().zip(halves).enumerate() {
+                    let index = _mm256_cvtepu8_epi32(d);
+                    let v = _mm256_i32gather_ps::<4>(exp_table.as_ptr(), index);
+                    _mm256_storeu_ps(e.as_mut_ptr().add(i + h * 8), v);
+                    *acc = _mm256_add_ps(*acc, v);
+                }
+            }
+        }
+        let mut lanes = [0f32; LANES];
+        // SAFETY: `lanes` holds 16 values.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+        }
+        for ((lane, e), &c) in lanes.iter_mut().zip(&mut e[whole..]).zip(&row[whole..]) {
+            *e = exp_table[(max - c) as usize];
+            *lane += *e;
+        }
+        lanes.iter().sum::<f32>()
+    }
+
+    /// `quantize(e / sum)` for a row of `e`, 8 at a time (the scalar code for the last
+    /// `n % 8`).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_quotients(
+        e: &[f32],
+        sum: f32,
+        out_scale: f32,
+        out_zero: i32,
+        out: &mut [u8],
+    ) {
+        let n = e.len();
+        let whole = n - n % COLUMNS;
+        let (lo, hi) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
+        let (sum_v, out_scale_v) = (_mm256_set1_ps(sum), _mm256_set1_ps(out_scale));
+        let out_zero_v = _mm256_set1_epi32(out_zero);
+        for j in (0..whole).step_by(COLUMNS) {
+            // SAFETY: `e` and `out` hold n ≥ j + 8 values.
+            unsafe {
+                let p = _mm256_div_ps(_mm256_loadu_ps(e.as_ptr().add(j)), sum_v);
+                let q = clamp(_mm256_div_ps(p, out_scale_v), lo, hi);
+                _mm_storel_epi64(out.as_mut_ptr().add(j).cast(), to_code(q, out_zero_v));
+            }
+        }
+        for j in whole..n {
+            out[j] = super::quantize(e[j] / sum, out_scale, out_zero);
         }
     }
 
@@ -673,21 +751,23 @@ pub fn softmax_rows(
         .chunks_exact(row_len)
         .zip(out.chunks_exact_mut(row_len))
     {
-        let max = *row.iter().max().unwrap_or(&0);
-        let mut lanes = [0f32; SUM_LANES];
-        for (e, c) in e.chunks_mut(SUM_LANES).zip(row.chunks(SUM_LANES)) {
-            for ((lane, e), &c) in lanes.iter_mut().zip(e).zip(c) {
-                *e = exp_table[(max - c) as usize];
-                *lane += *e;
-            }
-        }
-        let sum = lanes.iter().sum::<f32>();
+        let sum = match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `or_below` checked that the CPU has AVX2; `e` is one row.
+            Int8Level::Avx2 => unsafe { avx2::exponentials(row, exp_table, &mut e) },
+            _ => exponentials(row, exp_table, &mut e),
+        };
         match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `or_below` checked that the CPU has AVX-512F/BW/VL; `e` and `out_row`
             // are one row.
             Int8Level::Avx512Vnni => unsafe {
                 vnni::quantize_quotients(&e, sum, out_scale, out_zero, out_row)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `or_below` checked that the CPU has AVX2; `e` and `out_row` are one row.
+            Int8Level::Avx2 => unsafe {
+                avx2::quantize_quotients(&e, sum, out_scale, out_zero, out_row)
             },
             _ => {
                 for (o, &e) in out_row.iter_mut().zip(&e) {
@@ -696,6 +776,21 @@ pub fn softmax_rows(
             }
         }
     }
+}
+
+/// `e[i] = exp_table[max - row[i]]` over the row's largest code, and their sum, taken in
+/// [`SUM_LANES`] partial sums (lane `i % SUM_LANES` adds `e[i]` in turn), then the lanes in
+/// order.
+fn exponentials(row: &[u8], exp_table: &[f32; 256], e: &mut [f32]) -> f32 {
+    let max = *row.iter().max().unwrap_or(&0);
+    let mut lanes = [0f32; SUM_LANES];
+    for (e, c) in e.chunks_mut(SUM_LANES).zip(row.chunks(SUM_LANES)) {
+        for ((lane, e), &c) in lanes.iter_mut().zip(e).zip(c) {
+            *e = exp_table[(max - c) as usize];
+            *lane += *e;
+        }
+    }
+    lanes.iter().sum::<f32>()
 }
 
 #[cfg(test)]
