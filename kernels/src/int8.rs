@@ -200,87 +200,96 @@ mod avx2 {
     use super::{GROUP, PANEL, PackedI8};
     use std::arch::x86_64::*;
 
-    /// Rows of `a` per tile: with 8 columns, 8 accumulators, 2 weight and 4 code registers.
-    const ROWS: usize = 4;
-    /// Columns of a panel per tile: one 32-byte load of a group (8 columns × 4 k).
+    /// Rows of `a` per tile: with 8 columns, 12 accumulators, 2 weight registers and the
+    /// broadcast codes.
+    const ROWS: usize = 6;
+    /// Columns of a panel per tile: one group of them is 32 weights (8 columns × 4 k), two
+    /// i16 vectors.
     const COLUMNS: usize = 8;
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn gemm(a: &[u8], rows: usize, b: &PackedI8, out: &mut [i32]) {
         let (k, n) = (b.k, b.n);
+        let width = b.groups() * GROUP;
+        // The codes widened to i16 once, k padded with zeros to whole groups: a row's four
+        // codes of a group are then one 8-byte broadcast from memory, with no shuffle.
+        let mut wide_a = vec![0i16; rows * width];
+        for (wide, row) in wide_a.chunks_exact_mut(width).zip(a.chunks_exact(k)) {
+            for (x, &c) in wide.iter_mut().zip(row) {
+                *x = c as i16;
+            }
+        }
+        // 8 columns of a panel widened to i16 once for all the rows (not once per tile of
+        // rows): per group the weights of columns 0..4, then of 4..8.
+        let mut strip = vec![0i16; b.groups() * COLUMNS * GROUP];
         for p in 0..b.panels() {
             let panel = b.panel(p);
             let columns = PANEL.min(n - p * PANEL);
-            let mut r0 = 0;
-            while r0 < rows {
-                let tile = ROWS.min(rows - r0);
-                let a_rows = &a[r0 * k..(r0 + tile) * k];
-                for c0 in (0..columns).step_by(COLUMNS) {
-                    let sums = match tile {
-                        4 => tile_sums::<4>(a_rows, k, panel, c0),
-                        3 => tile_sums::<3>(a_rows, k, panel, c0),
-                        2 => tile_sums::<2>(a_rows, k, panel, c0),
-                        _ => tile_sums::<1>(a_rows, k, panel, c0),
-                    };
-                    let width = COLUMNS.min(columns - c0);
-                    for (r, row) in sums.iter().enumerate().take(tile) {
-                        out[(r0 + r) * n + p * PANEL + c0..][..width]
-                            .copy_from_slice(&row[..width]);
+            for c0 in (0..columns).step_by(COLUMNS) {
+                for (g, wide) in strip.chunks_exact_mut(COLUMNS * GROUP).enumerate() {
+                    let w = &panel[g * GROUP * PANEL + c0 * GROUP..][..COLUMNS * GROUP];
+                    for (x, &v) in wide.iter_mut().zip(w) {
+                        *x = v as i16;
                     }
                 }
-                r0 += tile;
+                let used = COLUMNS.min(columns - c0);
+                let mut r0 = 0;
+                while r0 < rows {
+                    let tile = ROWS.min(rows - r0);
+                    let a_rows = &wide_a[r0 * width..(r0 + tile) * width];
+                    let sums = match tile {
+                        6 => tile_sums::<6>(a_rows, width, &strip),
+                        5 => tile_sums::<5>(a_rows, width, &strip),
+                        4 => tile_sums::<4>(a_rows, width, &strip),
+                        3 => tile_sums::<3>(a_rows, width, &strip),
+                        2 => tile_sums::<2>(a_rows, width, &strip),
+                        _ => tile_sums::<1>(a_rows, width, &strip),
+                    };
+                    for (r, row) in sums.iter().enumerate().take(tile) {
+                        out[(r0 + r) * n + p * PANEL + c0..][..used].copy_from_slice(&row[..used]);
+                    }
+                    r0 += tile;
+                }
             }
         }
     }
 
-    /// The sums of rows `0..R` of `a_rows` with the panel's columns `c0 .. c0 + 8` (a panel
-    /// always holds them: columns past `n` are zero).
+    /// The sums of rows `0..R` of `a_rows` (widened codes, `width` a row) with the 8 columns
+    /// of `strip` (widened weights; columns past `n` and k past `k` are zero).
     #[inline]
     #[target_feature(enable = "avx2")]
     fn tile_sums<const R: usize>(
-        a_rows: &[u8],
-        k: usize,
-        panel: &[i8],
-        c0: usize,
+        a_rows: &[i16],
+        width: usize,
+        strip: &[i16],
     ) -> [[i32; COLUMNS]; ROWS] {
         const { assert!(R <= ROWS) };
+        assert!(a_rows.len() == R * width && strip.len() == width * COLUMNS);
         // Per row two vectors of pair sums: lanes 2c, 2c + 1 belong to column c (low: columns
         // 0..4, high: 4..8).
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
-        let rows: [&[u8]; R] = std::array::from_fn(|r| &a_rows[r * k..(r + 1) * k]);
-        let whole = k / GROUP;
-        let mut add_group = |g: usize, codes: [i32; R]| {
-            let w = &panel[g * GROUP * PANEL + c0 * GROUP..][..COLUMNS * GROUP];
-            // SAFETY: `w` holds 32 bytes.
-            let w = unsafe { _mm256_loadu_si256(w.as_ptr().cast()) };
-            let w_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-            let w_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
-            for (acc_row, code) in acc.iter_mut().zip(codes) {
-                let x = _mm256_cvtepu8_epi16(_mm_set1_epi32(code));
+        for g in 0..width / GROUP {
+            // SAFETY (all reads): the strip holds 32 weights from g · 32 and each row its
+            // four codes from g · 4, as the lengths asserted above say.
+            let (w_low, w_high) = unsafe {
+                let w = strip.as_ptr().add(g * COLUMNS * GROUP);
+                (
+                    _mm256_loadu_si256(w.cast()),
+                    _mm256_loadu_si256(w.add(COLUMNS * GROUP / 2).cast()),
+                )
+            };
+            for (r, acc_row) in acc.iter_mut().enumerate() {
+                let codes = unsafe {
+                    a_rows
+                        .as_ptr()
+                        .add(r * width + g * GROUP)
+                        .cast::<i64>()
+                        .read_unaligned()
+                };
+                let x = _mm256_set1_epi64x(codes);
                 acc_row[0] = _mm256_add_epi32(acc_row[0], _mm256_madd_epi16(x, w_low));
                 acc_row[1] = _mm256_add_epi32(acc_row[1], _mm256_madd_epi16(x, w_high));
             }
-        };
-        for g in 0..whole {
-            add_group(
-                g,
-                std::array::from_fn(|r| {
-                    let four = &rows[r][g * GROUP..(g + 1) * GROUP];
-                    i32::from_le_bytes([four[0], four[1], four[2], four[3]])
-                }),
-            );
-        }
-        if k % GROUP > 0 {
-            // The codes past k read as zero (the packed weights there are zero too).
-            add_group(
-                whole,
-                std::array::from_fn(|r| {
-                    let mut bytes = [0u8; GROUP];
-                    let tail = &rows[r][whole * GROUP..];
-                    bytes[..tail.len()].copy_from_slice(tail);
-                    i32::from_le_bytes(bytes)
-                }),
-            );
         }
         let mut sums = [[0i32; COLUMNS]; ROWS];
         for (row, acc_row) in sums.iter_mut().zip(acc) {
@@ -293,7 +302,6 @@ mod avx2 {
         }
         sums
     }
-
     /// [`super::requantize`] of one row, 8 columns at a time, the scalar operations in the
     /// scalar order (no fused multiply-add), so the codes are the scalar ones; the last
     /// `n % 8` columns run the scalar code.
