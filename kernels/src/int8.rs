@@ -228,8 +228,13 @@ mod avx2 {
             for c0 in (0..columns).step_by(COLUMNS) {
                 for (g, wide) in strip.chunks_exact_mut(COLUMNS * GROUP).enumerate() {
                     let w = &panel[g * GROUP * PANEL + c0 * GROUP..][..COLUMNS * GROUP];
-                    for (x, &v) in wide.iter_mut().zip(w) {
-                        *x = v as i16;
+                    // SAFETY: `w` holds 32 bytes and `wide` 32 i16.
+                    unsafe {
+                        let w = _mm256_loadu_si256(w.as_ptr().cast());
+                        let low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+                        let high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
+                        _mm256_storeu_si256(wide.as_mut_ptr().cast(), low);
+                        _mm256_storeu_si256(wide.as_mut_ptr().add(16).cast(), high);
                     }
                 }
                 let used = COLUMNS.min(columns - c0);
