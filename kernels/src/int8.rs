@@ -22,8 +22,8 @@ const GROUP: usize = 4;
 pub enum Int8Level {
     /// AVX-512 VNNI (`vpdpbusd`), with AVX-512BW/VL for the byte stores of the codes.
     Avx512Vnni,
-    /// AVX2: the products widened to i16 and summed in pairs (`vpmaddwd`); the requantization
-    /// and softmax steps run the scalar code.
+    /// AVX2: the products widened to i16 and summed in pairs (`vpmaddwd`), the requantization
+    /// and the softmax 8 columns at a time.
     Avx2,
     /// Plain Rust, any CPU.
     Scalar,
@@ -200,87 +200,101 @@ mod avx2 {
     use super::{GROUP, PANEL, PackedI8};
     use std::arch::x86_64::*;
 
-    /// Rows of `a` per tile: with 8 columns, 8 accumulators, 2 weight and 4 code registers.
-    const ROWS: usize = 4;
-    /// Columns of a panel per tile: one 32-byte load of a group (8 columns × 4 k).
+    /// Rows of `a` per tile: with 8 columns, 12 accumulators, 2 weight registers and the
+    /// broadcast codes.
+    const ROWS: usize = 6;
+    /// Columns of a panel per tile: one group of them is 32 weights (8 columns × 4 k), two
+    /// i16 vectors.
     const COLUMNS: usize = 8;
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn gemm(a: &[u8], rows: usize, b: &PackedI8, out: &mut [i32]) {
         let (k, n) = (b.k, b.n);
+        let width = b.groups() * GROUP;
+        // The codes widened to i16 once, k padded with zeros to whole groups: a row's four
+        // codes of a group are then one 8-byte broadcast from memory, with no shuffle.
+        let mut wide_a = vec![0i16; rows * width];
+        for (wide, row) in wide_a.chunks_exact_mut(width).zip(a.chunks_exact(k)) {
+            for (x, &c) in wide.iter_mut().zip(row) {
+                *x = c as i16;
+            }
+        }
+        // 8 columns of a panel widened to i16 once for all the rows (not once per tile of
+        // rows): per group the weights of columns 0..4, then of 4..8.
+        let mut strip = vec![0i16; b.groups() * COLUMNS * GROUP];
         for p in 0..b.panels() {
             let panel = b.panel(p);
             let columns = PANEL.min(n - p * PANEL);
-            let mut r0 = 0;
-            while r0 < rows {
-                let tile = ROWS.min(rows - r0);
-                let a_rows = &a[r0 * k..(r0 + tile) * k];
-                for c0 in (0..columns).step_by(COLUMNS) {
-                    let sums = match tile {
-                        4 => tile_sums::<4>(a_rows, k, panel, c0),
-                        3 => tile_sums::<3>(a_rows, k, panel, c0),
-                        2 => tile_sums::<2>(a_rows, k, panel, c0),
-                        _ => tile_sums::<1>(a_rows, k, panel, c0),
-                    };
-                    let width = COLUMNS.min(columns - c0);
-                    for (r, row) in sums.iter().enumerate().take(tile) {
-                        out[(r0 + r) * n + p * PANEL + c0..][..width]
-                            .copy_from_slice(&row[..width]);
+            for c0 in (0..columns).step_by(COLUMNS) {
+                for (g, wide) in strip.chunks_exact_mut(COLUMNS * GROUP).enumerate() {
+                    let w = &panel[g * GROUP * PANEL + c0 * GROUP..][..COLUMNS * GROUP];
+                    // SAFETY: `w` holds 32 bytes and `wide` 32 i16.
+                    unsafe {
+                        let w = _mm256_loadu_si256(w.as_ptr().cast());
+                        let low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+                        let high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
+                        _mm256_storeu_si256(wide.as_mut_ptr().cast(), low);
+                        _mm256_storeu_si256(wide.as_mut_ptr().add(16).cast(), high);
                     }
                 }
-                r0 += tile;
+                let used = COLUMNS.min(columns - c0);
+                let mut r0 = 0;
+                while r0 < rows {
+                    let tile = ROWS.min(rows - r0);
+                    let a_rows = &wide_a[r0 * width..(r0 + tile) * width];
+                    let sums = match tile {
+                        6 => tile_sums::<6>(a_rows, width, &strip),
+                        5 => tile_sums::<5>(a_rows, width, &strip),
+                        4 => tile_sums::<4>(a_rows, width, &strip),
+                        3 => tile_sums::<3>(a_rows, width, &strip),
+                        2 => tile_sums::<2>(a_rows, width, &strip),
+                        _ => tile_sums::<1>(a_rows, width, &strip),
+                    };
+                    for (r, row) in sums.iter().enumerate().take(tile) {
+                        out[(r0 + r) * n + p * PANEL + c0..][..used].copy_from_slice(&row[..used]);
+                    }
+                    r0 += tile;
+                }
             }
         }
     }
 
-    /// The sums of rows `0..R` of `a_rows` with the panel's columns `c0 .. c0 + 8` (a panel
-    /// always holds them: columns past `n` are zero).
+    /// The sums of rows `0..R` of `a_rows` (widened codes, `width` a row) with the 8 columns
+    /// of `strip` (widened weights; columns past `n` and k past `k` are zero).
     #[inline]
     #[target_feature(enable = "avx2")]
     fn tile_sums<const R: usize>(
-        a_rows: &[u8],
-        k: usize,
-        panel: &[i8],
-        c0: usize,
+        a_rows: &[i16],
+        width: usize,
+        strip: &[i16],
     ) -> [[i32; COLUMNS]; ROWS] {
         const { assert!(R <= ROWS) };
+        assert!(a_rows.len() == R * width && strip.len() == width * COLUMNS);
         // Per row two vectors of pair sums: lanes 2c, 2c + 1 belong to column c (low: columns
         // 0..4, high: 4..8).
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
-        let rows: [&[u8]; R] = std::array::from_fn(|r| &a_rows[r * k..(r + 1) * k]);
-        let whole = k / GROUP;
-        let mut add_group = |g: usize, codes: [i32; R]| {
-            let w = &panel[g * GROUP * PANEL + c0 * GROUP..][..COLUMNS * GROUP];
-            // SAFETY: `w` holds 32 bytes.
-            let w = unsafe { _mm256_loadu_si256(w.as_ptr().cast()) };
-            let w_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-            let w_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
-            for (acc_row, code) in acc.iter_mut().zip(codes) {
-                let x = _mm256_cvtepu8_epi16(_mm_set1_epi32(code));
+        for g in 0..width / GROUP {
+            // SAFETY (all reads): the strip holds 32 weights from g · 32 and each row its
+            // four codes from g · 4, as the lengths asserted above say.
+            let (w_low, w_high) = unsafe {
+                let w = strip.as_ptr().add(g * COLUMNS * GROUP);
+                (
+                    _mm256_loadu_si256(w.cast()),
+                    _mm256_loadu_si256(w.add(COLUMNS * GROUP / 2).cast()),
+                )
+            };
+            for (r, acc_row) in acc.iter_mut().enumerate() {
+                let codes = unsafe {
+                    a_rows
+                        .as_ptr()
+                        .add(r * width + g * GROUP)
+                        .cast::<i64>()
+                        .read_unaligned()
+                };
+                let x = _mm256_set1_epi64x(codes);
                 acc_row[0] = _mm256_add_epi32(acc_row[0], _mm256_madd_epi16(x, w_low));
                 acc_row[1] = _mm256_add_epi32(acc_row[1], _mm256_madd_epi16(x, w_high));
             }
-        };
-        for g in 0..whole {
-            add_group(
-                g,
-                std::array::from_fn(|r| {
-                    let four = &rows[r][g * GROUP..(g + 1) * GROUP];
-                    i32::from_le_bytes([four[0], four[1], four[2], four[3]])
-                }),
-            );
-        }
-        if k % GROUP > 0 {
-            // The codes past k read as zero (the packed weights there are zero too).
-            add_group(
-                whole,
-                std::array::from_fn(|r| {
-                    let mut bytes = [0u8; GROUP];
-                    let tail = &rows[r][whole * GROUP..];
-                    bytes[..tail.len()].copy_from_slice(tail);
-                    i32::from_le_bytes(bytes)
-                }),
-            );
         }
         let mut sums = [[0i32; COLUMNS]; ROWS];
         for (row, acc_row) in sums.iter_mut().zip(acc) {
@@ -292,6 +306,145 @@ mod avx2 {
             unsafe { _mm256_storeu_si256(row.as_mut_ptr().cast(), columns) };
         }
         sums
+    }
+    /// [`super::requantize`] of one row, 8 columns at a time, the scalar operations in the
+    /// scalar order (no fused multiply-add), so the codes are the scalar ones; the last
+    /// `n % 8` columns run the scalar code.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn requantize_row(
+        c: &super::Columns,
+        a_sum: i32,
+        sums: &[i32],
+        codes: &mut [u8],
+    ) {
+        let n = sums.len();
+        let whole = n - n % COLUMNS;
+        let a_sum_v = _mm256_set1_epi32(a_sum);
+        let (lo, hi) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
+        let out_scale = _mm256_set1_ps(c.out_scale);
+        let out_zero = _mm256_set1_epi32(c.out_zero);
+        for j in (0..whole).step_by(COLUMNS) {
+            // SAFETY: every slice holds n ≥ j + 8 values (`codes` n bytes).
+            unsafe {
+                let load_i = |s: &[i32]| _mm256_loadu_si256(s.as_ptr().add(j).cast());
+                let load_f = |s: &[f32]| _mm256_loadu_ps(s.as_ptr().add(j));
+                let exact = _mm256_add_epi32(
+                    _mm256_sub_epi32(load_i(sums), _mm256_mullo_epi32(load_i(c.b_zero), a_sum_v)),
+                    load_i(c.offset),
+                );
+                let value = _mm256_add_ps(
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(exact), load_f(c.scale)),
+                    load_f(c.bias),
+                );
+                let q = clamp(_mm256_div_ps(value, out_scale), lo, hi);
+                let code = to_code(q, out_zero);
+                _mm_storel_epi64(codes.as_mut_ptr().add(j).cast(), code);
+            }
+        }
+        for j in whole..n {
+            codes[j] = c.code(j, a_sum, sums[j]);
+        }
+    }
+
+    /// [`super::exponentials`]: the largest code by `vpmaxub`, the table read by gathers, the
+    /// 16 partial sums in two vectors, each lane adding in the scalar order; the codes past
+    /// the last whole 16 run the scalar code.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn exponentials(row: &[u8], exp_table: &[f32; 256], e: &mut [f32]) -> f32 {
+        const LANES: usize = super::SUM_LANES;
+        let n = row.len();
+        let mut max = 0u8;
+        let mut wide = _mm256_setzero_si256();
+        let mut chunks = row.chunks_exact(32);
+        for chunk in &mut chunks {
+            // SAFETY: `chunk` holds 32 bytes.
+            wide = _mm256_max_epu8(wide, unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) });
+        }
+        let mut bytes = [0u8; 32];
+        // SAFETY: `bytes` holds 32 bytes.
+        unsafe { _mm256_storeu_si256(bytes.as_mut_ptr().cast(), wide) };
+        for &c in bytes.iter().chain(chunks.remainder()) {
+            max = max.max(c);
+        }
+        let whole = n - n % LANES;
+        let max_v = _mm_set1_epi8(max as i8);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for i in (0..whole).step_by(LANES) {
+            // SAFETY: codes and exponentials i .. i + 16 exist; every difference to the
+            // largest code is below 256, inside the table.
+            unsafe {
+                let d = _mm_sub_epi8(max_v, _mm_loadu_si128(row.as_ptr().add(i).cast()));
+                let halves = [d, _mm_unpackhi_epi64(d, d)];
+                for (h, (acc, d)) in acc.iter_mut().zip(halves).enumerate() {
+                    let index = _mm256_cvtepu8_epi32(d);
+                    let v = _mm256_i32gather_ps::<4>(exp_table.as_ptr(), index);
+                    _mm256_storeu_ps(e.as_mut_ptr().add(i + h * 8), v);
+                    *acc = _mm256_add_ps(*acc, v);
+                }
+            }
+        }
+        let mut lanes = [0f32; LANES];
+        // SAFETY: `lanes` holds 16 values.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+        }
+        for ((lane, e), &c) in lanes.iter_mut().zip(&mut e[whole..]).zip(&row[whole..]) {
+            *e = exp_table[(max - c) as usize];
+            *lane += *e;
+        }
+        lanes.iter().sum::<f32>()
+    }
+
+    /// `quantize(e / sum)` for a row of `e`, 8 at a time (the scalar code for the last
+    /// `n % 8`).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_quotients(
+        e: &[f32],
+        sum: f32,
+        out_scale: f32,
+        out_zero: i32,
+        out: &mut [u8],
+    ) {
+        let n = e.len();
+        let whole = n - n % COLUMNS;
+        let (lo, hi) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
+        let (sum_v, out_scale_v) = (_mm256_set1_ps(sum), _mm256_set1_ps(out_scale));
+        let out_zero_v = _mm256_set1_epi32(out_zero);
+        for j in (0..whole).step_by(COLUMNS) {
+            // SAFETY: `e` and `out` hold n ≥ j + 8 values.
+            unsafe {
+                let p = _mm256_div_ps(_mm256_loadu_ps(e.as_ptr().add(j)), sum_v);
+                let q = clamp(_mm256_div_ps(p, out_scale_v), lo, hi);
+                _mm_storel_epi64(out.as_mut_ptr().add(j).cast(), to_code(q, out_zero_v));
+            }
+        }
+        for j in whole..n {
+            out[j] = super::quantize(e[j] / sum, out_scale, out_zero);
+        }
+    }
+
+    /// `q.clamp(lo, hi)` as `f32::clamp` does it, NaN kept (`vmaxps` and `vminps` return
+    /// their second operand where one is NaN).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn clamp(q: __m256, lo: __m256, hi: __m256) -> __m256 {
+        _mm256_min_ps(hi, _mm256_max_ps(lo, q))
+    }
+
+    /// [`super::quantize`]'s rounding of clamped quotients: half to even by the float adder,
+    /// truncated (NaN to 0, as `as i32` does), plus the zero point, saturated to 0..=255 (the
+    /// signed packs saturate below); the 8 codes in the low 8 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn to_code(q: __m256, zero: __m256i) -> __m128i {
+        let shift = _mm256_set1_ps(12_582_912.0);
+        let rounded = _mm256_sub_ps(_mm256_add_ps(q, shift), shift);
+        let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(rounded, rounded);
+        let r = _mm256_cvttps_epi32(_mm256_and_ps(rounded, ordered));
+        let r = _mm256_min_epi32(_mm256_add_epi32(r, zero), _mm256_set1_epi32(255));
+        let words = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+        _mm_packus_epi16(words, words)
     }
 }
 
@@ -538,6 +691,9 @@ pub fn requantize(
             Int8Level::Avx512Vnni => unsafe {
                 vnni::requantize_row(&columns, a_sum, sum_row, code_row)
             },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `or_below` checked that the CPU has AVX2; every slice holds n values.
+            Int8Level::Avx2 => unsafe { avx2::requantize_row(&columns, a_sum, sum_row, code_row) },
             _ => {
                 for j in 0..n {
                     code_row[j] = columns.code(j, a_sum, sum_row[j]);
@@ -608,21 +764,23 @@ pub fn softmax_rows(
         .chunks_exact(row_len)
         .zip(out.chunks_exact_mut(row_len))
     {
-        let max = *row.iter().max().unwrap_or(&0);
-        let mut lanes = [0f32; SUM_LANES];
-        for (e, c) in e.chunks_mut(SUM_LANES).zip(row.chunks(SUM_LANES)) {
-            for ((lane, e), &c) in lanes.iter_mut().zip(e).zip(c) {
-                *e = exp_table[(max - c) as usize];
-                *lane += *e;
-            }
-        }
-        let sum = lanes.iter().sum::<f32>();
+        let sum = match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `or_below` checked that the CPU has AVX2; `e` is one row.
+            Int8Level::Avx2 => unsafe { avx2::exponentials(row, exp_table, &mut e) },
+            _ => exponentials(row, exp_table, &mut e),
+        };
         match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `or_below` checked that the CPU has AVX-512F/BW/VL; `e` and `out_row`
             // are one row.
             Int8Level::Avx512Vnni => unsafe {
                 vnni::quantize_quotients(&e, sum, out_scale, out_zero, out_row)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `or_below` checked that the CPU has AVX2; `e` and `out_row` are one row.
+            Int8Level::Avx2 => unsafe {
+                avx2::quantize_quotients(&e, sum, out_scale, out_zero, out_row)
             },
             _ => {
                 for (o, &e) in out_row.iter_mut().zip(&e) {
@@ -631,6 +789,21 @@ pub fn softmax_rows(
             }
         }
     }
+}
+
+/// `e[i] = exp_table[max - row[i]]` over the row's largest code, and their sum, taken in
+/// [`SUM_LANES`] partial sums (lane `i % SUM_LANES` adds `e[i]` in turn), then the lanes in
+/// order.
+fn exponentials(row: &[u8], exp_table: &[f32; 256], e: &mut [f32]) -> f32 {
+    let max = *row.iter().max().unwrap_or(&0);
+    let mut lanes = [0f32; SUM_LANES];
+    for (e, c) in e.chunks_mut(SUM_LANES).zip(row.chunks(SUM_LANES)) {
+        for ((lane, e), &c) in lanes.iter_mut().zip(e).zip(c) {
+            *e = exp_table[(max - c) as usize];
+            *lane += *e;
+        }
+    }
+    lanes.iter().sum::<f32>()
 }
 
 #[cfg(test)]
@@ -757,8 +930,14 @@ mod tests {
 
     #[test]
     fn every_level_requantizes_and_normalizes_to_the_same_codes() {
-        // n = 1, n past a vector and not a multiple of 16; rows of one and of several
-        for (rows, n, k) in [(1, 1, 3), (3, 17, 40), (2, 33, 7), (5, 64, 100)] {
+        // n = 1, n past a vector and not a multiple of 8 or 16; rows of one and of several
+        for (rows, n, k) in [
+            (1, 1, 3),
+            (3, 17, 40),
+            (2, 33, 7),
+            (5, 64, 100),
+            (4, 47, 64),
+        ] {
             let a = bytes(rows * k, 11 + n as u32);
             let b: Vec<i8> = bytes(n * k, 5 + k as u32)
                 .into_iter()
@@ -778,20 +957,33 @@ mod tests {
                 out_scale: 0.013,
                 out_zero: 120,
             };
+            // sums of -350..=350 (no zero-point terms) at half a code each: every odd sum is
+            // a tie, and the codes saturate at both ends
+            let small_sums: Vec<i32> = (0..rows * n).map(|i| (i * 7 % 701) as i32 - 350).collect();
+            let (no_zero, halves) = (vec![0; n], vec![0.25f32; n]);
+            let ties = Requantize {
+                a_zero: 0,
+                b_zero: &no_zero,
+                scale: &halves,
+                bias: None,
+                out_scale: 0.5,
+                out_zero: 128,
+            };
             let table: [f32; 256] = std::array::from_fn(|d| (-(d as f32) * 0.05).exp());
-            let (mut want, mut want_probs) = (None, None);
-            for level in Int8Level::ALL {
-                let mut codes = vec![0u8; rows * n];
-                requantize(level, &a, &packed, &sums, &rq, &mut codes);
-                // the codes of a tie, and of values past both ends, are checked above
-                let mut probs = vec![0u8; rows * n];
-                softmax_rows(level, &codes, n, &table, 1.0 / 255.0, 0, &mut probs);
-                assert_eq!(
-                    want.get_or_insert(codes.clone()),
-                    &codes,
-                    "{level:?} {rows} {n}"
-                );
-                assert_eq!(want_probs.get_or_insert(probs.clone()), &probs, "{level:?}");
+            for (rq, sums) in [(rq, &sums), (ties, &small_sums)] {
+                let (mut want, mut want_probs) = (None, None);
+                for level in Int8Level::ALL {
+                    let mut codes = vec![0u8; rows * n];
+                    requantize(level, &a, &packed, sums, &rq, &mut codes);
+                    let mut probs = vec![0u8; rows * n];
+                    softmax_rows(level, &codes, n, &table, 1.0 / 255.0, 0, &mut probs);
+                    assert_eq!(
+                        want.get_or_insert(codes.clone()),
+                        &codes,
+                        "{level:?} {rows} {n}"
+                    );
+                    assert_eq!(want_probs.get_or_insert(probs.clone()), &probs, "{level:?}");
+                }
             }
         }
     }
