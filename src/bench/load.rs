@@ -222,17 +222,33 @@ async fn one_call(options: CallBenchOptions, delay: Duration) -> CallOutcome {
 }
 
 /// Waits until the server shows no call (hung-up calls end in the background).
+/// The server's counters once it has no call and its memory has settled: a call leaves the
+/// call list before its session's threads have ended and handed their memory back (a few
+/// seconds at most), so RSS is read once two readings a second apart agree within 1 %.
 async fn wait_idle(args: &LoadArgs) -> anyhow::Result<ServerCounters> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut settling: Option<f64> = None;
     loop {
         let counters = ServerCounters::read(
             &scrape(&args.url, args.token.as_deref()).await?,
             args.server_pid,
         );
-        if counters.calls_active.is_none_or(|n| n == 0.0) || Instant::now() > deadline {
+        if Instant::now() > deadline {
             return Ok(counters);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if counters.calls_active.is_none_or(|n| n == 0.0) {
+            let Some(rss) = counters.rss_bytes else {
+                return Ok(counters);
+            };
+            if settling.is_some_and(|before| (rss - before).abs() <= 0.01 * before) {
+                return Ok(counters);
+            }
+            settling = Some(rss);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } else {
+            settling = None;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 }
 
